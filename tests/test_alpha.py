@@ -1,0 +1,102 @@
+"""Alpha strategies: values at given epochs, and the learned update (Algorithm 1's alpha step)."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dyngap_jax import alpha
+
+
+def test_heuristic_values():
+    for t in (1, 2, 5, 100):
+        np.testing.assert_allclose(alpha.heuristic(t), 1 - math.exp(-1 / t), rtol=1e-6)
+    np.testing.assert_allclose(alpha.heuristic(1), 0.6321205588, rtol=1e-6)
+    with pytest.raises(ValueError, match="epoch"):
+        alpha.heuristic(0)
+
+
+def test_stepwise_halves():
+    # 10 epochs: epochs 1..5 are the first half, 6..10 the second
+    vals = [float(alpha.stepwise(0.05, e, 10)) for e in range(1, 11)]
+    np.testing.assert_allclose(vals, [0.05] * 5 + [0.95] * 5, rtol=1e-6)
+    # odd count: epoch 3 of 5 is still "less than half" in 0-based terms (2 < 2.5)
+    assert [float(alpha.stepwise(1.0, e, 5)) for e in range(1, 6)] == [1, 1, 1, 0, 0]
+    with pytest.raises(ValueError, match="p"):
+        alpha.stepwise(1.5, 1, 10)
+
+
+def test_authors_variants():
+    for t in (0, 1, 3, 10, 20):
+        np.testing.assert_allclose(alpha.authors_exp(t), min(max(math.exp(-0.3 * t), 0.05), 0.95), rtol=1e-6)
+    epochs = np.arange(1, 31, dtype=float)
+    traj = 0.9 * np.exp(-epochs / 10) + 0.05
+    coeffs = alpha.fit_polynomial(epochs, traj, degree=5)
+    np.testing.assert_allclose(alpha.polynomial(epochs, coeffs), np.polyval(coeffs, epochs), rtol=1e-5, atol=1e-6)
+    assert np.max(np.abs(np.asarray(alpha.polynomial(epochs, coeffs)) - traj)) < 0.01
+    with pytest.raises(ValueError, match="more than 5 points"):
+        alpha.fit_polynomial([1, 2, 3], [0.1, 0.2, 0.3])
+
+
+def test_fixed_strategy_specs():
+    assert float(alpha.fixed_strategy("constant:0.5")(3, 10)) == 0.5
+    assert float(alpha.fixed_strategy("stepwise:0.05")(8, 10)) == pytest.approx(0.95)
+    assert float(alpha.fixed_strategy("heuristic")(2, 10)) == pytest.approx(1 - math.exp(-0.5))
+    with pytest.raises(ValueError, match="known"):
+        alpha.fixed_strategy("cosine")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        alpha.fixed_strategy("constant:1.5")
+
+
+def test_learned_update_steps_and_clips():
+    learned = alpha.LearnedAlpha(init=0.5, learning_rate=0.1)
+    state = learned.create()
+    state = learned.update(state, 2.0)  # 0.5 - 0.1 * 2
+    np.testing.assert_allclose(state.value, 0.3, rtol=1e-6)
+    state = learned.update(state, 10.0)  # 0.3 - 1 -> clipped to 0
+    assert float(state.value) == 0.0
+    state = learned.update(state, -100.0)  # -> clipped to 1
+    assert float(state.value) == 1.0
+    assert int(state.updates) == 3 and int(state.skipped) == 0
+
+
+def test_learned_authors_settings_and_schedule():
+    sched = alpha.authors_lr_schedule()
+    np.testing.assert_allclose([sched(0), sched(19), sched(20), sched(40)], [1e-4, 1e-4, 5e-5, 2.5e-5], rtol=1e-6)
+    learned = alpha.LearnedAlpha(init=0.95, learning_rate=sched, clip=(0.05, 0.95))
+    state = learned.create()
+    state = learned.update(state, -1.0)  # would go above 0.95
+    np.testing.assert_allclose(state.value, 0.95)
+    for _ in range(25):
+        state = learned.update(state, 100.0)
+    # the first update used step 0; steps 1..19 move 1e-4 * 100 = 0.01 each, steps 20..25 0.005
+    np.testing.assert_allclose(state.value, 0.95 - 19 * 0.01 - 6 * 0.005, rtol=1e-5)
+
+
+def test_learned_vector_and_jit_and_nonfinite():
+    learned = alpha.LearnedAlpha(init=0.5, learning_rate=0.1, num_pairs=3)
+    state = learned.create()
+    assert state.value.shape == (3,)
+    step = jax.jit(learned.update)
+    state = step(state, jnp.asarray([1.0, -1.0, 10.0]))
+    np.testing.assert_allclose(state.value, [0.4, 0.6, 0.0], rtol=1e-6)
+    state2 = step(state, jnp.asarray([jnp.nan, 0.0, 0.0]))
+    np.testing.assert_allclose(state2.value, state.value)
+    assert int(state2.skipped) == 1 and int(state2.updates) == 1
+    with pytest.raises(ValueError, match="hypergradient"):
+        learned.update(state, 1.0)
+
+
+def test_learned_config_errors():
+    with pytest.raises(ValueError, match="clip"):
+        alpha.LearnedAlpha(clip=(0.5, 0.2))
+    with pytest.raises(ValueError, match="init"):
+        alpha.LearnedAlpha(init=0.99, clip=(0.05, 0.95))
+    with pytest.raises(ValueError, match="optimizer"):
+        alpha.LearnedAlpha(optimizer="lbfgs")
+    adam = alpha.LearnedAlpha(init=0.5, learning_rate=0.01, optimizer="adam")
+    s = adam.update(adam.create(), 5.0)
+    np.testing.assert_allclose(s.value, 0.49, rtol=1e-5)  # Adam's first step has size lr
+    assert isinstance(adam._tx(), optax.GradientTransformation)

@@ -1,0 +1,484 @@
+"""Hypergradient estimators against independent references (float64).
+
+References: the quadratic problem's closed form (written here in NumPy), ridge regression's
+closed-form d theta*/d lambda, finite differences of an inner problem re-solved by SciPy, and a
+dense Hessian solve in NumPy.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.optimize
+
+from dyngap_jax import hypergrad, losses
+from dyngap_jax.hypergrad.problems import QuadraticBilevel
+
+pytestmark = pytest.mark.usefixtures("x64")
+
+
+def rel_err(got, ref):
+    return float(np.max(np.abs(np.asarray(got) - np.asarray(ref))) / np.max(np.abs(np.asarray(ref))))
+
+
+def quadratic_reference(P: QuadraticBilevel, a: float) -> float:
+    """d/da of 1/2 (x*-t)^T C (x*-t), x*(a) = M^-1 ((1-a) A c + a B m), by differentiating M x* = r."""
+    M = (1 - a) * P.A + a * P.B
+    x = np.linalg.solve(M, (1 - a) * P.A @ P.c + a * P.B @ P.m)
+    dx = np.linalg.solve(M, P.B @ P.m - P.A @ P.c - (P.B - P.A) @ x)
+    return float((P.C @ (x - P.t)) @ dx)
+
+
+def quad_call(P, a, method, **opts):
+    return hypergrad.alpha_hypergradient(P.cls_loss, P.mm_loss, P.outer_loss, P.pack(P.solution(a)), a, method, **opts)
+
+
+# ----------------------------------------------------------------------------- quadratic
+
+
+def test_quadratic_closed_form_is_right():
+    P = QuadraticBilevel.random(10, seed=3)
+    a, h = 0.4, 1e-5
+    f = lambda a: 0.5 * (P.solution(a) - P.t) @ P.C @ (P.solution(a) - P.t)
+    np.testing.assert_allclose(quadratic_reference(P, a), (f(a + h) - f(a - h)) / (2 * h), rtol=1e-7)
+    np.testing.assert_allclose(P.hypergradient(a), quadratic_reference(P, a), rtol=1e-12)
+
+
+@pytest.mark.parametrize("a", [0.0, 0.3, 0.9])
+@pytest.mark.parametrize(
+    "method,opts",
+    [
+        ("cg", {}),
+        ("cg", {"operator": "normal", "maxiter": 200}),
+        ("cg", {"tol": 1e-10, "x0": None}),
+        ("dense", {}),
+    ],
+)
+def test_exact_methods_match_closed_form(a, method, opts):
+    P = QuadraticBilevel.random(12, seed=0)
+    res = quad_call(P, a, method, **opts)
+    ref = quadratic_reference(P, a)
+    assert rel_err(res.value, ref) < 1e-6
+    assert np.sign(res.value) == np.sign(ref)
+    assert bool(res.ok)
+    assert float(res.info["hessian_residual"]) < 1e-5
+
+
+def test_cg_gauss_newton_equals_hessian_for_quadratic_heads():
+    # For L = l(o(theta)) with linear o and quadratic l, the Gauss-Newton matrix is the Hessian.
+    P = QuadraticBilevel.random(8, seed=1)
+    gn_model = (P.unpack, lambda x: P.cls_loss(P.pack(x)), lambda x: P.mm_loss(P.pack(x)))
+    res = quad_call(P, 0.5, "cg", operator="gauss_newton", gn_model=gn_model)
+    assert rel_err(res.value, quadratic_reference(P, 0.5)) < 1e-6
+
+
+def test_cg_warm_start_and_info():
+    P = QuadraticBilevel.random(12, seed=0)
+    cold = quad_call(P, 0.3, "cg")
+    params = P.pack(P.solution(0.3))
+    M = 0.7 * P.A + 0.3 * P.B
+    v = np.linalg.solve(M, P.C @ (P.solution(0.3) - P.t))
+    warm = hypergrad.alpha_hypergradient(P.cls_loss, P.mm_loss, P.outer_loss, params, 0.3, "cg", x0=P.pack(v))
+    assert int(warm.info["iterations"]) <= 1 < int(cold.info["iterations"])
+    np.testing.assert_allclose(warm.value, cold.value, rtol=1e-6)
+    # HVPs: one per CG iteration, one for the final true residual, one for hessian_residual
+    assert int(cold.info["hvp_count"]) == int(cold.info["iterations"]) + 2
+
+
+def test_cg_maxiter_reports_not_converged():
+    P = QuadraticBilevel.random(12, seed=0, condition=1e3)
+    res = quad_call(P, 0.3, "cg", maxiter=2)
+    assert int(res.info["iterations"]) == 2
+    assert not bool(res.info["converged"]) and not bool(res.ok)
+    assert float(res.info["residual"]) > 1e-6
+
+
+def test_finite_difference_matches_closed_form():
+    P = QuadraticBilevel.random(8, seed=4)
+    res = quad_call(P, 0.6, "finite_difference", eps=1e-4)
+    assert bool(res.info["converged"])
+    assert rel_err(res.value, quadratic_reference(P, 0.6)) < 1e-6
+
+
+def test_unrolled_approaches_ift_as_steps_grow():
+    P = QuadraticBilevel.random(8, seed=5, condition=4.0)
+    ref = quadratic_reference(P, 0.5)
+    errs = [rel_err(quad_call(P, 0.5, "unrolled", num_steps=k, inner_lr=0.2).value, ref) for k in (2, 10, 60)]
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[2] < 1e-4
+
+
+def test_identity_is_not_exact():
+    P = QuadraticBilevel.random(12, seed=0)
+    res = quad_call(P, 0.3, "identity")
+    assert rel_err(res.value, quadratic_reference(P, 0.3)) > 0.1
+    assert float(res.info["hessian_residual"]) > 0.1
+
+
+# ----------------------------------------------------------------------------- ridge
+
+
+def ridge_setup(seed=0, n=30, d=5):
+    rng = np.random.default_rng(seed)
+    X, Xv = rng.standard_normal((n, d)), rng.standard_normal((n, d))
+    w = rng.standard_normal(d)
+    y, yv = X @ w + 0.3 * rng.standard_normal(n), Xv @ w + 0.3 * rng.standard_normal(n)
+    return X, y, Xv, yv
+
+
+def test_ridge_closed_form_dtheta_dlambda():
+    # (1-a) 1/2|X w - y|^2 + a 1/2|w|^2 is ridge with lambda = a / (1 - a): w* = (X^T X + lambda I)^-1 X^T y,
+    # d w*/d lambda = -(X^T X + lambda I)^-1 w*, d lambda / d a = 1 / (1 - a)^2.
+    X, y, Xv, yv = ridge_setup()
+    a = 0.2
+    lam = a / (1 - a)
+    K = X.T @ X + lam * np.eye(X.shape[1])
+    w_star = np.linalg.solve(K, X.T @ y)
+    dw_da = -np.linalg.solve(K, w_star) / (1 - a) ** 2
+    ref = (Xv.T @ (Xv @ w_star - yv)) @ dw_da
+
+    cls = lambda p: 0.5 * jnp.sum((X @ p["w"] - y) ** 2)
+    reg = lambda p: 0.5 * jnp.sum(p["w"] ** 2)
+    outer = lambda p: 0.5 * jnp.sum((Xv @ p["w"] - yv) ** 2)
+    params = {"w": jnp.asarray(w_star)}
+    for method in ("cg", "dense", "finite_difference"):
+        res = hypergrad.alpha_hypergradient(cls, reg, outer, params, a, method)
+        assert rel_err(res.value, ref) < 1e-6, method
+
+
+# ----------------------------------------------------------------------------- logistic
+
+
+def logistic_setup(seed=0, n=60, d=4):
+    rng = np.random.default_rng(seed)
+    X, Xv = rng.standard_normal((n, d)), rng.standard_normal((n, d))
+    w = rng.standard_normal(d)
+    y = (X @ w + 0.5 * rng.standard_normal(n) > 0).astype(float)
+    yv = (Xv @ w + 0.5 * rng.standard_normal(n) > 0).astype(float)
+    nll = lambda X, y: (lambda p: jnp.mean(jnp.logaddexp(0.0, X @ p["w"] + p["b"]) - y * (X @ p["w"] + p["b"])))
+    cls = nll(X, y)
+    reg = lambda p: 0.5 * (jnp.sum(p["w"] ** 2) + p["b"] ** 2)
+    outer = nll(Xv, yv)
+
+    Xb = np.hstack([X, np.ones((n, 1))])
+
+    def np_total(theta, a):  # NumPy copy of L_total and its gradient, for SciPy's independent inner solve
+        z = Xb @ theta
+        value = (1 - a) * np.mean(np.logaddexp(0.0, z) - y * z) + a * 0.5 * np.sum(theta**2)
+        grad = (1 - a) * Xb.T @ (1 / (1 + np.exp(-z)) - y) / n + a * theta
+        return value, grad
+
+    def np_outer(theta):
+        z = Xv @ theta[:-1] + theta[-1]
+        return np.mean(np.logaddexp(0.0, z) - yv * z)
+
+    def solve(a):
+        r = scipy.optimize.minimize(np_total, np.zeros(d + 1), args=(a,), jac=True, method="BFGS", options={"gtol": 1e-13})
+        return r.x
+
+    return cls, reg, outer, np_outer, solve
+
+
+def test_logistic_against_finite_differences_of_resolved_inner():
+    cls, reg, outer, np_outer, solve = logistic_setup()
+    a, h = 0.3, 1e-4
+    ref = (np_outer(solve(a + h)) - np_outer(solve(a - h))) / (2 * h)
+    theta = solve(a)
+    params = {"w": jnp.asarray(theta[:-1]), "b": jnp.asarray(theta[-1])}
+    res = hypergrad.alpha_hypergradient(cls, reg, outer, params, a, "cg", tol=1e-10)
+    assert rel_err(res.value, ref) < 1e-5 and bool(res.ok)
+
+
+def test_neumann_error_decreases_with_terms():
+    cls, reg, outer, _, solve = logistic_setup(seed=1)
+    a = 0.02  # weak regularisation: a spread-out spectrum, so the series needs many terms
+    theta = solve(a)
+    params = {"w": jnp.asarray(theta[:-1]), "b": jnp.asarray(theta[-1])}
+    ref = hypergrad.alpha_hypergradient(cls, reg, outer, params, a, "cg", tol=1e-12).value
+    errs = []
+    for k in (2, 8, 32, 64):
+        res = hypergrad.alpha_hypergradient(cls, reg, outer, params, a, "neumann", num_terms=k)
+        assert not bool(res.info["diverged"])
+        errs.append(rel_err(res.value, ref))
+    assert all(e1 > e2 for e1, e2 in zip(errs, errs[1:])), errs
+    assert errs[0] > 0.1 and errs[-1] < 1e-8
+
+
+def test_neumann_flags_divergence():
+    P = QuadraticBilevel.random(8, seed=0)
+    res = quad_call(P, 0.3, "neumann", num_terms=30, eta=1.0)  # eta * lambda_max ~ 8 > 2
+    assert bool(res.info["diverged"]) and not bool(res.ok)
+
+
+def test_ghadimi_wang_is_the_randomised_neumann_series():
+    P = QuadraticBilevel.random(6, seed=2)
+    a, b, eta = 0.4, 6, 0.1
+    params = P.pack(P.solution(a))
+    H = (1 - a) * P.A + a * P.B
+    g = P.C @ (P.solution(a) - P.t)
+    cross = P.B @ (P.solution(a) - P.m) - P.A @ (P.solution(a) - P.c)  # g_MM - g_CLS
+    sampler = lambda key: (P.cls_loss, P.mm_loss)  # a deterministic "batch": H_k = H
+    seen = {}
+    for i in range(60):
+        res = hypergrad.alpha_hypergradient(
+            P.cls_loss, P.mm_loss, P.outer_loss, params, a, "ghadimi_wang",
+            sampler=sampler, key=jax.random.PRNGKey(i), num_terms=b, eta=eta,
+        )
+        p = int(res.info["p"])
+        expected = -cross @ (b * eta * np.linalg.matrix_power(np.eye(6) - eta * H, p) @ g)
+        np.testing.assert_allclose(res.value, expected, rtol=1e-10)
+        seen[p] = float(res.value)
+    assert sorted(seen) == list(range(b))  # p ~ U{0..b-1}
+    # its expectation over p is the b-term Neumann series with the same eta
+    neumann = quad_call(P, a, "neumann", num_terms=b, eta=eta)
+    np.testing.assert_allclose(np.mean(list(seen.values())), neumann.value, rtol=1e-10)
+
+
+def test_ghadimi_wang_fresh_minibatches_under_jit():
+    rng = np.random.default_rng(0)
+    X, y = jnp.asarray(rng.standard_normal((40, 3))), jnp.asarray(rng.standard_normal(40))
+    mse = lambda idx: (lambda p: 0.5 * jnp.mean((X[idx] @ p["w"] - y[idx]) ** 2))
+    reg = lambda p: 0.5 * jnp.sum(p["w"] ** 2)
+
+    def sampler(key):
+        idx = jax.random.choice(key, 40, (8,), replace=False)
+        return mse(idx), reg
+
+    @jax.jit
+    def run(params, key):
+        return hypergrad.alpha_hypergradient(
+            mse(jnp.arange(40)), reg, mse(jnp.arange(40)), params, 0.5, "ghadimi_wang",
+            sampler=sampler, key=key, num_terms=10, eta=0.5,
+        )
+
+    res = run({"w": jnp.zeros(3)}, jax.random.PRNGKey(3))
+    assert bool(res.info["finite"]) and 0 <= int(res.info["p"]) < 10
+
+
+# ----------------------------------------------------------------------------- non-convex MLP
+
+
+def mlp_setup(seed=0):
+    rng = np.random.default_rng(seed)
+    n, d, h, c = 12, 3, 4, 3
+    xa, xb = rng.standard_normal((n, d)), rng.standard_normal((n, d))
+    y = rng.integers(0, c, n)
+    init = lambda *s: jnp.asarray(0.5 * rng.standard_normal(s))
+    params = {"enc_a": init(d, h), "enc_b": init(d, h), "head": init(2 * h, c), "bias": init(c)}
+
+    def forward(p):
+        za, zb = jnp.tanh(xa @ p["enc_a"]), jnp.tanh(xb @ p["enc_b"])
+        return za, zb, jnp.concatenate([za, zb], 1) @ p["head"] + p["bias"]
+
+    # a little weight decay: softmax's shift invariance would otherwise leave H exactly singular
+    decay = lambda p: 0.5 * 0.05 * sum(jnp.sum(w**2) for w in jax.tree_util.tree_leaves(p))
+    cls = lambda p: losses.cross_entropy(forward(p)[2], jnp.asarray(y)) + decay(p)
+    mm = lambda p: losses.modality_matching(forward(p)[:2], 0.5)
+    return params, cls, mm
+
+
+def test_mlp_damped_cg_equals_damped_dense_solve():
+    params, cls, mm = mlp_setup()
+    a = 0.3
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    H = np.asarray(jax.hessian(lambda f: losses.total(cls(unravel(f)), mm(unravel(f)), a))(flat))
+    eig = np.linalg.eigvalsh(H)
+    assert eig[0] < 0 < eig[-1]  # the MLP's Hessian is indefinite here
+    damping = -eig[0] + 0.5
+    # independent reference: NumPy dense solve with the damped Hessian, then Eq. 3
+    g = np.asarray(jax.flatten_util.ravel_pytree(jax.grad(cls)(params))[0])
+    g_mm = np.asarray(jax.flatten_util.ravel_pytree(jax.grad(mm)(params))[0])
+    ref = -(g_mm - g) @ np.linalg.solve(H + damping * np.eye(H.shape[0]), g)
+    dense = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "dense", damping=damping)
+    cg = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "cg", operator="damped", damping=damping, tol=1e-12, maxiter=500)
+    assert rel_err(dense.value, ref) < 1e-8
+    assert rel_err(cg.value, ref) < 1e-6 and bool(cg.ok)
+    np.testing.assert_allclose(dense.info["min_eigenvalue"], eig[0] + damping, rtol=1e-8)
+
+
+def test_mlp_plain_cg_flags_negative_curvature_and_normal_equations_solve_it():
+    params, cls, mm = mlp_setup()
+    a = 0.3
+    plain = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "cg", maxiter=500, tol=1e-12)
+    dense = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "dense")
+    # plain CG on an indefinite Hessian: either it breaks down (flagged) or it still converges
+    if bool(plain.info["breakdown"]):
+        assert bool(plain.info["negative_curvature"]) and not bool(plain.ok)
+    else:
+        assert rel_err(plain.value, dense.value) < 1e-5
+    normal = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "cg", operator="normal", maxiter=2000, tol=1e-13)
+    assert rel_err(normal.value, dense.value) < 1e-4
+
+
+# ----------------------------------------------------------------------------- lfm_code
+
+
+def test_lfm_code_is_hessian_times_gradient():
+    params, cls, mm = mlp_setup(1)
+    a = 0.95
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    H = np.asarray(jax.hessian(lambda f: losses.total(cls(unravel(f)), mm(unravel(f)), a))(flat))
+    g = np.asarray(jax.flatten_util.ravel_pytree(jax.grad(cls)(params))[0])
+    g_mm = np.asarray(jax.flatten_util.ravel_pytree(jax.grad(mm)(params))[0])
+    hg = H @ g
+    first = jax.tree_util.tree_leaves(params)[0].size  # "bias" sorts first
+    for reduction, ref in [("cross", -(g_mm - g) @ hg), ("first_tensor_mean", hg[:first].mean()), ("mean", hg.mean())]:
+        res = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "lfm_code", reduction=reduction)
+        np.testing.assert_allclose(res.value, ref, rtol=1e-8, err_msg=reduction)
+        assert int(res.info["hvp_count"]) == 1
+
+
+# ----------------------------------------------------------------------------- vector alpha
+
+
+def vector_problem(seed=0, n=6, pairs=3):
+    rng = np.random.default_rng(seed)
+    spd = lambda: (lambda q: q @ q.T + n * np.eye(n))(rng.standard_normal((n, n)))
+    A, Bs, C = spd(), [spd() for _ in range(pairs)], spd()
+    c, ms, t = rng.standard_normal(n), [rng.standard_normal(n) for _ in range(pairs)], rng.standard_normal(n)
+    cls = lambda p: 0.5 * (p["x"] - c) @ A @ (p["x"] - c)
+    mm = lambda p: jnp.stack([0.5 * (p["x"] - m) @ B @ (p["x"] - m) for B, m in zip(Bs, ms)])
+    outer = lambda p: 0.5 * (p["x"] - t) @ C @ (p["x"] - t)
+
+    def solution(a):  # (1 - mean a) A + mean_p a_p B_p
+        M = (1 - np.mean(a)) * A + sum(ap * B for ap, B in zip(a, Bs)) / pairs
+        r = (1 - np.mean(a)) * A @ c + sum(ap * B @ m for ap, B, m in zip(a, Bs, ms)) / pairs
+        return np.linalg.solve(M, r)
+
+    def reference(a):  # d outer / d a_p by differentiating M x = r in each a_p
+        M = (1 - np.mean(a)) * A + sum(ap * B for ap, B in zip(a, Bs)) / pairs
+        x = solution(a)
+        out = []
+        for B, m in zip(Bs, ms):
+            dx = np.linalg.solve(M, (B @ m - A @ c) / pairs - ((B - A) / pairs) @ x)
+            out.append((C @ (x - t)) @ dx)
+        return np.asarray(out)
+
+    return cls, mm, outer, solution, reference
+
+
+@pytest.mark.parametrize("method", ["cg", "dense", "finite_difference"])
+def test_vector_alpha_matches_closed_form(method):
+    cls, mm, outer, solution, reference = vector_problem()
+    a = np.asarray([0.2, 0.5, 0.8])
+    res = hypergrad.alpha_hypergradient(cls, mm, outer, {"x": jnp.asarray(solution(a))}, a, method)
+    assert res.value.shape == (3,)
+    # finite differences carry O(eps^2) truncation and the inner solves' tolerance
+    assert rel_err(res.value, reference(a)) < (1e-5 if method == "finite_difference" else 1e-6)
+
+
+def test_vector_alpha_with_equal_weights_sums_to_scalar():
+    cls, mm, outer, solution, _ = vector_problem(1)
+    a = 0.4
+    params = {"x": jnp.asarray(solution(np.full(3, a)))}
+    vec = hypergrad.alpha_hypergradient(cls, mm, outer, params, jnp.full(3, a), "cg")
+    scalar = hypergrad.alpha_hypergradient(cls, lambda p: jnp.mean(mm(p)), outer, params, a, "cg")
+    np.testing.assert_allclose(jnp.sum(vec.value), scalar.value, rtol=1e-8)
+    unrolled = hypergrad.alpha_hypergradient(cls, mm, outer, params, jnp.full(3, a), "unrolled", num_steps=3, inner_lr=0.01)
+    assert unrolled.value.shape == (3,)
+    with pytest.raises(ValueError, match="reduction='cross'"):
+        hypergrad.alpha_hypergradient(cls, mm, outer, params, jnp.full(3, a), "lfm_code", reduction="mean")
+
+
+# ----------------------------------------------------------------------------- HVPs, jit, errors
+
+
+def test_hvp_matches_dense_hessian_and_custom_vjp_falls_back():
+    rng = np.random.default_rng(0)
+    x = {"u": jnp.asarray(rng.standard_normal(4)), "v": jnp.asarray(rng.standard_normal(3))}
+    W = jnp.asarray(rng.standard_normal((4, 3)))
+    f = lambda p: jnp.sum(jnp.sin(p["u"]) ** 2) + jnp.tanh(p["u"] @ W @ p["v"])
+    v = {"u": jnp.ones(4), "v": jnp.arange(3.0)}
+    flat, unravel = jax.flatten_util.ravel_pytree(x)
+    H = jax.hessian(lambda z: f(unravel(z)))(flat)
+    ref = H @ jax.flatten_util.ravel_pytree(v)[0]
+    got = hypergrad.hvp(f, x, v)
+    np.testing.assert_allclose(jax.flatten_util.ravel_pytree(got)[0], ref, rtol=1e-10)
+
+    # A custom_vjp has no jvp rule. Forward-over-reverse HVPs still work when its backward rule is
+    # plain jnp, but the forward-mode cross term (a jvp of the primal) does not; a backward rule that
+    # itself calls a custom_vjp stops the forward-over-reverse HVP as well.
+    @jax.custom_vjp
+    def sigmoid(z):
+        return jax.nn.sigmoid(z)
+
+    sigmoid.defvjp(lambda z: (jax.nn.sigmoid(z), z), lambda z, ct: (ct * jax.nn.sigmoid(z) * (1 - jax.nn.sigmoid(z)),))
+
+    @jax.custom_vjp
+    def softplus(z):
+        return jnp.logaddexp(z, 0.0)
+
+    softplus.defvjp(lambda z: (jnp.logaddexp(z, 0.0), z), lambda z, ct: (ct * sigmoid(z),))
+    g = lambda p: jnp.sum(softplus(p["u"] @ W) ** 2) + jnp.sum(p["v"] ** 2)
+    g_ref = lambda p: jnp.sum(jnp.logaddexp(p["u"] @ W, 0.0) ** 2) + jnp.sum(p["v"] ** 2)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        hypergrad.hvp(g, x, v, mode="forward_over_reverse")
+    np.testing.assert_allclose(
+        jax.flatten_util.ravel_pytree(hypergrad.hvp(g, x, v))[0],
+        jax.flatten_util.ravel_pytree(hypergrad.hvp(g_ref, x, v))[0],
+        rtol=1e-10,
+    )
+    # the whole estimator goes through the fallbacks too
+    mm = lambda p: jnp.sum(p["u"] ** 2)
+    res = hypergrad.alpha_hypergradient(g, mm, g_ref, x, 0.5, "cg", operator="damped", damping=1.0)
+    res_ref = hypergrad.alpha_hypergradient(g_ref, mm, g_ref, x, 0.5, "cg", operator="damped", damping=1.0)
+    assert not bool(res.info["hvp_forward_over_reverse"]) and not bool(res.info["cross_forward_over_reverse"])
+    assert bool(res_ref.info["hvp_forward_over_reverse"]) and bool(res_ref.info["cross_forward_over_reverse"])
+    np.testing.assert_allclose(res.value, res_ref.value, rtol=1e-8)
+
+
+def test_cg_under_jit_equals_eager():
+    P = QuadraticBilevel.random(12, seed=0)
+    params = P.pack(P.solution(0.3))
+    eager = hypergrad.alpha_hypergradient(P.cls_loss, P.mm_loss, P.outer_loss, params, 0.3, "cg")
+    jitted = jax.jit(lambda p, a: hypergrad.alpha_hypergradient(P.cls_loss, P.mm_loss, P.outer_loss, p, a, "cg"))(params, 0.3)
+    np.testing.assert_allclose(jitted.value, eager.value, rtol=1e-12)
+    assert set(jitted.info) == set(eager.info)
+
+
+def test_nonfinite_is_flagged_never_a_silent_zero():
+    P = QuadraticBilevel.random(6, seed=0)
+    params = P.pack(P.solution(0.3))
+    bad = lambda p: P.outer_loss(p) * jnp.nan
+    res = hypergrad.alpha_hypergradient(P.cls_loss, P.mm_loss, bad, params, 0.3, "cg")
+    assert not bool(res.info["finite"]) and not bool(res.ok)
+    res = hypergrad.alpha_hypergradient(P.cls_loss, P.mm_loss, bad, params, 0.3, "dense")
+    assert not bool(res.ok)
+
+
+def test_bad_input_names_the_argument():
+    P = QuadraticBilevel.random(6, seed=0)
+    params = P.pack(P.solution(0.3))
+    call = lambda **kw: hypergrad.alpha_hypergradient(
+        kw.pop("cls", P.cls_loss), kw.pop("mm", P.mm_loss), kw.pop("outer", P.outer_loss),
+        kw.pop("params", params), kw.pop("a", 0.3), kw.pop("method", "cg"), **kw,
+    )
+    with pytest.raises(ValueError, match="known methods: cg, dense, identity, neumann"):
+        call(method="newton")
+    with pytest.raises(ValueError, match=r"`a` must lie in \[0, 1\]"):
+        call(a=1.2)
+    with pytest.raises(ValueError, match="`a` must be a scalar or a vector"):
+        call(a=jnp.full((2, 2), 0.5))
+    with pytest.raises(ValueError, match="`x0`"):
+        call(x0={"w": jnp.zeros(3)})
+    with pytest.raises(ValueError, match=r"`x0` leaf \['w'\] has shape"):
+        call(x0={"w": jnp.zeros(4), "b": jnp.zeros(3)})
+    with pytest.raises(ValueError, match="`cls_loss` must return a scalar"):
+        call(cls=lambda p: p["w"] ** 2)
+    with pytest.raises(ValueError, match="`outer_loss` must return a scalar"):
+        call(outer=lambda p: jnp.stack([P.outer_loss(p)] * 2))
+    with pytest.raises(ValueError, match="`mm_loss` must return shape"):
+        call(a=jnp.full(3, 0.5))
+    with pytest.raises(TypeError, match="unknown: \\['num_terms'\\]"):
+        call(num_terms=3)
+    with pytest.raises(ValueError, match="operator='damped'"):
+        call(damping=0.1)
+    with pytest.raises(ValueError, match="max_params"):
+        call(method="dense", max_params=3)
+    with pytest.raises(ValueError, match="sampler"):
+        call(method="ghadimi_wang")
+    with pytest.raises(TypeError, match="floating point"):
+        call(params={"w": jnp.zeros(3, jnp.int32), "b": jnp.zeros(3)})
+    with pytest.raises(TypeError, match="`mm_loss` must be a callable"):
+        call(mm=3.0)
+    with pytest.raises(ValueError, match="`v`"):
+        hypergrad.hvp(P.cls_loss, params, {"w": jnp.zeros(3)})
