@@ -81,20 +81,32 @@ class _Problem:
         return jax.grad(self.outer_loss)(self.params)
 
     def cross(self, v: PyTree) -> jax.Array:
-        """``grad^2_{alpha,theta} L_total . v`` (for a scalar alpha, ``(g_MM - g_CLS)^T v``).
-
-        Forward mode differentiates the losses' primal in ``theta`` (one jvp); a ``custom_vjp``
-        inside them forces the reverse-over-reverse form.
-        """
-        if self.cross_mode == "forward_over_reverse":
-            dtotal_da = lambda p: jax.grad(self.total, argnums=1)(p, self.a)
-            return jax.jvp(dtotal_da, (self.params,), (v,))[1]
-        return jax.grad(lambda a: otu.tree_vdot(jax.grad(self.total)(self.params, a), v))(self.a)
+        return cross_term(self.total, self.params, self.a, v, self.cross_mode)
 
 
-def implicit_hypergradient(problem: _Problem, v: PyTree) -> jax.Array:
-    """Eq. 3 given ``v = H^{-1} grad_theta L_outer``: ``d L_outer / d alpha = -grad^2_{alpha,theta} L_total . v``."""
-    return -problem.cross(v)
+def cross_term(total: Callable[[PyTree, jax.Array], jax.Array], params: PyTree, a: jax.Array, v: PyTree,
+               mode: str = "forward_over_reverse") -> jax.Array:
+    """``grad^2_{alpha,theta} L_total . v``: for a scalar alpha, ``(g_MM - g_CLS)^T v``.
+
+    ``total(params, a)`` is L_total. Forward mode differentiates ``d total / d a`` (linear in
+    ``a``, so cheap) along ``v`` with one jvp; a ``custom_vjp`` inside the losses forces
+    ``mode="reverse_over_reverse"``.
+    """
+    if mode == "forward_over_reverse":
+        dtotal_da = lambda p: jax.grad(total, argnums=1)(p, a)
+        return jax.jvp(dtotal_da, (params,), (v,))[1]
+    return jax.grad(lambda b: otu.tree_vdot(jax.grad(total)(params, b), v))(a)
+
+
+def implicit_hypergradient(cls_loss: Loss, mm_loss: Loss, params: PyTree, a, v: PyTree,
+                           mode: str = "forward_over_reverse") -> jax.Array:
+    """Eq. 3: ``d L_outer / d alpha = -grad^2_{alpha,theta} L_total [grad^2_{theta,theta} L_total]^{-1} grad_theta L_outer``,
+
+    given ``v = H^{-1} grad_theta L_outer`` (however it was obtained); L_total is Eq. 1 of
+    ``cls_loss`` and ``mm_loss``. Every estimator that builds a ``v`` ends here.
+    """
+    total = lambda p, b: losses.total(cls_loss(p), mm_loss(p), b)
+    return -cross_term(total, params, jnp.asarray(a), v, mode)
 
 
 def _relative(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -316,7 +328,7 @@ def _lfm_code(problem: _Problem, *, reduction: str = "cross", tensor_index: int 
     hg = problem.hvp()(problem.outer_grad())
     info = {"hvp_count": jnp.asarray(1)}
     if reduction == "cross":
-        return implicit_hypergradient(problem, hg), info
+        return implicit_hypergradient(problem.cls_loss, problem.mm_loss, problem.params, problem.a, hg, problem.cross_mode), info
     if problem.a.ndim:
         raise ValueError(
             f"lfm_code: reduction={reduction!r} gives one number, not one per modality pair; "
@@ -519,9 +531,25 @@ def alpha_hypergradient(
     _check_loss("mm_loss", mm_loss, params, a.shape)
 
     total_fn = lambda p: losses.total(cls_loss(p), mm_loss(p), a)
-    problem = _Problem(cls_loss, mm_loss, outer_loss, params, a, resolve_mode(total_fn, params, hvp_mode))
-    problem = dataclasses.replace(problem, cross_mode=_resolve_cross_mode(problem))
+    hvp_mode = resolve_mode(total_fn, params, hvp_mode)
+    probe = _Problem(cls_loss, mm_loss, outer_loss, params, a, hvp_mode)
+    cross_mode = _resolve_cross_mode(probe)
 
+    def run(params, a, dynamic):
+        problem = _Problem(cls_loss, mm_loss, outer_loss, params, a, hvp_mode, cross_mode)
+        opts = jax.tree_util.tree_unflatten(opt_def, [dynamic.get(i, leaf) for i, leaf in enumerate(opt_leaves)])
+        return _estimate(problem, method, opts, report_residual)
+
+    # Array options (x0, keys) are traced arguments; callables and numbers are closed over.
+    opt_leaves, opt_def = jax.tree_util.tree_flatten(options)
+    dynamic = {i: leaf for i, leaf in enumerate(opt_leaves) if isinstance(leaf, (jax.Array, np.ndarray))}
+    already_traced = any(_is_tracer(x) for x in jax.tree_util.tree_leaves((params, a, dynamic)))
+    # Called eagerly, compile the whole estimate once rather than dispatch it op by op.
+    value, info = (run if already_traced else jax.jit(run))(params, a, dynamic)
+    return HypergradResult(value=value, info=info, method=method)
+
+
+def _estimate(problem: _Problem, method: str, options: dict, report_residual: bool):
     info: dict[str, jax.Array] = {
         "iterations": jnp.asarray(0),
         "residual": jnp.asarray(jnp.nan),
@@ -530,7 +558,7 @@ def alpha_hypergradient(
     }
     if method in _V_METHODS:
         v, method_info = _V_METHODS[method](problem, **options)
-        value = implicit_hypergradient(problem, v)
+        value = implicit_hypergradient(problem.cls_loss, problem.mm_loss, problem.params, problem.a, v, problem.cross_mode)
         info.update(method_info)
         g = problem.outer_grad()  # a second trace of the same gradient; jit merges the two
         # a solve that stopped on a non-finite right-hand side must not pass for a clean zero
@@ -542,8 +570,8 @@ def alpha_hypergradient(
         value, method_info = _DIRECT_METHODS[method](problem, **options)
         info.update(method_info)
         finite = jnp.asarray(True)
-    value = jnp.reshape(value, a.shape).astype(a.dtype)
+    value = jnp.reshape(value, problem.a.shape).astype(problem.a.dtype)
     info["finite"] = finite & jnp.all(jnp.isfinite(value))
     info["hvp_forward_over_reverse"] = jnp.asarray(problem.hvp_mode == "forward_over_reverse")
     info["cross_forward_over_reverse"] = jnp.asarray(problem.cross_mode == "forward_over_reverse")
-    return HypergradResult(value=value, info={k: jnp.asarray(v) for k, v in info.items()}, method=method)
+    return value, {k: jnp.asarray(v) for k, v in info.items()}
