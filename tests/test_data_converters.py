@@ -84,6 +84,15 @@ def test_cremad_raw_to_batches(cremad_records):
     assert abs(means[0] - 0) < 8 and abs(means[-1] - 80) < 8
 
 
+def test_cremad_reconversion_is_identical(cremad_records, tmp_path):
+    root, out, _ = cremad_records
+    again = str(tmp_path / "again")
+    cremad.run(str(root), again, split_dir=str(root / "splits"), val_fraction=0.5, frame_size=16, spec=SPEC, workers=2)
+    a, b = records.load_manifest(out), records.load_manifest(again)
+    for split in a.splits:
+        assert [s["sha256"] for s in a.splits[split]["shards"]] == [s["sha256"] for s in b.splits[split]["shards"]]
+
+
 def test_cremad_loader_augments_frames_and_is_deterministic_in_eval(cremad_records):
     _, out, _ = cremad_records
     frames = {"video": loader.FrameAugment(size=(12, 12))}

@@ -164,23 +164,29 @@ def test_loader_checks_metadata_against_config(records_dir):
         loader.make_loader(records_dir + "_nope", "train", batch_size=8, train=True)
 
 
-def test_shuffle_is_seeded_sharding_covers_once_and_state_resumes(records_dir):
-    first = lambda seed: next(iter(loader.make_loader(records_dir, "train", batch_size=32, train=True, seed=seed)))["fou"]
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_shuffle_is_seeded_sharding_covers_once_and_state_resumes(records_dir, in_memory):
+    first = lambda seed: next(iter(loader.make_loader(records_dir, "train", batch_size=32, train=True, seed=seed, in_memory=in_memory)))["fou"]
     np.testing.assert_array_equal(first(1), first(1))
     assert not np.array_equal(first(1), first(2))
     parts = []
     for i in range(3):
-        ld = loader.make_loader(records_dir, "validation", batch_size=16, train=False, shard=(i, 3))
+        ld = loader.make_loader(records_dir, "validation", batch_size=16, train=False, shard=(i, 3), in_memory=in_memory)
         parts.append(np.concatenate([b["fou"][:, 0] for b in ld]))
     allv = np.concatenate(parts)
     assert len(allv) == 200 and len(np.unique(allv)) == 200
-    ld = loader.make_loader(records_dir, "train", batch_size=32, train=True, seed=3, num_epochs=2)
+    # training shards: equal sizes, disjoint within an epoch
+    train_parts = [np.concatenate([b["fou"][:, 0] for b in loader.make_loader(
+        records_dir, "train", batch_size=10, train=True, seed=4, shard=(i, 3), in_memory=in_memory)]) for i in range(3)]
+    assert [len(p) for p in train_parts] == [460, 460, 460]
+    assert len(np.unique(np.concatenate(train_parts))) == 1380
+    ld = loader.make_loader(records_dir, "train", batch_size=32, train=True, seed=3, num_epochs=2, in_memory=in_memory)
     it = iter(ld)
     for _ in range(5):
         next(it)
     state = it.get_state()
     expected = [next(it)["fou"] for _ in range(3)]
-    it2 = iter(loader.make_loader(records_dir, "train", batch_size=32, train=True, seed=3, num_epochs=2))
+    it2 = iter(loader.make_loader(records_dir, "train", batch_size=32, train=True, seed=3, num_epochs=2, in_memory=in_memory))
     it2.set_state(state)
     for e in expected:
         np.testing.assert_array_equal(next(it2)["fou"], e)
