@@ -49,6 +49,16 @@ class BadInput(Exception):
         self.path, self.reason = path, reason
 
 
+def define_io_flags(raw_dir_help: str, skip_what: str = "inputs") -> None:
+    """--raw_dir, --out_dir, --workers and --skip_bad, which every converter has."""
+    from absl import flags
+
+    flags.DEFINE_string("raw_dir", None, raw_dir_help)
+    flags.DEFINE_string("out_dir", None, "Where the records go.")
+    flags.DEFINE_integer("workers", 0, "Parallel decoding processes (0: in this process).")
+    flags.DEFINE_bool("skip_bad", False, f"Leave out unreadable {skip_what} (counted and listed in the manifest).")
+
+
 def require_dir(path: str, flag: str = "--raw_dir") -> None:
     if not path:
         raise SystemExit(f"{flag} is required")

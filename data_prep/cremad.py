@@ -28,8 +28,14 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_prep.common import BadInput, convert, require_dir, stratified_split  # noqa: E402
-from data_prep.media import SpectrogramParams, load_wav_spectrogram, video_frames  # noqa: E402
+from data_prep.common import BadInput, convert, define_io_flags, require_dir, stratified_split  # noqa: E402
+from data_prep.media import (  # noqa: E402
+    SpectrogramParams,
+    audio_video_from_flags,
+    define_audio_video_flags,
+    load_wav_spectrogram,
+    video_frames,
+)
 from dyngap_jax.data.records import FeatureSpec  # noqa: E402
 
 NAME = "cremad"
@@ -142,28 +148,17 @@ def main(argv):
     del argv
     if not FLAGS.out_dir:
         raise SystemExit("--out_dir is required")
-    spec = SpectrogramParams(FLAGS.sample_rate, FLAGS.n_fft, FLAGS.hop, FLAGS.spec_frames)
     run(FLAGS.raw_dir, FLAGS.out_dir, split_dir=FLAGS.split_dir, seed=FLAGS.seed, val_fraction=FLAGS.val_fraction,
-        num_frames=FLAGS.num_frames, fps=FLAGS.fps, frame_size=FLAGS.frame_size, spec=spec, workers=FLAGS.workers,
-        skip_bad=FLAGS.skip_bad)
+        workers=FLAGS.workers, skip_bad=FLAGS.skip_bad, **audio_video_from_flags(FLAGS))
 
 
 def define_flags():
     """The command-line flags (defined only when run as a script, so converters can be imported together)."""
-    flags.DEFINE_string("raw_dir", None, "CREMA-D folder with AudioWAV/ and VideoFlash/.")
-    flags.DEFINE_string("out_dir", None, "Where the records go.")
+    define_io_flags("CREMA-D folder with AudioWAV/ and VideoFlash/.", "clips")
+    define_audio_video_flags(SpectrogramParams())
     flags.DEFINE_string("split_dir", None, "Folder with train.csv and test.csv (<clip>,<EMO> lines); default a seeded split.")
     flags.DEFINE_integer("seed", 0, "Seed for the validation carve (and the split without --split_dir).")
     flags.DEFINE_float("val_fraction", 0.1, "Fraction of train per class held out for validation.")
-    flags.DEFINE_integer("num_frames", 3, "Frames per clip.")
-    flags.DEFINE_float("fps", 1.0, "Frame extraction rate before sampling.")
-    flags.DEFINE_integer("frame_size", 224, "Stored frame height and width.")
-    flags.DEFINE_integer("sample_rate", 22050, "Audio sample rate.")
-    flags.DEFINE_integer("n_fft", 512, "STFT size.")
-    flags.DEFINE_integer("hop", 353, "STFT hop.")
-    flags.DEFINE_integer("spec_frames", 299, "Spectrogram frames.")
-    flags.DEFINE_integer("workers", 0, "Parallel decoding processes (0: in this process).")
-    flags.DEFINE_bool("skip_bad", False, "Leave out unreadable clips (counted and listed in the manifest).")
 
 
 if __name__ == "__main__":

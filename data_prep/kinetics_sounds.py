@@ -26,8 +26,15 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_prep.common import BadInput, convert, require_dir, stratified_split  # noqa: E402
-from data_prep.media import SpectrogramParams, read_video, spectrogram, video_frames  # noqa: E402
+from data_prep.common import BadInput, convert, define_io_flags, require_dir, stratified_split  # noqa: E402
+from data_prep.media import (  # noqa: E402
+    SpectrogramParams,
+    audio_video_from_flags,
+    define_audio_video_flags,
+    read_video,
+    spectrogram,
+    video_frames,
+)
 from dyngap_jax.data.records import FeatureSpec  # noqa: E402
 
 NAME = "kinetics_sounds"
@@ -106,26 +113,17 @@ def main(argv):
     del argv
     if not FLAGS.out_dir:
         raise SystemExit("--out_dir is required")
-    spec = SpectrogramParams(DEFAULT_SPEC.sample_rate, DEFAULT_SPEC.n_fft, FLAGS.hop, FLAGS.spec_frames)
     run(FLAGS.raw_dir, FLAGS.out_dir, num_classes=FLAGS.num_classes, seed=FLAGS.seed, val_fraction=FLAGS.val_fraction,
-        num_frames=FLAGS.num_frames, fps=FLAGS.fps, frame_size=FLAGS.frame_size, spec=spec, workers=FLAGS.workers,
-        skip_bad=FLAGS.skip_bad)
+        workers=FLAGS.workers, skip_bad=FLAGS.skip_bad, **audio_video_from_flags(FLAGS))
 
 
 def define_flags():
     """The command-line flags (defined only when run as a script, so converters can be imported together)."""
-    flags.DEFINE_string("raw_dir", None, "Folder with train.csv, test.csv (val.csv) and the clips.")
-    flags.DEFINE_string("out_dir", None, "Where the records go.")
+    define_io_flags("Folder with train.csv, test.csv (val.csv) and the clips.", "clips")
+    define_audio_video_flags(DEFAULT_SPEC)
     flags.DEFINE_integer("num_classes", 31, "Expected number of classes in train.csv.")
     flags.DEFINE_integer("seed", 0, "Seed of the validation carve when there is no val.csv.")
     flags.DEFINE_float("val_fraction", 0.1, "Fraction of train held out for validation without val.csv.")
-    flags.DEFINE_integer("num_frames", 3, "Frames per clip.")
-    flags.DEFINE_float("fps", 1.0, "Frame extraction rate before sampling.")
-    flags.DEFINE_integer("frame_size", 224, "Stored frame height and width.")
-    flags.DEFINE_integer("hop", DEFAULT_SPEC.hop, "STFT hop.")
-    flags.DEFINE_integer("spec_frames", DEFAULT_SPEC.num_frames, "Spectrogram frames.")
-    flags.DEFINE_integer("workers", 0, "Parallel decoding processes.")
-    flags.DEFINE_bool("skip_bad", False, "Leave out unreadable clips (counted and listed in the manifest).")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,25 @@ class SpectrogramParams:
         return [self.n_fft // 2 + 1, self.num_frames, 1]
 
 
+def define_audio_video_flags(spec: SpectrogramParams, num_frames: int = 3, fps: float = 1.0, frame_size: int = 224):
+    """The audio front end's and the frame sampler's flags, with a data set's defaults."""
+    from absl import flags
+
+    flags.DEFINE_integer("num_frames", num_frames, "Frames per clip.")
+    flags.DEFINE_float("fps", fps, "Frame extraction rate before sampling.")
+    flags.DEFINE_integer("frame_size", frame_size, "Stored frame height and width.")
+    flags.DEFINE_integer("sample_rate", spec.sample_rate, "Audio sample rate.")
+    flags.DEFINE_integer("n_fft", spec.n_fft, "STFT size.")
+    flags.DEFINE_integer("hop", spec.hop, "STFT hop.")
+    flags.DEFINE_integer("spec_frames", spec.num_frames, "Spectrogram frames.")
+
+
+def audio_video_from_flags(values) -> dict:
+    """``run()`` keywords from the flags :func:`define_audio_video_flags` defined."""
+    spec = SpectrogramParams(values.sample_rate, values.n_fft, values.hop, values.spec_frames)
+    return {"num_frames": values.num_frames, "fps": values.fps, "frame_size": values.frame_size, "spec": spec}
+
+
 def spectrogram(samples: np.ndarray, p: SpectrogramParams, where: str) -> np.ndarray:
     import librosa
 

@@ -26,7 +26,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_prep.common import BadInput, convert, require_dir, stratified_split  # noqa: E402
+from data_prep.common import BadInput, convert, define_io_flags, require_dir, stratified_split  # noqa: E402
 from data_prep.media import read_video  # noqa: E402
 from dyngap_jax.data.records import FeatureSpec  # noqa: E402
 
@@ -132,14 +132,11 @@ def main(argv):
 
 def define_flags():
     """The command-line flags (defined only when run as a script, so converters can be imported together)."""
-    flags.DEFINE_string("raw_dir", None, "The nvgesture_arch folder.")
-    flags.DEFINE_string("out_dir", None, "Where the records go.")
+    define_io_flags("The nvgesture_arch folder.", "sessions")
     flags.DEFINE_integer("seed", 0, "Seed of the validation carve.")
     flags.DEFINE_float("val_fraction", 0.1, "Fraction of train per class held out for validation.")
     flags.DEFINE_integer("num_frames", 8, "Frames per gesture.")
     flags.DEFINE_integer("frame_size", 112, "Stored frame height and width.")
-    flags.DEFINE_integer("workers", 0, "Parallel decoding processes.")
-    flags.DEFINE_bool("skip_bad", False, "Leave out unreadable sessions (counted and listed in the manifest).")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_prep import text_image  # noqa: E402
-from data_prep.common import BadInput, convert, require_dir  # noqa: E402
+from data_prep.common import BadInput, convert, define_io_flags, require_dir  # noqa: E402
 
 NAME = "sarcasm"
 VERSION = "1.0.0"
@@ -88,14 +88,11 @@ def main(argv):
 
 def define_flags():
     """The command-line flags (defined only when run as a script, so converters can be imported together)."""
-    flags.DEFINE_string("raw_dir", None, "Folder with text/ and dataset_image/.")
-    flags.DEFINE_string("out_dir", None, "Where the records go.")
+    define_io_flags("Folder with text/ and dataset_image/.", "examples")
     flags.DEFINE_string("tokenizer", None, "Local Hugging Face checkpoint folder whose tokenizer to use.")
     flags.DEFINE_integer("max_length", 128, "Tokens per text.")
     flags.DEFINE_integer("image_size", 224, "Stored image height and width.")
     flags.DEFINE_enum("eval_label", "hashtag", ["hashtag", "human"], "Which label of valid2/test2 to use.")
-    flags.DEFINE_integer("workers", 0, "Parallel decoding processes.")
-    flags.DEFINE_bool("skip_bad", False, "Leave out unreadable examples (counted and listed in the manifest).")
 
 
 if __name__ == "__main__":

@@ -35,19 +35,6 @@ class ConvLayer(nn.Module):
         return nn.relu(x) if self.activation else x
 
 
-class Shortcut(nn.Module):
-    features: int
-    stride: int
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        x = nn.Conv(self.features, (1, 1), (self.stride, self.stride), use_bias=False, dtype=self.dtype,
-                    name="convolution")(x)
-        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                            name="normalization")(x)
-
-
 class BasicBlock(nn.Module):
     features: int
     stride: int = 1
@@ -57,7 +44,8 @@ class BasicBlock(nn.Module):
     def __call__(self, x, train: bool):
         residual = x
         if x.shape[-1] != self.features or self.stride != 1:
-            residual = Shortcut(self.features, self.stride, self.dtype, name="shortcut")(x, train)
+            # HF's ResNetShortCut: a 1x1 strided convolution and BatchNorm, no activation
+            residual = ConvLayer(self.features, 1, self.stride, activation=False, dtype=self.dtype, name="shortcut")(x, train)
         y = ConvLayer(self.features, 3, self.stride, dtype=self.dtype, name="layer_0")(x, train)
         y = ConvLayer(self.features, 3, 1, activation=False, dtype=self.dtype, name="layer_1")(y, train)
         return nn.relu(y + residual)
@@ -74,7 +62,8 @@ class BottleneckBlock(nn.Module):
     def __call__(self, x, train: bool):
         residual = x
         if x.shape[-1] != self.features or self.stride != 1:
-            residual = Shortcut(self.features, self.stride, self.dtype, name="shortcut")(x, train)
+            # HF's ResNetShortCut: a 1x1 strided convolution and BatchNorm, no activation
+            residual = ConvLayer(self.features, 1, self.stride, activation=False, dtype=self.dtype, name="shortcut")(x, train)
         mid = self.features // self.reduction
         s1, s2 = (self.stride, 1) if self.downsample_in_bottleneck else (1, self.stride)
         y = ConvLayer(mid, 1, s1, dtype=self.dtype, name="layer_0")(x, train)

@@ -1,0 +1,342 @@
+"""grain loaders over the converters' ArrayRecord files, giving DESIGN.md's batch dicts.
+
+A batch is a dict of numpy arrays: one per modality plus ``"label"`` (int32). Shuffling is
+seeded, each JAX process reads its own shard (``ShardByJaxProcess``), training applies the
+configured augmentation to frames (random resized crop + horizontal flip, the same crop for
+every frame of a clip) and evaluation a deterministic resize; the iterator's state can be
+saved and restored (``iterator.get_state()`` / ``set_state``), so a resumed run sees the same
+batches. Before reading, the manifest is checked against what the caller expects.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from dyngap_jax.data.records import Manifest, RecordError, decode_example, load_manifest
+
+IN_MEMORY_MAX_BYTES = 256 << 20
+
+IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
+
+
+def _mark_flags_parsed() -> None:
+    # grain's worker processes read absl flags; library use (no app.run) must mark them parsed.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _split_bytes(manifest: Manifest, split: str) -> int:
+    per = sum(int(np.prod(f.shape, dtype=np.int64)) * np.dtype(f.dtype).itemsize for f in manifest.features.values())
+    return per * manifest.splits[split]["num_examples"]
+
+
+def ops_apply(ops, record):
+    for op in ops:
+        record = op.map(record)
+    return record
+
+
+def check_manifest(manifest: Manifest, *, folder: str, name: str | None = None,
+                   modalities: Mapping[str, Sequence[int] | None] | None = None,
+                   num_classes: int | None = None, split: str | None = None) -> None:
+    """Refuse records that do not match the config, naming the mismatch.
+
+    ``modalities``: ``{modality: expected per-example shape or None}``; every one must be in the
+    records (records may hold more modalities than a config uses).
+    """
+    where = os.path.join(folder, "manifest.json")
+    if name is not None and manifest.name != name:
+        raise RecordError(f"{where}: records are of data set {manifest.name!r}, the config says {name!r}")
+    if num_classes is not None and manifest.num_classes != num_classes:
+        raise RecordError(f"{where}: {manifest.num_classes} classes in the records, the config says num_classes={num_classes}")
+    if split is not None and split not in manifest.splits:
+        raise RecordError(f"{where}: no split {split!r} (have {sorted(manifest.splits)})")
+    for m, shape in (modalities or {}).items():
+        if m not in manifest.features or m == "label":
+            raise RecordError(f"{where}: no modality {m!r} in the records (have {manifest.modalities})")
+        if shape is not None and list(shape) != list(manifest.features[m].shape):
+            raise RecordError(
+                f"{where}: modality {m!r} has shape {manifest.features[m].shape} in the records, "
+                f"the config expects {list(shape)}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameAugment:
+    """Frames settings for one modality: output size, ImageNet normalisation, training augmentation."""
+
+    size: tuple[int, int] | None = None  # (height, width); None keeps the stored size
+    normalize: bool = True
+    random_resized_crop: bool = True
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+
+
+class Decode(grain.transforms.Map):
+    def __init__(self, keep: Sequence[str] | None = None):
+        self.keep = None if keep is None else tuple(keep) + ("label",)
+
+    def map(self, data: bytes):
+        ex = decode_example(data)
+        return ex if self.keep is None else {k: ex[k] for k in self.keep}
+
+
+class Standardize(grain.transforms.Map):
+    """``(x - mean) / std`` per feature with the train statistics the converter recorded."""
+
+    def __init__(self, stats: Mapping[str, Mapping[str, Sequence[float]]]):
+        self.stats = {m: (np.asarray(s["mean"], np.float32), np.maximum(np.asarray(s["std"], np.float32), 1e-6))
+                      for m, s in stats.items()}
+
+    def map(self, ex):
+        ex = dict(ex)
+        for m, (mean, std) in self.stats.items():
+            if m in ex:
+                ex[m] = (ex[m] - mean) / std
+        return ex
+
+
+def _resize_frames(frames: np.ndarray, box: tuple[int, int, int, int] | None, size, flip: bool) -> np.ndarray:
+    """Crop ``box = (top, left, h, w)`` from each frame ``[T, H, W, C]``, resize to ``size``, maybe flip."""
+    out = []
+    for f in frames:
+        if box is not None:
+            t, l, h, w = box
+            f = f[t:t + h, l:l + w]
+        if size is not None and f.shape[:2] != tuple(size):
+            chans = [np.asarray(Image.fromarray(f[..., c]).resize((size[1], size[0]), Image.BILINEAR)) for c in range(f.shape[-1])]
+            f = np.stack(chans, axis=-1)
+        out.append(f[:, ::-1] if flip else f)
+    return np.stack(out)
+
+
+def _finish_frames(frames: np.ndarray, spec: FrameAugment) -> np.ndarray:
+    x = frames.astype(np.float32)
+    if frames.dtype == np.uint8:
+        x = x / 255.0
+    if spec.normalize and x.shape[-1] == 3:
+        x = (x - IMAGENET_MEAN) / IMAGENET_STD
+    return x
+
+
+def _as_clip(x: np.ndarray) -> tuple[np.ndarray, bool]:
+    return (x[None], True) if x.ndim == 3 else (x, False)
+
+
+class TrainFrames(grain.transforms.RandomMap):
+    """Random resized crop (one box for all frames of a clip) and horizontal flip."""
+
+    def __init__(self, specs: Mapping[str, FrameAugment]):
+        self.specs = dict(specs)
+
+    def random_map(self, ex, rng: np.random.Generator):
+        ex = dict(ex)
+        for m, spec in self.specs.items():
+            clip, single = _as_clip(ex[m])
+            h, w = clip.shape[1:3]
+            box = None
+            if spec.random_resized_crop:
+                box = (0, 0, h, w)
+                for _ in range(10):  # torchvision's RandomResizedCrop sampling
+                    area = h * w * rng.uniform(*spec.scale)
+                    aspect = np.exp(rng.uniform(np.log(spec.ratio[0]), np.log(spec.ratio[1])))
+                    cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+                    if 0 < cw <= w and 0 < ch <= h:
+                        box = (int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw)
+                        break
+            flip = bool(spec.flip and rng.random() < 0.5)
+            out = _finish_frames(_resize_frames(clip, box, spec.size or (h, w), flip), spec)
+            ex[m] = out[0] if single else out
+        return ex
+
+
+class EvalFrames(grain.transforms.Map):
+    """Deterministic: resize to the configured size and normalise."""
+
+    def __init__(self, specs: Mapping[str, FrameAugment]):
+        self.specs = dict(specs)
+
+    def map(self, ex):
+        ex = dict(ex)
+        for m, spec in self.specs.items():
+            clip, single = _as_clip(ex[m])
+            out = _finish_frames(_resize_frames(clip, None, spec.size, False), spec)
+            ex[m] = out[0] if single else out
+        return ex
+
+
+class _SliceSource:
+    """Records ``[start, end)`` of a random-access source."""
+
+    def __init__(self, source, start: int, end: int):
+        self.source, self.start, self.end = source, start, end
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.source[self.start + i]
+
+    def __repr__(self) -> str:
+        return f"_SliceSource({self.source!r}, {self.start}, {self.end})"
+
+
+def _even_part(n: int, index: int, count: int) -> tuple[int, int]:
+    base, extra = divmod(n, count)
+    start = index * base + min(index, extra)
+    return start, start + base + (index < extra)
+
+
+class InMemoryLoader:
+    """The whole split decoded once into arrays; batches by indexing (small tabular data sets).
+
+    Same contract as the grain loader: a seeded permutation per epoch when training (with the
+    last partial batch dropped), every example once in order for evaluation, this process's
+    shard only, and iterators whose ``get_state`` / ``set_state`` resume exactly. Per-record
+    pipelines cost tens of microseconds an example; for a few-MB split like mfeat that is the
+    whole step, so this path skips them.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], *, batch_size: int, train: bool, seed: int,
+                 num_epochs: int | None, drop_remainder: bool, shard: tuple[int, int]):
+        self.arrays, self.batch_size, self.train, self.seed = arrays, batch_size, train, seed
+        self.num_epochs, self.drop_remainder = num_epochs, drop_remainder
+        n = len(arrays["label"])
+        index, count = shard
+        if train:  # equal parts of a per-epoch global permutation, as grain's sharding does
+            self.part = (index, count, n // count)
+        else:
+            self.part = (index, count, None)
+            self.start, self.end = _even_part(n, index, count)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        n = len(self.arrays["label"])
+        if not self.train:
+            return np.arange(self.start, self.end)
+        index, count, per = self.part
+        perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+        return perm[index * per:(index + 1) * per]
+
+    def __iter__(self):
+        return _InMemoryIterator(self)
+
+
+class _InMemoryIterator:
+    def __init__(self, loader: InMemoryLoader):
+        self.loader, self.epoch, self.position = loader, 0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        ld = self.loader
+        while True:
+            if ld.num_epochs is not None and self.epoch >= ld.num_epochs:
+                raise StopIteration
+            order = ld._order(self.epoch)
+            take = order[self.position:self.position + ld.batch_size]
+            if len(take) == ld.batch_size or (len(take) > 0 and not ld.drop_remainder):
+                self.position += len(take)
+                return {k: v[take] for k, v in ld.arrays.items()}
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def open_split(folder: str, split: str, **expect) -> tuple[grain.sources.ArrayRecordDataSource, Manifest]:
+    """The ArrayRecord source of one split and the manifest, after :func:`check_manifest`."""
+    manifest = load_manifest(folder)
+    check_manifest(manifest, folder=folder, split=split, **expect)
+    shards = manifest.splits[split]["shards"]
+    paths = [os.path.join(folder, s["file"]) for s in shards]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise RecordError(f"{p}: listed in manifest.json but missing")
+    source = grain.sources.ArrayRecordDataSource(paths)
+    if len(source) != manifest.splits[split]["num_examples"]:
+        raise RecordError(f"{folder}: split {split!r} holds {len(source)} records, manifest.json says "
+                          f"{manifest.splits[split]['num_examples']}")
+    return source, manifest
+
+
+def make_loader(
+    folder: str,
+    split: str,
+    *,
+    batch_size: int,
+    train: bool,
+    seed: int = 0,
+    num_epochs: int | None = 1,
+    modalities: Sequence[str] | None = None,
+    frames: Mapping[str, FrameAugment] | None = None,
+    standardize: bool = False,
+    drop_remainder: bool | None = None,
+    worker_count: int = 0,
+    shard_by_process: bool = True,
+    shard: tuple[int, int] | None = None,
+    in_memory: bool | None = None,
+    expect: Mapping[str, Any] | None = None,
+) -> grain.DataLoader | InMemoryLoader:
+    """A grain ``DataLoader`` of batch dicts for ``split`` of the records in ``folder``.
+
+    ``train`` shuffles (seeded), augments ``frames`` modalities randomly and drops the last
+    partial batch; evaluation keeps order and every example. ``batch_size`` is per process.
+    ``standardize`` applies the converter's train mean/std (tabular views). ``expect`` goes to
+    :func:`check_manifest`. With ``shard_by_process`` each JAX process reads a disjoint part;
+    ``shard=(index, count)`` picks a part explicitly instead. ``in_memory`` (default: splits
+    without frame modalities under ``IN_MEMORY_MAX_BYTES``) decodes the split once and serves
+    batches from arrays (:class:`InMemoryLoader`, same contract).
+    """
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+    _mark_flags_parsed()
+    source, manifest = open_split(folder, split, **(expect or {}))
+    ops: list = [Decode(modalities)]
+    if standardize:
+        stats = manifest.stats.get("train_standardization")
+        if not stats:
+            raise RecordError(f"{folder}/manifest.json: no train_standardization statistics; set standardize=False")
+        ops.append(Standardize({m: s for m, s in stats.items() if modalities is None or m in modalities}))
+    drop = train if drop_remainder is None else drop_remainder
+    if shard is None and shard_by_process:
+        import jax
+
+        shard = (jax.process_index(), jax.process_count())
+    if in_memory is None:
+        in_memory = not frames and _split_bytes(manifest, split) <= IN_MEMORY_MAX_BYTES
+    if in_memory:
+        if frames:
+            raise ValueError("in_memory loading serves fixed arrays; frame augmentation needs the grain pipeline")
+        rows = [ops_apply(ops, source[i]) for i in range(len(source))]
+        arrays = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        return InMemoryLoader(arrays, batch_size=batch_size, train=train, seed=seed, num_epochs=num_epochs,
+                              drop_remainder=drop, shard=shard or (0, 1))
+    if frames:
+        ops.append(TrainFrames(frames) if train else EvalFrames(frames))
+    ops.append(grain.transforms.Batch(batch_size, drop_remainder=drop))
+    options = grain.sharding.NoSharding()
+    if shard is not None and shard[1] > 1:
+        index, count = shard
+        if not 0 <= index < count:
+            raise ValueError(f"`shard` index {index} is outside 0..{count - 1}")
+        if train:  # equal shards (the remainder dropped), so every process takes the same number of steps
+            options = grain.sharding.ShardOptions(shard_index=index, shard_count=count, drop_remainder=True)
+        else:  # evaluation reads every example exactly once: contiguous parts, sizes differing by at most one
+            source = _SliceSource(source, *_even_part(len(source), index, count))
+    sampler = grain.samplers.IndexSampler(len(source), shard_options=options, shuffle=train, num_epochs=num_epochs, seed=seed)
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=ops, worker_count=worker_count)

@@ -1,0 +1,158 @@
+"""The record format shared by the converters (``data_prep/``) and the loaders.
+
+A data set folder holds, per split, ArrayRecord shards ``<split>-<i>-of-<n>.array_record`` and
+one ``manifest.json`` (written last, atomically: its presence means the conversion finished).
+Each record is one example: a msgpack dict of numpy arrays, one per modality plus ``label``.
+
+The manifest carries what a loader needs to refuse records that do not match its config: the
+data set's name and converter version, split sizes, each feature's dtype and shape, class names,
+the converter's parameters, a SHA-256 per shard, and the bad inputs a ``--skip_bad`` run left out.
+
+Why ArrayRecord directly rather than a TFDS builder: the converters need resumable, atomic,
+per-shard writes and a record of skipped inputs, which we would build around a TFDS builder
+anyway, and grain reads ArrayRecord files natively; a TFDS builder adds tensorflow-datasets and
+its dependency tree (and the package-folder workarounds a builder outside a package needs) for
+no reading speed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from flax import serialization
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class RecordError(ValueError):
+    """Records that are missing, incomplete or do not match what the caller expects (names the file or field)."""
+
+
+def encode_example(example: Mapping[str, Any]) -> bytes:
+    return serialization.msgpack_serialize({k: np.asarray(v) for k, v in example.items()})
+
+
+def decode_example(data: bytes) -> dict[str, np.ndarray]:
+    return serialization.msgpack_restore(data)
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_shard(path: str, examples: Iterable[Mapping[str, Any]]) -> tuple[int, str]:
+    """Write ``examples`` to an ArrayRecord file at ``path`` atomically; return (count, sha256)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    count = 0
+    try:
+        writer = ArrayRecordWriter(tmp, "group_size:1")
+        for ex in examples:
+            writer.write(encode_example(ex))
+            count += 1
+        writer.close()
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return count, digest
+
+
+@dataclasses.dataclass
+class FeatureSpec:
+    dtype: str
+    shape: list[int]
+
+
+@dataclasses.dataclass
+class Manifest:
+    """What ``manifest.json`` holds; see the module docstring."""
+
+    name: str
+    converter_version: str
+    features: dict[str, FeatureSpec]
+    class_names: list[str]
+    splits: dict[str, dict[str, Any]]  # split -> {"num_examples": n, "shards": [{"file", "num_examples", "sha256"}]}
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def modalities(self) -> list[str]:
+        return [k for k in self.features if k != "label"]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        d = dict(d)
+        d["features"] = {k: FeatureSpec(**v) for k, v in d["features"].items()}
+        return cls(**d)
+
+    def save(self, folder: str) -> None:
+        atomic_write_text(os.path.join(folder, MANIFEST), self.to_json())
+
+
+def load_manifest(folder: str) -> Manifest:
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isdir(folder):
+        raise RecordError(f"record folder {folder!r} does not exist (run the data set's converter in data_prep/)")
+    if not os.path.isfile(path):
+        raise RecordError(f"{path}: missing; the conversion into {folder!r} did not finish (rerun the converter)")
+    with open(path) as f:
+        try:
+            manifest = Manifest.from_dict(json.load(f))
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise RecordError(f"{path}: not a valid manifest ({e})") from None
+    if manifest.format_version != FORMAT_VERSION:
+        raise RecordError(f"{path}: record format {manifest.format_version}, this code reads {FORMAT_VERSION}")
+    return manifest
+
+
+def shard_names(split: str, num_shards: int) -> list[str]:
+    return [f"{split}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
+
+
+def verify_shards(folder: str, manifest: Manifest, split: str) -> None:
+    """Recompute each shard's SHA-256 against the manifest (slow on big data; the loaders check sizes)."""
+    for shard in manifest.splits[split]["shards"]:
+        path = os.path.join(folder, shard["file"])
+        if sha256_file(path) != shard["sha256"]:
+            raise RecordError(f"{path}: checksum differs from {MANIFEST}; the file changed after conversion")
