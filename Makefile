@@ -1,11 +1,11 @@
 # The README's two set-up commands on a fresh machine:
-#   make run    create .venv, install, run the main job
+#   make run    create .venv, install, prepare mfeat (the embedded default) and train ours_lb on it
 #   make test   create .venv, install with test extras, run the tests
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test clean
+.PHONY: run demo test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 run: $(VENV)/.installed
+	$(PY) data_prep/mfeat.py --out_dir data/mfeat
+	$(PY) scripts/train.py --config configs/mfeat.py:ours_lb --workdir runs/mfeat_ours_lb
+
+demo: $(VENV)/.installed
 	$(PY) scripts/hypergrad_demo.py --config configs/hypergrad_demo.py
 
 test: $(VENV)/.installed-test

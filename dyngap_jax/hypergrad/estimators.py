@@ -257,6 +257,7 @@ def _neumann(
         "iterations": jnp.asarray(num_terms),
         "hvp_count": ninfo["matvecs"] + extra,
         "converged": ~ninfo["diverged"],
+        "breakdown": ninfo["diverged"],  # a diverging series is a failed estimate, not a slow one
         "diverged": ninfo["diverged"],
         "tail_ratio": ninfo["tail_ratio"],
         "eta": jnp.asarray(eta),

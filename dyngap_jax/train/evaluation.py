@@ -1,0 +1,47 @@
+"""Evaluate a saved checkpoint on a split, and format metrics as a table."""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from dyngap_jax import alpha as alpha_lib
+from dyngap_jax import models
+from dyngap_jax.train.checkpoint import Checkpointer
+from dyngap_jax.train.loop import _cfg, _loader, evaluate, make_optimizer
+from dyngap_jax.train.steps import TrainState, make_eval_step
+
+
+def evaluate_checkpoint(config, workdir: str, split: str, which: str = "best"):
+    """``(step, metrics)`` of the ``best`` (on validation) or ``latest`` checkpoint of ``workdir`` on ``split``."""
+    cfg = _cfg(config)
+    folder = os.path.join(workdir, "best" if which == "best" else "checkpoints")
+    ckpt = Checkpointer(folder)
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{folder}: no checkpoint (has the run in {workdir} saved one?)")
+    model, pretrained = models.build_model(cfg["model"])
+    example = next(iter(_loader(cfg, split, train=False, batch_size=2)))
+    variables = models.init_variables(model, jax.random.PRNGKey(0), example, pretrained)
+    params = variables.pop("params")
+    tx = make_optimizer(cfg["train"], 1)
+    n_pairs = max(1, len(cfg["model"]["modalities"]) * (len(cfg["model"]["modalities"]) - 1) // 2)
+    learned = alpha_lib.LearnedAlpha(num_pairs=n_pairs if cfg["alpha"].get("learned", {}).get("per_pair")
+                                     and cfg["alpha"]["strategy"] == "learned" else None)
+    like = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables, opt_state=tx.init(params),
+                      alpha=learned.create(), rng=jax.random.PRNGKey(0))
+    state, _ = ckpt.restore(step, like)
+    ckpt.close()
+    return step, evaluate(state, make_eval_step(model), cfg, split)
+
+
+def metrics_table(res: dict, modalities, names=("acc", "map", "f1")) -> str:
+    head = f"{'metric':<6} {'fused':>8} " + " ".join(f"{m:>8}" for m in modalities) + f" {'gap':>8}"
+    lines = [head, "-" * len(head)]
+    for n in names:
+        lines.append(f"{n:<6} {res[n]:>8.4f} " + " ".join(f"{res[f'{n}/{m}']:>8.4f}" for m in modalities)
+                     + f" {res[f'gap_{n}']:>8.4f}")
+    if "modality_gap" in res:
+        lines.append(f"modality-gap distance: {res['modality_gap']:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,366 @@
+"""Algorithm 1 end to end: data, model, optimiser, alpha strategy, evaluation, logging, checkpoints.
+
+``train(config, workdir)`` runs (or resumes) a run. Per epoch: ``steps_per_epoch`` train steps on
+L_total with the current alpha; for the learned strategy an alpha step every ``inner_iters``
+train steps (0: once per epoch) with the hypergradient method of the config; evaluation of
+every metric on validation and test; the best epoch chosen on validation (never on test).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from tqdm import tqdm
+
+from dyngap_jax import alpha as alpha_lib
+from dyngap_jax import losses, metrics, models
+from dyngap_jax.data import loader as data_loader
+from dyngap_jax.data.records import load_manifest
+from dyngap_jax.train import checkpoint, plots
+from dyngap_jax.train.steps import TrainState, make_alpha_step, make_eval_step, make_train_step, mm_loss_fn
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+def _cfg(c) -> dict:
+    return c.to_dict() if hasattr(c, "to_dict") else dict(c)
+
+
+def make_optimizer(tcfg: dict, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD (momentum, weight decay, plateau x0.1 or the authors' step decay) or Adam, as the paper's Sec. 4.1."""
+    name = tcfg.get("optimizer", "sgd")
+    schedule_name = tcfg.get("schedule", "plateau")
+    lr = tcfg["learning_rate"]
+    if schedule_name == "step":
+        lr = optax.exponential_decay(lr, transition_steps=tcfg.get("step_every_epochs", 70) * steps_per_epoch,
+                                     decay_rate=tcfg.get("step_factor", 0.1), staircase=True)
+    elif schedule_name not in ("plateau", "constant"):
+        raise ValueError(f"config.train.schedule: unknown {schedule_name!r}; known: plateau, step, constant")
+    parts = []
+    if tcfg.get("weight_decay", 0.0):
+        parts.append(optax.add_decayed_weights(tcfg["weight_decay"]))
+    if name == "sgd":
+        parts.append(optax.sgd(lr, momentum=tcfg.get("momentum", 0.9)))
+    elif name == "adam":
+        parts.append(optax.adam(lr))
+    else:
+        raise ValueError(f"config.train.optimizer: unknown {name!r}; known: sgd, adam")
+    if schedule_name == "plateau":
+        # the decision is taken on the mean training loss of each epoch
+        parts.append(optax.contrib.reduce_on_plateau(factor=tcfg.get("plateau_factor", 0.1),
+                                                     patience=tcfg.get("plateau_patience", 10),
+                                                     accumulation_size=steps_per_epoch))
+    return optax.chain(*parts)
+
+
+@dataclasses.dataclass
+class Strategy:
+    """The alpha strategy of a config: a fixed schedule, or the learned one with its hypergradient method."""
+
+    name: str
+    fixed: Any = None
+    learned: alpha_lib.LearnedAlpha | None = None
+
+    def value(self, epoch: int, num_epochs: int):
+        return self.fixed(epoch, num_epochs)
+
+
+def make_strategy(acfg: dict, num_pairs: int, steps_per_epoch: int) -> Strategy:
+    spec = acfg["strategy"]
+    if spec != "learned":
+        return Strategy(spec, fixed=alpha_lib.fixed_strategy(spec))
+    lcfg = acfg.get("learned", {})
+    alpha_steps_per_epoch = max(1, steps_per_epoch // acfg["inner_iters"]) if acfg.get("inner_iters") else 1
+    schedule = lcfg.get("schedule", "constant")
+    if schedule == "authors":
+        lr = alpha_lib.authors_lr_schedule(alpha_steps_per_epoch)
+    elif schedule == "constant":
+        lr = lcfg.get("learning_rate", 1e-2)
+    else:
+        raise ValueError(f"config.alpha.learned.schedule: unknown {schedule!r}; known: constant, authors")
+    learned = alpha_lib.LearnedAlpha(init=lcfg.get("init", 0.5), learning_rate=lr, clip=tuple(lcfg.get("clip", (0.0, 1.0))),
+                                     num_pairs=num_pairs if lcfg.get("per_pair") else None,
+                                     optimizer=lcfg.get("optimizer", "sgd"))
+    return Strategy("learned", learned=learned)
+
+
+def _frames(dcfg: dict) -> dict:
+    return {m: data_loader.FrameAugment(size=tuple(f["size"]) if f.get("size") else None, normalize=f.get("normalize", True))
+            for m, f in (dcfg.get("frames") or {}).items()}
+
+
+def _loader(cfg: dict, split: str, *, train: bool, epoch: int = 0, infinite: bool = False, batch_size=None):
+    dcfg, mcfg = cfg["data"], cfg["model"]
+    return data_loader.make_loader(
+        cfg["data_dir"], split, batch_size=batch_size or cfg["train"]["batch_size"], train=train,
+        seed=(cfg["seed"] * 1009 + epoch) % (2**31), num_epochs=None if infinite else 1,
+        modalities=list(mcfg["modalities"]) + [f"{m}_mask" for m in dcfg.get("masks", [])],
+        frames=_frames(dcfg), standardize=dcfg.get("standardize", False),
+        worker_count=dcfg.get("worker_count", 0),
+        expect={"name": cfg["dataset"], "num_classes": mcfg["num_classes"],
+                "modalities": {m: None for m in mcfg["modalities"]}},
+    )
+
+
+def _set_iter_state(it, state):
+    if state is None:
+        return
+    it.set_state(state.encode() if isinstance(state, str) else state)
+
+
+def _get_iter_state(it):
+    s = it.get_state()
+    return s.decode() if isinstance(s, bytes) else s
+
+
+def evaluate(state: TrainState, eval_step, cfg: dict, split: str) -> dict[str, float]:
+    """Every metric on ``split`` (each example once), plus the mean L_CLS."""
+    bs = cfg["train"].get("eval_batch_size", cfg["train"]["batch_size"])
+    logits, per, feats, labels, l_cls = [], {}, {}, [], []
+    for batch in _loader(cfg, split, train=False, batch_size=bs):
+        out = jax.device_get(eval_step(state, batch))
+        logits.append(out["logits"])
+        labels.append(batch["label"])
+        l_cls.append(out["l_cls"] * len(batch["label"]))
+        for m, v in out["modality_logits"].items():
+            per.setdefault(m, []).append(v)
+        for m, v in out["features"].items():
+            feats.setdefault(m, []).append(v)
+    labels = np.concatenate(labels)
+    res = metrics.evaluate_predictions(np.concatenate(logits), {m: np.concatenate(v) for m, v in per.items()}, labels,
+                                       {m: np.concatenate(v) for m, v in feats.items()})
+    res["l_cls"] = float(np.sum(l_cls) / len(labels))
+    return res
+
+
+class _Logger:
+    """JSONL and TensorBoard in the workdir (process 0 only)."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if self.enabled:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # pragma: no cover - tensorboardX is a dependency
+                logging.warning("tensorboardX missing: no TensorBoard events")
+
+    def write(self, record: dict, step: int):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            prefix = record.get("split", "train")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+            self.tb.flush()
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _finite_info(info) -> dict:
+    out = {}
+    for k, v in jax.device_get(info).items():
+        v = np.asarray(v)
+        out[k] = bool(v) if v.dtype == bool else float(v)
+    return out
+
+
+def train(config, workdir: str, max_steps: int | None = None) -> dict:
+    """Run (or resume) a training run; returns the final summary (best-on-validation epoch and its metrics).
+
+    ``max_steps`` stops after that many train steps in all, with a checkpoint (data iterators
+    included) from which a later call resumes exactly; the summary then has ``"stopped_at"``.
+    """
+    cfg = _cfg(config)
+    os.makedirs(workdir, exist_ok=True)
+    mcfg, tcfg, acfg = cfg["model"], cfg["train"], cfg["alpha"]
+    if tcfg["batch_size"] % jax.local_device_count():
+        raise ValueError(f"config.train.batch_size={tcfg['batch_size']} is not divisible by the "
+                         f"{jax.local_device_count()} local devices")
+    manifest = load_manifest(cfg["data_dir"])
+    n_train = manifest.splits["train"]["num_examples"] // jax.process_count()
+    steps_per_epoch = n_train // tcfg["batch_size"]
+    if steps_per_epoch < 1:
+        raise ValueError(f"config.train.batch_size={tcfg['batch_size']} is larger than the training split ({n_train})")
+    num_epochs = tcfg["num_epochs"]
+    modalities = list(mcfg["modalities"])
+    per_pair = acfg.get("strategy") == "learned" and acfg.get("learned", {}).get("per_pair", False)
+    if len(modalities) < 2 and cfg["loss"]["mm"] != "none":
+        raise ValueError(f"config.loss.mm={cfg['loss']['mm']!r} needs two modalities or more; use 'none' for unimodal runs")
+    mm_loss = mm_loss_fn(cfg["loss"]["mm"], modalities, cfg["loss"].get("temperature", 0.1), per_pair)
+    strategy = make_strategy(acfg, losses.num_pairs(len(modalities)) if len(modalities) > 1 else 1, steps_per_epoch)
+
+    model, pretrained = models.build_model(mcfg)
+    example = next(iter(_loader(cfg, "train", train=False, batch_size=2)))
+    key = jax.random.PRNGKey(cfg["seed"])
+    variables = models.init_variables(model, key, example, pretrained)
+    params = variables.pop("params")
+    tx = make_optimizer(tcfg, steps_per_epoch)
+    learned = strategy.learned or alpha_lib.LearnedAlpha(init=0.0)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables, opt_state=tx.init(params),
+                       alpha=learned.create(), rng=jax.random.fold_in(key, 1))
+    train_step = make_train_step(model, tx, mm_loss)
+    eval_step = make_eval_step(model)
+    alpha_step = None
+    if strategy.learned is not None:
+        hcfg = acfg.get("hypergrad", {})
+        alpha_step = make_alpha_step(model, mm_loss, strategy.learned, hcfg.get("method", "cg"),
+                                     dict(hcfg.get("options", {})), hcfg.get("require_converged", False))
+
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tcfg.get("keep_checkpoints", 2))
+    best_ckpt = checkpoint.Checkpointer(os.path.join(workdir, "best"), max_to_keep=1)
+    extra = {"epoch": 0, "step_in_epoch": 0, "train_iter": None, "outer_iter": None, "history": [], "best": None}
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        state, extra = restored
+        logging.info("resumed from step %d (epoch %d)", int(state.step), extra["epoch"] + 1)
+        print(f"resuming {workdir} at step {int(state.step)} (epoch {extra['epoch'] + 1})")
+
+    log = _Logger(workdir)
+    outer_it = None
+    if alpha_step is not None:
+        outer_split = "validation" if acfg.get("outer", "validation") == "validation" else "train"
+        outer_it = iter(_loader(cfg, outer_split, train=True, infinite=True))
+        _set_iter_state(outer_it, extra["outer_iter"])
+    every = tcfg.get("checkpoint_every_steps", 0)
+    inner_iters = acfg.get("inner_iters", 0) or steps_per_epoch
+    select = tcfg.get("select_metric", "acc")
+
+    for epoch in range(extra["epoch"], num_epochs):
+        t_epoch = epoch + 1  # the paper's t counts from 1
+        if strategy.fixed is not None:
+            state = state.replace(alpha=state.alpha.replace(value=jnp.asarray(strategy.value(t_epoch, num_epochs),
+                                                                              state.alpha.value.dtype)))
+        train_it = iter(_loader(cfg, "train", train=True, epoch=epoch))
+        _set_iter_state(train_it, extra["train_iter"] if extra["step_in_epoch"] else None)
+        bar = tqdm(total=steps_per_epoch, initial=extra["step_in_epoch"], desc=f"epoch {t_epoch}/{num_epochs}",
+                   unit="step", dynamic_ncols=True, disable=jax.process_index() != 0 or not cfg.get("progress", True))
+        # a resumed epoch continues the epoch's running sums from the checkpoint
+        partial = extra.get("partial") if extra["step_in_epoch"] else None
+        sums, count, hyper_log = (dict(partial["sums"]), partial["count"], list(partial["hyper_log"])) if partial else ({}, 0, [])
+        t0, count0 = time.time(), count
+        for i in range(extra["step_in_epoch"], steps_per_epoch):
+            batch = next(train_it)
+            new_state, m = train_step(state, batch, state.alpha.value)
+            m = jax.device_get(m)
+            if not m["finite"]:
+                bar.close()
+                last = ckpt.latest_step()
+                raise TrainingDiverged(
+                    f"non-finite loss at step {int(state.step) + 1} (epoch {t_epoch}, batch {i + 1}); "
+                    f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None else
+                    f"non-finite loss at step {int(state.step) + 1} (epoch {t_epoch}, batch {i + 1}); no checkpoint yet")
+            state = new_state
+            for k in ("loss", "l_cls", "l_mm"):
+                sums[k] = sums.get(k, 0.0) + float(m[k])
+            count += 1
+            if alpha_step is not None and (i + 1) % inner_iters == 0:
+                state, res, usable = alpha_step(state, batch, next(outer_it))
+                info = _finite_info(res.info)
+                info["hypergradient"] = float(np.mean(np.asarray(res.value)))
+                info["applied"] = bool(usable)
+                hyper_log.append(info)
+                if not info["applied"]:
+                    logging.warning("alpha step at %d skipped: %s", int(state.step), info)
+            alpha_now = np.asarray(state.alpha.value)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", alpha=np.array2string(alpha_now, precision=3),
+                            rate=f"{(count - count0) / max(time.time() - t0, 1e-9):.1f}/s")
+            bar.update(1)
+            stop = max_steps is not None and int(state.step) >= max_steps
+            if (stop or (every and int(state.step) % every == 0)) and i + 1 < steps_per_epoch:
+                extra.update(epoch=epoch, step_in_epoch=i + 1, train_iter=_get_iter_state(train_it),
+                             outer_iter=_get_iter_state(outer_it) if outer_it is not None else None,
+                             partial={"sums": sums, "count": count, "hyper_log": hyper_log})
+                ckpt.save(int(state.step), state, extra)
+            if stop and i + 1 < steps_per_epoch:
+                bar.close()
+                ckpt.close()
+                best_ckpt.close()
+                log.close()
+                return {"stopped_at": int(state.step), "best": extra["best"], "history": extra["history"]}
+        bar.close()
+        record = {"epoch": t_epoch, "split": "train", "step": int(state.step),
+                  "alpha": np.asarray(state.alpha.value).tolist(), "alpha_mean": float(np.mean(state.alpha.value)),
+                  "alpha_skipped": int(state.alpha.skipped),
+                  **{k: v / max(count, 1) for k, v in sums.items()},
+                  "steps_per_s": (count - count0) / max(time.time() - t0, 1e-9)}
+        if hyper_log:
+            for k in ("iterations", "residual", "hvp_count", "hypergradient"):
+                vals = [h[k] for h in hyper_log if k in h]
+                if vals:
+                    record[f"hypergrad_{k}"] = float(np.mean(vals))
+            record["hypergrad_skipped"] = sum(not h["applied"] for h in hyper_log)
+        log.write(record, int(state.step))
+        evals = {}
+        for split in ("validation", "test"):
+            if split in manifest.splits:
+                evals[split] = evaluate(state, eval_step, cfg, split)
+                log.write({"epoch": t_epoch, "split": split, "step": int(state.step), **evals[split]}, int(state.step))
+        history_entry = {"epoch": t_epoch, "alpha": record["alpha"], "train_loss": record.get("loss"),
+                         **{f"{s}/{k}": v for s, e in evals.items() for k, v in e.items()}}
+        extra["history"].append(history_entry)
+        sel_split = "validation" if "validation" in evals else None
+        if sel_split is None:
+            raise ValueError(f"{cfg['data_dir']}: no validation split to select the best epoch on (never on test)")
+        score = evals[sel_split][select]
+        if extra["best"] is None or score > extra["best"]["score"]:
+            extra["best"] = {"epoch": t_epoch, "score": score, "metric": f"validation/{select}",
+                             "validation": evals["validation"], "test": evals.get("test")}
+            best_ckpt.save(int(state.step), state, {"epoch": t_epoch})
+        extra.update(epoch=epoch + 1, step_in_epoch=0, train_iter=None, partial=None,
+                     outer_iter=_get_iter_state(outer_it) if outer_it is not None else None)
+        ckpt.save(int(state.step), state, extra)
+        if jax.process_index() == 0:
+            plots.write_all(workdir, extra["history"], modalities, num_epochs)
+        if max_steps is not None and int(state.step) >= max_steps and epoch + 1 < num_epochs:
+            ckpt.close()
+            best_ckpt.close()
+            log.close()
+            return {"stopped_at": int(state.step), "best": extra["best"], "history": extra["history"]}
+    ckpt.close()
+    best_ckpt.close()
+    log.close()
+    summary = {"best": extra["best"], "final_alpha": np.asarray(state.alpha.value).tolist(), "history": extra["history"]}
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def summary_table(summary: dict, modalities, metric_names=("acc", "map", "f1")) -> str:
+    """The end-of-run table: fused and per-modality metrics at the best validation epoch, the gap, final alpha."""
+    best = summary["best"]
+    lines = [f"best epoch {best['epoch']} by {best['metric']} (test never used for selection)", ""]
+    head = f"{'split':<11} {'metric':<6} {'fused':>8} " + " ".join(f"{m:>8}" for m in modalities) + f" {'gap':>8}"
+    lines += [head, "-" * len(head)]
+    for split in ("validation", "test"):
+        res = best.get(split)
+        if not res:
+            continue
+        for name in metric_names:
+            row = f"{split:<11} {name:<6} {res[name]:>8.4f} " + " ".join(f"{res[f'{name}/{m}']:>8.4f}" for m in modalities)
+            lines.append(row + f" {res[f'gap_{name}']:>8.4f}")
+    alpha = summary["final_alpha"]
+    lines += ["", f"final alpha: {np.array2string(np.asarray(alpha), precision=4)}"]
+    if "modality_gap" in best["validation"]:
+        lines.append(f"modality-gap distance (validation): {best['validation']['modality_gap']:.4f}")
+    return "\n".join(lines)
