@@ -35,6 +35,16 @@ class ConvLayer(nn.Module):
         return nn.relu(x) if self.activation else x
 
 
+def _shortcut(x, features: int, stride: int, dtype, train: bool):
+    """The residual branch: identity, or HF's ResNetShortCut (1x1 strided conv + BatchNorm) when the shape changes.
+
+    Called inside a block's compact ``__call__``, so the layer is that block's ``shortcut``.
+    """
+    if x.shape[-1] == features and stride == 1:
+        return x
+    return ConvLayer(features, 1, stride, activation=False, dtype=dtype, name="shortcut")(x, train)
+
+
 class BasicBlock(nn.Module):
     features: int
     stride: int = 1
@@ -42,10 +52,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        residual = x
-        if x.shape[-1] != self.features or self.stride != 1:
-            # HF's ResNetShortCut: a 1x1 strided convolution and BatchNorm, no activation
-            residual = ConvLayer(self.features, 1, self.stride, activation=False, dtype=self.dtype, name="shortcut")(x, train)
+        residual = _shortcut(x, self.features, self.stride, self.dtype, train)
         y = ConvLayer(self.features, 3, self.stride, dtype=self.dtype, name="layer_0")(x, train)
         y = ConvLayer(self.features, 3, 1, activation=False, dtype=self.dtype, name="layer_1")(y, train)
         return nn.relu(y + residual)
@@ -60,10 +67,7 @@ class BottleneckBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        residual = x
-        if x.shape[-1] != self.features or self.stride != 1:
-            # HF's ResNetShortCut: a 1x1 strided convolution and BatchNorm, no activation
-            residual = ConvLayer(self.features, 1, self.stride, activation=False, dtype=self.dtype, name="shortcut")(x, train)
+        residual = _shortcut(x, self.features, self.stride, self.dtype, train)
         mid = self.features // self.reduction
         s1, s2 = (self.stride, 1) if self.downsample_in_bottleneck else (1, self.stride)
         y = ConvLayer(mid, 1, s1, dtype=self.dtype, name="layer_0")(x, train)

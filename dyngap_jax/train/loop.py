@@ -152,12 +152,9 @@ class _Logger:
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.tb = None
         if self.enabled:
-            try:
-                from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            except ImportError:  # pragma: no cover - tensorboardX is a dependency
-                logging.warning("tensorboardX missing: no TensorBoard events")
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, record: dict, step: int):
         if not self.enabled:
