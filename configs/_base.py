@@ -24,6 +24,16 @@ def base(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
     c.method = ""
     c.data = ml_collections.ConfigDict({"standardize": False, "frames": {}, "masks": [], "worker_count": 0})
     c.loss = ml_collections.ConfigDict({"mm": "infonce", "temperature": 0.1})
+    # devices: `data` splits every batch (default: all devices); `model` > 1 with shard_params splits large
+    # weight matrices too; `distributed` starts JAX's multi-host runtime (see README)
+    c.parallel = ml_collections.ConfigDict({
+        "data": ml_collections.config_dict.placeholder(int),
+        "model": 1,
+        "shard_params": False,
+        "distributed": {"auto": False, "coordinator_address": "",
+                        "num_processes": ml_collections.config_dict.placeholder(int),
+                        "process_id": ml_collections.config_dict.placeholder(int)},
+    })
     c.alpha = ml_collections.ConfigDict({
         "strategy": "constant:0.0",
         "inner_iters": 0,  # train steps between alpha steps (0: one alpha step per epoch)

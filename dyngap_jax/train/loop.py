@@ -22,7 +22,7 @@ from absl import logging
 from tqdm import tqdm
 
 from dyngap_jax import alpha as alpha_lib
-from dyngap_jax import losses, metrics, models
+from dyngap_jax import losses, metrics, models, parallel
 from dyngap_jax.data import loader as data_loader
 from dyngap_jax.data.records import load_manifest
 from dyngap_jax.train import checkpoint, plots
@@ -103,7 +103,8 @@ def _frames(dcfg: dict) -> dict:
 def _loader(cfg: dict, split: str, *, train: bool, epoch: int = 0, infinite: bool = False, batch_size=None):
     dcfg, mcfg = cfg["data"], cfg["model"]
     return data_loader.make_loader(
-        cfg["data_dir"], split, batch_size=batch_size or cfg["train"]["batch_size"], train=train,
+        cfg["data_dir"], split, batch_size=batch_size or cfg["train"].get("local_batch_size", cfg["train"]["batch_size"]),
+        train=train,
         seed=(cfg["seed"] * 1009 + epoch) % (2**31), num_epochs=None if infinite else 1,
         modalities=list(mcfg["modalities"]) + [f"{m}_mask" for m in dcfg.get("masks", [])],
         frames=_frames(dcfg), standardize=dcfg.get("standardize", False),
@@ -124,24 +125,45 @@ def _get_iter_state(it):
     return s.decode() if isinstance(s, bytes) else s
 
 
-def evaluate(state: TrainState, eval_step, cfg: dict, split: str) -> dict[str, float]:
-    """Every metric on ``split`` (each example once), plus the mean L_CLS."""
+def evaluate(state: TrainState, eval_step, cfg: dict, split: str, mesh=None) -> dict[str, float]:
+    """Every metric on ``split`` (each example once), plus the mean L_CLS.
+
+    On a mesh each batch is padded (last example repeated) to divide over the data axis and the
+    padding is dropped from the outputs; with several processes the outputs are gathered.
+    """
     bs = cfg["train"].get("eval_batch_size", cfg["train"]["batch_size"])
-    logits, per, feats, labels, l_cls = [], {}, {}, [], []
+    logits, per, feats, labels = [], {}, {}, []
     for batch in _loader(cfg, split, train=False, batch_size=bs):
-        out = jax.device_get(eval_step(state, batch))
+        n = len(batch["label"])
+        if mesh is not None:
+            padded, _ = parallel.pad_to_multiple(batch, mesh.shape["data"] // jax.process_count())
+            out = eval_step(state, parallel.shard_batch(padded, mesh))
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                out = multihost_utils.process_allgather(out, tiled=True)
+                batch = multihost_utils.process_allgather(padded, tiled=True)
+                n = len(batch["label"])
+            out = jax.tree_util.tree_map(lambda x: np.asarray(x)[:n], jax.device_get(out))
+        else:
+            out = jax.device_get(eval_step(state, batch))
         logits.append(out["logits"])
-        labels.append(batch["label"])
-        l_cls.append(out["l_cls"] * len(batch["label"]))
+        labels.append(np.asarray(batch["label"])[:n])
         for m, v in out["modality_logits"].items():
             per.setdefault(m, []).append(v)
         for m, v in out["features"].items():
             feats.setdefault(m, []).append(v)
     labels = np.concatenate(labels)
-    res = metrics.evaluate_predictions(np.concatenate(logits), {m: np.concatenate(v) for m, v in per.items()}, labels,
+    logits = np.concatenate(logits)
+    res = metrics.evaluate_predictions(logits, {m: np.concatenate(v) for m, v in per.items()}, labels,
                                        {m: np.concatenate(v) for m, v in feats.items()})
-    res["l_cls"] = float(np.sum(l_cls) / len(labels))
+    res["l_cls"] = float(np.mean(-_log_softmax_at(logits.astype(np.float64), labels)))
     return res
+
+
+def _log_softmax_at(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(-1, keepdims=True)
+    return (z - np.log(np.exp(z).sum(-1, keepdims=True)))[np.arange(len(labels)), labels]
 
 
 class _Logger:
@@ -190,12 +212,13 @@ def train(config, workdir: str, max_steps: int | None = None) -> dict:
     cfg = _cfg(config)
     os.makedirs(workdir, exist_ok=True)
     mcfg, tcfg, acfg = cfg["model"], cfg["train"], cfg["alpha"]
-    if tcfg["batch_size"] % jax.local_device_count():
-        raise ValueError(f"config.train.batch_size={tcfg['batch_size']} is not divisible by the "
-                         f"{jax.local_device_count()} local devices")
+    pcfg = cfg.get("parallel") or {}
+    mesh = parallel.make_mesh(pcfg.get("data"), pcfg.get("model", 1))
+    local_batch = parallel.per_process_batch_size(tcfg["batch_size"], mesh)  # the config's batch is global
+    cfg = {**cfg, "train": {**tcfg, "local_batch_size": local_batch}}
     manifest = load_manifest(cfg["data_dir"])
     n_train = manifest.splits["train"]["num_examples"] // jax.process_count()
-    steps_per_epoch = n_train // tcfg["batch_size"]
+    steps_per_epoch = n_train // local_batch
     if steps_per_epoch < 1:
         raise ValueError(f"config.train.batch_size={tcfg['batch_size']} is larger than the training split ({n_train})")
     num_epochs = tcfg["num_epochs"]
@@ -215,13 +238,16 @@ def train(config, workdir: str, max_steps: int | None = None) -> dict:
     learned = strategy.learned or alpha_lib.LearnedAlpha(init=0.0)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables, opt_state=tx.init(params),
                        alpha=learned.create(), rng=jax.random.fold_in(key, 1))
-    train_step = make_train_step(model, tx, mm_loss)
-    eval_step = make_eval_step(model)
+    state_sh = parallel.state_shardings(state, mesh, pcfg.get("shard_params", False))
+    shardings = (state_sh, parallel.batch_sharding(mesh), parallel.replicated(mesh))
+    state = jax.device_put(state, state_sh)
+    train_step = make_train_step(model, tx, mm_loss, shardings)
+    eval_step = make_eval_step(model, shardings)
     alpha_step = None
     if strategy.learned is not None:
         hcfg = acfg.get("hypergrad", {})
         alpha_step = make_alpha_step(model, mm_loss, strategy.learned, hcfg.get("method", "cg"),
-                                     dict(hcfg.get("options", {})), hcfg.get("require_converged", False))
+                                     dict(hcfg.get("options", {})), hcfg.get("require_converged", False), shardings)
 
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tcfg.get("keep_checkpoints", 2))
     best_ckpt = checkpoint.Checkpointer(os.path.join(workdir, "best"), max_to_keep=1)
@@ -247,6 +273,7 @@ def train(config, workdir: str, max_steps: int | None = None) -> dict:
         if strategy.fixed is not None:
             state = state.replace(alpha=state.alpha.replace(value=jnp.asarray(strategy.value(t_epoch, num_epochs),
                                                                               state.alpha.value.dtype)))
+            state = jax.device_put(state, state_sh)
         train_it = iter(_loader(cfg, "train", train=True, epoch=epoch))
         _set_iter_state(train_it, extra["train_iter"] if extra["step_in_epoch"] else None)
         bar = tqdm(total=steps_per_epoch, initial=extra["step_in_epoch"], desc=f"epoch {t_epoch}/{num_epochs}",
@@ -256,7 +283,7 @@ def train(config, workdir: str, max_steps: int | None = None) -> dict:
         sums, count, hyper_log = (dict(partial["sums"]), partial["count"], list(partial["hyper_log"])) if partial else ({}, 0, [])
         t0, count0 = time.time(), count
         for i in range(extra["step_in_epoch"], steps_per_epoch):
-            batch = next(train_it)
+            batch = parallel.shard_batch(next(train_it), mesh)
             new_state, m = train_step(state, batch, state.alpha.value)
             m = jax.device_get(m)
             if not m["finite"]:
@@ -271,7 +298,7 @@ def train(config, workdir: str, max_steps: int | None = None) -> dict:
                 sums[k] = sums.get(k, 0.0) + float(m[k])
             count += 1
             if alpha_step is not None and (i + 1) % inner_iters == 0:
-                state, res, usable = alpha_step(state, batch, next(outer_it))
+                state, res, usable = alpha_step(state, batch, parallel.shard_batch(next(outer_it), mesh))
                 info = _finite_info(res.info)
                 info["hypergradient"] = float(np.mean(np.asarray(res.value)))
                 info["applied"] = bool(usable)
@@ -310,7 +337,7 @@ def train(config, workdir: str, max_steps: int | None = None) -> dict:
         evals = {}
         for split in ("validation", "test"):
             if split in manifest.splits:
-                evals[split] = evaluate(state, eval_step, cfg, split)
+                evals[split] = evaluate(state, eval_step, cfg, split, mesh)
                 log.write({"epoch": t_epoch, "split": split, "step": int(state.step), **evals[split]}, int(state.step))
         history_entry = {"epoch": t_epoch, "alpha": record["alpha"], "train_loss": record.get("loss"),
                          **{f"{s}/{k}": v for s, e in evals.items() for k, v in e.items()}}

@@ -51,8 +51,11 @@ def _forward(model, params, model_state, batch, rng, train: bool):
     return model.apply(variables, batch, train=False), model_state
 
 
-def make_train_step(model, tx: optax.GradientTransformation, mm_loss: Callable):
-    """``train_step(state, batch, alpha) -> (state, metrics)``: one SGD step on Eq. 1 with ``alpha`` as an argument."""
+def make_train_step(model, tx: optax.GradientTransformation, mm_loss: Callable, shardings=None):
+    """``train_step(state, batch, alpha) -> (state, metrics)``: one SGD step on Eq. 1 with ``alpha`` as an argument.
+
+    ``shardings = (state, batch, replicated)`` compiles it for a mesh with those explicit shardings.
+    """
 
     def train_step(state: TrainState, batch, alpha):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -71,22 +74,27 @@ def make_train_step(model, tx: optax.GradientTransformation, mm_loss: Callable):
                    "finite": jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))}
         return new, metrics
 
-    return jax.jit(train_step, donate_argnums=())
+    if shardings is None:
+        return jax.jit(train_step)
+    state_sh, batch_sh, repl = shardings
+    return jax.jit(train_step, in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl))
 
 
-def make_eval_step(model):
-    """``eval_step(state, batch) -> {logits, modality_logits, features, loss}`` in evaluation mode."""
+def make_eval_step(model, shardings=None):
+    """``eval_step(state, batch) -> {logits, modality_logits, features}`` in evaluation mode."""
 
     def eval_step(state: TrainState, batch):
         out, _ = _forward(model, state.params, state.model_state, batch, None, False)
-        return {"logits": out["logits"], "modality_logits": out["modality_logits"], "features": out["features"],
-                "l_cls": losses.cross_entropy(out["logits"], batch["label"])}
+        return {"logits": out["logits"], "modality_logits": out["modality_logits"], "features": out["features"]}
 
-    return jax.jit(eval_step)
+    if shardings is None:
+        return jax.jit(eval_step)
+    state_sh, batch_sh, repl = shardings
+    return jax.jit(eval_step, in_shardings=(state_sh, batch_sh), out_shardings=batch_sh)
 
 
 def make_alpha_step(model, mm_loss: Callable, learned: LearnedAlpha, method: str, options: dict,
-                    require_converged: bool = False):
+                    require_converged: bool = False, shardings=None):
     """``alpha_step(state, inner_batch, outer_batch) -> (state, hypergradient result)``: Algorithm 1's alpha update.
 
     L_CLS and L_MM on the inner batch define L_total's Hessian; L_CLS on the outer batch is the
@@ -109,4 +117,7 @@ def make_alpha_step(model, mm_loss: Callable, learned: LearnedAlpha, method: str
         g = jnp.where(usable, res.value, jnp.nan)
         return state.replace(alpha=learned.update(state.alpha, g)), res, usable
 
-    return jax.jit(alpha_step)
+    if shardings is None:
+        return jax.jit(alpha_step)
+    state_sh, batch_sh, repl = shardings
+    return jax.jit(alpha_step, in_shardings=(state_sh, batch_sh, batch_sh), out_shardings=(state_sh, repl, repl))
