@@ -14,6 +14,7 @@ from configs import mfeat as mfeat_config  # noqa: E402
 from data_prep.common import convert  # noqa: E402
 from dyngap_jax.data.records import FeatureSpec, RecordError  # noqa: E402
 from dyngap_jax.train import Checkpointer, TrainingDiverged, train  # noqa: E402
+from dyngap_jax.train.evaluation import evaluate_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +121,11 @@ def test_best_epoch_is_chosen_on_validation_only(tiny_records, tmp_path):
     assert summary["best"]["metric"] == "validation/acc"
     best = summary["history"][summary["best"]["epoch"] - 1]
     assert summary["best"]["test"]["acc"] == best["test/acc"]
+    # scripts/evaluate.py's path: the best checkpoint reproduces the test metrics recorded at that epoch
+    step, res = evaluate_checkpoint(cfg, str(tmp_path), "test", "best")
+    assert step == 3 * summary["best"]["epoch"]
+    for k in ("acc", "map", "f1", "gap_acc"):
+        assert res[k] == pytest.approx(summary["best"]["test"][k], abs=1e-6), k
 
 
 def test_nan_loss_stops_naming_the_step(tiny_records, tmp_path):

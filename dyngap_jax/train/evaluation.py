@@ -13,8 +13,8 @@ from dyngap_jax.train.loop import _cfg, _loader, evaluate, make_optimizer
 from dyngap_jax.train.steps import TrainState, make_eval_step
 
 
-def evaluate_checkpoint(config, workdir: str, split: str, which: str = "best"):
-    """``(step, metrics)`` of the ``best`` (on validation) or ``latest`` checkpoint of ``workdir`` on ``split``."""
+def load_run_state(config, workdir: str, which: str = "latest"):
+    """``(model, state, step)`` of a run's ``latest`` checkpoint or its ``best`` (on validation) one."""
     cfg = _cfg(config)
     folder = os.path.join(workdir, "best" if which == "best" else "checkpoints")
     ckpt = Checkpointer(folder)
@@ -22,18 +22,25 @@ def evaluate_checkpoint(config, workdir: str, split: str, which: str = "best"):
     if step is None:
         raise FileNotFoundError(f"{folder}: no checkpoint (has the run in {workdir} saved one?)")
     model, pretrained = models.build_model(cfg["model"])
-    example = next(iter(_loader(cfg, split, train=False, batch_size=2)))
+    example = next(iter(_loader(cfg, "train", train=False, batch_size=2)))
     variables = models.init_variables(model, jax.random.PRNGKey(0), example, pretrained)
     params = variables.pop("params")
     tx = make_optimizer(cfg["train"], 1)
-    n_pairs = max(1, len(cfg["model"]["modalities"]) * (len(cfg["model"]["modalities"]) - 1) // 2)
-    learned = alpha_lib.LearnedAlpha(num_pairs=n_pairs if cfg["alpha"].get("learned", {}).get("per_pair")
-                                     and cfg["alpha"]["strategy"] == "learned" else None)
+    mods = cfg["model"]["modalities"]
+    n_pairs = max(1, len(mods) * (len(mods) - 1) // 2)
+    per_pair = cfg["alpha"]["strategy"] == "learned" and cfg["alpha"].get("learned", {}).get("per_pair")
+    learned = alpha_lib.LearnedAlpha(num_pairs=n_pairs if per_pair else None)
     like = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables, opt_state=tx.init(params),
                       alpha=learned.create(), rng=jax.random.PRNGKey(0))
     state, _ = ckpt.restore(step, like)
     ckpt.close()
-    return step, evaluate(state, make_eval_step(model), cfg, split)
+    return model, state, step
+
+
+def evaluate_checkpoint(config, workdir: str, split: str, which: str = "best"):
+    """``(step, metrics)`` of the ``best`` (on validation) or ``latest`` checkpoint of ``workdir`` on ``split``."""
+    model, state, step = load_run_state(config, workdir, which)
+    return step, evaluate(state, make_eval_step(model), _cfg(config), split)
 
 
 def metrics_table(res: dict, modalities, names=("acc", "map", "f1")) -> str:
