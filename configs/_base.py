@@ -38,6 +38,8 @@ def base(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
         "strategy": "constant:0.0",
         "inner_iters": 0,  # train steps between alpha steps (0: one alpha step per epoch)
         "outer": "validation",  # the batch of the upper-level L_CLS: validation (default) or train
+        # examples in the hypergradient's inner and outer batches (None: the train batch); the authors use 8
+        "batch_size": ml_collections.config_dict.placeholder(int),
         "learned": {"init": 0.5, "learning_rate": 0.05, "schedule": "constant", "clip": (0.0, 1.0),
                     "optimizer": "sgd", "per_pair": False},
         # normal equations: positive definite for the indefinite Hessians of networks (plain CG breaks down on them)

@@ -157,3 +157,15 @@ def test_config_errors_name_the_field(tiny_records, tmp_path):
         cfg.train.optimizer = "lion"
     with pytest.raises(ValueError, match="config.train.optimizer: unknown 'lion'"):
         train(cfg, str(tmp_path / "c"))
+
+
+def test_alpha_step_on_a_smaller_batch(tiny_records, tmp_path):
+    cfg = tiny_config(tiny_records, "ours_lb")
+    with cfg.unlocked():
+        cfg.alpha.batch_size = 8
+    summary = train(cfg, str(tmp_path / "a"))
+    assert not np.isclose(summary["final_alpha"], 0.5)
+    with cfg.unlocked():
+        cfg.alpha.batch_size = 32
+    with pytest.raises(ValueError, match="config.alpha.batch_size=32 must be at most the per-process batch 16"):
+        train(cfg, str(tmp_path / "b"))

@@ -262,7 +262,11 @@ def train(config, workdir: str, max_steps: int | None = None) -> dict:
     outer_it = None
     if alpha_step is not None:
         outer_split = "validation" if acfg.get("outer", "validation") == "validation" else "train"
-        outer_it = iter(_loader(cfg, outer_split, train=True, infinite=True))
+        alpha_bs = acfg.get("batch_size") or local_batch
+        if alpha_bs > local_batch or alpha_bs % (mesh.shape["data"] // jax.process_count()):
+            raise ValueError(f"config.alpha.batch_size={alpha_bs} must be at most the per-process batch {local_batch} "
+                             "and divide over the local devices")
+        outer_it = iter(_loader(cfg, outer_split, train=True, infinite=True, batch_size=alpha_bs))
         _set_iter_state(outer_it, extra["outer_iter"])
     every = tcfg.get("checkpoint_every_steps", 0)
     inner_iters = acfg.get("inner_iters", 0) or steps_per_epoch
@@ -283,7 +287,8 @@ def train(config, workdir: str, max_steps: int | None = None) -> dict:
         sums, count, hyper_log = (dict(partial["sums"]), partial["count"], list(partial["hyper_log"])) if partial else ({}, 0, [])
         t0, count0 = time.time(), count
         for i in range(extra["step_in_epoch"], steps_per_epoch):
-            batch = parallel.shard_batch(next(train_it), mesh)
+            local_np = next(train_it)
+            batch = parallel.shard_batch(local_np, mesh)
             new_state, m = train_step(state, batch, state.alpha.value)
             m = jax.device_get(m)
             if not m["finite"]:
@@ -298,7 +303,10 @@ def train(config, workdir: str, max_steps: int | None = None) -> dict:
                 sums[k] = sums.get(k, 0.0) + float(m[k])
             count += 1
             if alpha_step is not None and (i + 1) % inner_iters == 0:
-                state, res, usable = alpha_step(state, batch, parallel.shard_batch(next(outer_it), mesh))
+                # the hypergradient's inner batch: the first alpha.batch_size examples of this step's batch
+                inner = batch if alpha_bs == local_batch else parallel.shard_batch(
+                    {k: v[:alpha_bs] for k, v in local_np.items()}, mesh)
+                state, res, usable = alpha_step(state, inner, parallel.shard_batch(next(outer_it), mesh))
                 info = _finite_info(res.info)
                 info["hypergradient"] = float(np.mean(np.asarray(res.value)))
                 info["applied"] = bool(usable)

@@ -1,0 +1,65 @@
+"""An epoch with the learned alpha (default CG settings) over an epoch with the heuristic, side by side.
+
+    python scripts/bench_alpha_overhead.py [--config configs/mfeat.py] [--epochs 3]
+
+Both runs train the same config from scratch; the first epoch (compilation) is left out and the
+steady epochs' wall times compared. Rows: the default alpha step (inner and outer batch = the
+train batch), and the alpha step on --alpha_batch examples (the authors use 8). Target <= 1.15.
+"""
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from configs import mfeat as mfeat_config  # noqa: E402
+from dyngap_jax.train import train  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("epochs", 4, "Epochs per run (the first is left out).")
+flags.DEFINE_integer("alpha_batch", 8, "Examples in the cheap alpha step's batches.")
+flags.DEFINE_string("data_dir", "data/mfeat", "Prepared mfeat records (python data_prep/mfeat.py --out_dir ...).")
+
+
+def epoch_seconds(method, **alpha):
+    cfg = mfeat_config.get_config(method)
+    with cfg.unlocked():
+        cfg.data_dir = FLAGS.data_dir
+        cfg.progress = False
+        cfg.train.num_epochs = FLAGS.epochs
+        for k, v in alpha.items():
+            cfg.alpha[k] = v
+    with tempfile.TemporaryDirectory() as d:
+        train(cfg, d)
+        recs = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl")) if '"split": "train"' in line]
+    # steps_per_s covers the train loop of an epoch (train and alpha steps), not evaluation
+    steady = recs[1:]
+    return sum(r["step"] - p["step"] for r, p in zip(steady, recs)) / sum(
+        (r["step"] - p["step"]) / r["steps_per_s"] for r, p in zip(steady, recs)), recs
+
+
+def main(argv):
+    del argv
+    base, _ = epoch_seconds("ours_h")
+    rows = [("heuristic (ours_h)", base, 1.0)]
+    for label, kw in (("learned, alpha step every 7 steps, train batch", {}),
+                      ("learned, once an epoch, train batch", {"inner_iters": 0}),
+                      (f"learned, every 7 steps, {FLAGS.alpha_batch} examples", {"batch_size": FLAGS.alpha_batch}),
+                      (f"learned, once an epoch, {FLAGS.alpha_batch} examples", {"inner_iters": 0,
+                                                                                "batch_size": FLAGS.alpha_batch})):
+        rate, _ = epoch_seconds("ours_lb", **kw)
+        rows.append((label, rate, base / rate))
+    dev = jax.devices()[0]
+    print(f"\nmfeat (fou+pix MLPs), {dev.platform}; steady epochs' train-loop throughput (train + alpha steps)")
+    print(f"{'run':<46} {'steps/s':>9} {'epoch time / heuristic':>23}")
+    for label, rate, ratio in rows:
+        print(f"{label:<46} {rate:>9.1f} {ratio:>23.2f}")
+
+
+if __name__ == "__main__":
+    app.run(main)
