@@ -57,6 +57,7 @@ def define_io_flags(raw_dir_help: str, skip_what: str = "inputs") -> None:
     flags.DEFINE_string("out_dir", None, "Where the records go.")
     flags.DEFINE_integer("workers", 0, "Parallel decoding processes (0: in this process).")
     flags.DEFINE_bool("skip_bad", False, f"Leave out unreadable {skip_what} (counted and listed in the manifest).")
+    flags.mark_flag_as_required("out_dir")
 
 
 def require_dir(path: str, flag: str = "--raw_dir") -> None:

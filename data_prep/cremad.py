@@ -146,8 +146,6 @@ def run(raw_dir, out_dir, *, split_dir=None, seed=0, val_fraction=0.1, num_frame
 
 def main(argv):
     del argv
-    if not FLAGS.out_dir:
-        raise SystemExit("--out_dir is required")
     run(FLAGS.raw_dir, FLAGS.out_dir, split_dir=FLAGS.split_dir, seed=FLAGS.seed, val_fraction=FLAGS.val_fraction,
         workers=FLAGS.workers, skip_bad=FLAGS.skip_bad, **audio_video_from_flags(FLAGS))
 

@@ -124,8 +124,6 @@ def run(raw_dir, out_dir, *, seed=0, val_fraction=0.1, num_frames=8, frame_size=
 
 def main(argv):
     del argv
-    if not FLAGS.out_dir:
-        raise SystemExit("--out_dir is required")
     run(FLAGS.raw_dir, FLAGS.out_dir, seed=FLAGS.seed, val_fraction=FLAGS.val_fraction, num_frames=FLAGS.num_frames,
         frame_size=FLAGS.frame_size, workers=FLAGS.workers, skip_bad=FLAGS.skip_bad)
 

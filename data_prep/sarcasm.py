@@ -80,8 +80,6 @@ def run(raw_dir, out_dir, *, tokenizer, max_length=128, image_size=224, eval_lab
 
 def main(argv):
     del argv
-    if not FLAGS.out_dir:
-        raise SystemExit("--out_dir is required")
     run(FLAGS.raw_dir, FLAGS.out_dir, tokenizer=FLAGS.tokenizer, max_length=FLAGS.max_length,
         image_size=FLAGS.image_size, eval_label=FLAGS.eval_label, workers=FLAGS.workers, skip_bad=FLAGS.skip_bad)
 

@@ -81,8 +81,6 @@ def run(raw_dir, out_dir, *, tokenizer, image_dir=None, max_length=128, image_si
 
 def main(argv):
     del argv
-    if not FLAGS.out_dir:
-        raise SystemExit("--out_dir is required")
     run(FLAGS.raw_dir, FLAGS.out_dir, tokenizer=FLAGS.tokenizer, image_dir=FLAGS.image_dir, max_length=FLAGS.max_length,
         image_size=FLAGS.image_size, workers=FLAGS.workers, skip_bad=FLAGS.skip_bad)
 
