@@ -92,6 +92,19 @@ def test_cg_maxiter_reports_not_converged():
     assert float(res.info["residual"]) > 1e-6
 
 
+def test_cg_restarts_continue_an_unconverged_solve_from_its_iterate():
+    P = QuadraticBilevel.random(12, seed=0, condition=1e3)
+    ref = quadratic_reference(P, 0.3)
+    more = quad_call(P, 0.3, "cg", maxiter=10, restarts=30, tol=1e-10)
+    one = quad_call(P, 0.3, "cg", maxiter=10)
+    assert not bool(one.ok) and bool(more.ok)
+    assert rel_err(more.value, ref) < 1e-6
+    # each restart recomputes the true residual (one HVP) before iterating; iterations add up
+    assert int(more.info["iterations"]) > 10
+    with pytest.raises(ValueError, match="restarts"):
+        quad_call(P, 0.3, "cg", restarts=-1)
+
+
 def test_finite_difference_matches_closed_form():
     P = QuadraticBilevel.random(8, seed=4)
     res = quad_call(P, 0.6, "finite_difference", eps=1e-4)
@@ -303,7 +316,68 @@ def test_mlp_damped_cg_equals_damped_dense_solve():
     cg = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "cg", operator="damped", damping=damping, tol=1e-12, maxiter=500)
     assert rel_err(dense.value, ref) < 1e-8
     assert rel_err(cg.value, ref) < 1e-6 and bool(cg.ok)
-    np.testing.assert_allclose(dense.info["min_eigenvalue"], eig[0] + damping, rtol=1e-8)
+    np.testing.assert_allclose(dense.info["min_eigenvalue"], eig[0], rtol=1e-8)
+    np.testing.assert_allclose(dense.info["min_abs_eigenvalue"], np.min(np.abs(eig)), rtol=1e-6)
+
+
+def test_dense_normal_operator_is_the_tikhonov_filtered_solve_cg_normal_converges_to():
+    params, cls, mm = mlp_setup()
+    a, damping = 0.3, 1e-2
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    H = np.asarray(jax.jit(jax.hessian(lambda f: losses.total(cls(unravel(f)), mm(unravel(f)), a)))(flat))
+    g = np.asarray(jax.flatten_util.ravel_pytree(jax.grad(cls)(params))[0])
+    g_mm = np.asarray(jax.flatten_util.ravel_pytree(jax.grad(mm)(params))[0])
+    # independent reference through the eigendecomposition: v = sum_i lam_i / (lam_i^2 + d) (u_i . g) u_i
+    lam, U = np.linalg.eigh(H)
+    ref = -(g_mm - g) @ (U @ (lam / (lam**2 + damping) * (U.T @ g)))
+    dense = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "dense", operator="normal", damping=damping)
+    cg = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "cg", operator="normal", damping=damping,
+                                       tol=1e-12, maxiter=1000)
+    assert rel_err(dense.value, ref) < 1e-8
+    assert rel_err(cg.value, ref) < 1e-6 and bool(cg.ok)
+    with pytest.raises(ValueError, match="dense: `operator` must be"):
+        hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "dense", operator="gauss_newton")
+
+
+def test_minres_solves_the_indefinite_mlp_hessian_with_one_hvp_an_iteration():
+    params, cls, mm = mlp_setup()
+    a = 0.3
+    dense = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "dense")
+    assert float(dense.info["min_eigenvalue"]) < 0  # indefinite: plain CG is not applicable
+    res = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "minres", tol=1e-12, maxiter=500)
+    assert bool(res.ok) and rel_err(res.value, dense.value) < 1e-7
+    # HVPs: one per iteration, one for the true residual, one for hessian_residual
+    assert int(res.info["hvp_count"]) == int(res.info["iterations"]) + 2
+    damped = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "minres", damping=0.7, tol=1e-12, maxiter=500)
+    dense_damped = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "dense", damping=0.7)
+    assert rel_err(damped.value, dense_damped.value) < 1e-7
+    truncated = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "minres", maxiter=2)
+    assert int(truncated.info["iterations"]) == 2 and not bool(truncated.ok)
+
+
+def test_minres_solver_against_scipy_on_an_indefinite_matrix():
+    import scipy.sparse.linalg
+
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.standard_normal((30, 30)))
+    lam = np.concatenate([-np.logspace(-2, 1, 12), np.logspace(-2, 1, 18)])
+    A, b = q @ np.diag(lam) @ q.T, rng.standard_normal(30)
+    x, info = hypergrad.minres(lambda v: {"w": jnp.asarray(A) @ v["w"]}, {"w": jnp.asarray(b)}, tol=1e-12, maxiter=300)
+    ref, code = scipy.sparse.linalg.minres(A, b, rtol=1e-12, maxiter=300)
+    assert code == 0 and bool(info["converged"])
+    assert rel_err(x["w"], np.linalg.solve(A, b)) < 1e-9 and rel_err(x["w"], ref) < 1e-6
+
+
+def test_dense_solves_an_exactly_singular_hessian_on_its_range():
+    params, cls, mm = mlp_setup()
+    a = 0.3
+    exact = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "dense")
+    # a parameter no loss reads: its Hessian rows are exactly 0, np.linalg.solve would give inf/nan
+    padded = {**params, "unused": jnp.ones(3)}
+    drop = lambda f: (lambda p: f({k: v for k, v in p.items() if k != "unused"}))
+    sing = hypergrad.alpha_hypergradient(drop(cls), drop(mm), drop(cls), padded, a, "dense")
+    assert int(sing.info["null_dimensions"]) == 3 and int(exact.info["null_dimensions"]) == 0
+    assert bool(sing.ok) and rel_err(sing.value, exact.value) < 1e-8
 
 
 def test_mlp_plain_cg_flags_negative_curvature_and_normal_equations_solve_it():
@@ -463,7 +537,7 @@ def test_bad_input_names_the_argument():
         kw.pop("cls", P.cls_loss), kw.pop("mm", P.mm_loss), kw.pop("outer", P.outer_loss),
         kw.pop("params", params), kw.pop("a", 0.3), kw.pop("method", "cg"), **kw,
     )
-    with pytest.raises(ValueError, match="known methods: cg, dense, identity, neumann"):
+    with pytest.raises(ValueError, match="known methods: cg, minres, dense, identity, neumann"):
         call(method="newton")
     with pytest.raises(ValueError, match=r"`a` must lie in \[0, 1\]"):
         call(a=1.2)

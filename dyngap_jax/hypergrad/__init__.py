@@ -1,7 +1,7 @@
 """Hypergradients of the alpha in Eq. 1: exact (IFT + CG on HVPs) and approximate estimators.
 
 Entry point: :func:`alpha_hypergradient`. Building blocks: :func:`hvp` / :func:`make_hvp`,
-:func:`conjugate_gradient`, :func:`neumann_series`, :func:`power_iteration`.
+:func:`conjugate_gradient`, :func:`minres`, :func:`neumann_series`, :func:`power_iteration`.
 """
 from dyngap_jax.hypergrad.estimators import (
     CG_OPERATORS,
@@ -15,7 +15,7 @@ from dyngap_jax.hypergrad.estimators import (
     method_options,
 )
 from dyngap_jax.hypergrad.hvp import HVP_MODES, hvp, make_hvp
-from dyngap_jax.hypergrad.solvers import conjugate_gradient, neumann_series, power_iteration
+from dyngap_jax.hypergrad.solvers import conjugate_gradient, minres, neumann_series, power_iteration
 
 __all__ = [
     "CG_OPERATORS",
@@ -31,6 +31,7 @@ __all__ = [
     "lbfgs_minimize",
     "make_hvp",
     "method_options",
+    "minres",
     "neumann_series",
     "power_iteration",
 ]

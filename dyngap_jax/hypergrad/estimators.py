@@ -29,7 +29,7 @@ from jax.flatten_util import ravel_pytree
 
 from dyngap_jax import losses
 from dyngap_jax.hypergrad.hvp import check_like, check_params, jvp_blocked, make_hvp, resolve_mode
-from dyngap_jax.hypergrad.solvers import _finite, conjugate_gradient, neumann_series, power_iteration
+from dyngap_jax.hypergrad.solvers import _finite, conjugate_gradient, minres, neumann_series, power_iteration
 
 PyTree = Any
 Loss = Callable[[PyTree], jax.Array]
@@ -136,6 +136,7 @@ def _cg(
     maxiter: int = 100,
     operator: str = "plain",
     x0: PyTree | None = None,
+    restarts: int = 0,
     gn_model: tuple[Callable, Callable, Callable] | None = None,
 ):
     """IFT with ``H^{-1} g`` by conjugate gradient on Hessian-vector products.
@@ -147,7 +148,9 @@ def _cg(
     with ``G = J^T (d^2 l / d o^2) J`` the generalised Gauss-Newton matrix of
     ``L_total = l(o(theta))``, given as ``gn_model = (outputs_fn, cls_from_outputs,
     mm_from_outputs)`` (``cls_from_outputs(outputs_fn(p))`` must equal ``cls_loss(p)``, likewise
-    for mm; G is PSD when those heads are convex in the outputs). ``x0`` warm-starts CG.
+    for mm; G is PSD when those heads are convex in the outputs). ``x0`` warm-starts CG;
+    ``restarts`` restarts it from the true residual when rounding made it stop early (see
+    :func:`~dyngap_jax.hypergrad.solvers.conjugate_gradient`).
     """
     if operator not in CG_OPERATORS:
         raise ValueError(f"cg: `operator` must be one of {CG_OPERATORS}, got {operator!r}")
@@ -182,15 +185,43 @@ def _cg(
         head_hvp = make_hvp(head, outputs, problem.hvp_mode)[0]
         matvec = _damped(lambda v: vjp_fn(head_hvp(jvp_fn(v)))[0], damping)
 
-    x, info = conjugate_gradient(matvec, b, x0, tol=tol, atol=atol, maxiter=maxiter)
+    x, info = conjugate_gradient(matvec, b, x0, tol=tol, atol=atol, maxiter=maxiter, restarts=restarts)
     info = dict(info)
     info["hvp_count"] = info.pop("matvecs") * per_matvec + extra
     info["damping"] = jnp.asarray(damping)
     return x, info
 
 
-def _dense(problem: _Problem, *, damping: float = 0.0, max_params: int = 20_000):
-    """Materialise ``H + damping I`` and solve directly (tiny models and tests only)."""
+def _minres(problem: _Problem, *, damping: float = 0.0, tol: float = 1e-6, maxiter: int = 100):
+    """IFT with ``(H + damping I)^{-1} g`` by MINRES on Hessian-vector products.
+
+    For the symmetric indefinite Hessians of networks: one HVP an iteration (CG on the normal
+    equations takes two) and no breakdown on negative curvature. With ``damping=0`` on a singular
+    H it converges to the solution on H's range, like ``dense``.
+    """
+    if damping < 0:
+        raise ValueError(f"minres: `damping` must be >= 0, got {damping}")
+    x, info = minres(_damped(problem.hvp(), float(damping)), problem.outer_grad(), tol=tol, maxiter=maxiter)
+    info = dict(info)
+    info["hvp_count"] = info.pop("matvecs")
+    info["damping"] = jnp.asarray(damping)
+    return x, info
+
+
+def _dense(problem: _Problem, *, damping: float = 0.0, max_params: int = 20_000, operator: str = "plain"):
+    """Materialise the Hessian and solve directly (tiny models and tests only).
+
+    ``operator`` names the same systems as CG's, so ``dense`` can check a CG solve exactly:
+    ``"plain"`` / ``"damped"`` solve ``(H + damping I) v = g``; ``"normal"`` solves
+    ``(H^2 + damping I) v = H g`` (with damping > 0 a Tikhonov-filtered ``H^{-1} g`` that damps the
+    directions with ``|eigenvalue| << sqrt(damping)``; at 0 the exact solve). A singular system is
+    solved on its range (pseudo-inverse; ``null_dimensions`` counts what was dropped).
+    ``min_eigenvalue`` / ``max_eigenvalue`` / ``min_abs_eigenvalue`` describe the undamped H.
+    """
+    if operator not in ("plain", "damped", "normal"):
+        raise ValueError(f"dense: `operator` must be 'plain', 'damped' or 'normal', got {operator!r}")
+    if damping < 0:
+        raise ValueError(f"dense: `damping` must be >= 0, got {damping}")
     flat, unravel = ravel_pytree(problem.params)
     if flat.size > max_params:
         raise ValueError(
@@ -198,17 +229,33 @@ def _dense(problem: _Problem, *, damping: float = 0.0, max_params: int = 20_000)
             "Use method='cg' for models this size"
         )
     hess = jax.hessian(lambda f: problem.total(unravel(f), problem.a))(flat)
-    hess = hess + damping * jnp.eye(flat.size, dtype=hess.dtype)
+    hess = 0.5 * (hess + hess.T)  # exact in exact arithmetic; removes rounding asymmetry
     g = ravel_pytree(problem.outer_grad())[0]
-    v = jnp.linalg.solve(hess, g)
-    eig = jnp.linalg.eigvalsh(hess)
-    rel = _relative(jnp.linalg.norm(hess @ v - g), jnp.linalg.norm(g))
+    # through the eigendecomposition H = U diag(lam) U^T: v = U f(lam) U^T g with f = 1 / (lam + d)
+    # (plain, damped) or lam / (lam^2 + d) (normal); where the system's eigenvalue vanishes to
+    # rounding (dead units, symmetries make H exactly singular) f is 0: the pseudo-inverse, the
+    # solution CG started at 0 converges to
+    lam, u = jnp.linalg.eigh(hess)
+    sys_eig = lam**2 + damping if operator == "normal" else lam + damping
+    cutoff = flat.size * jnp.finfo(hess.dtype).eps * jnp.max(jnp.abs(sys_eig))
+    null = jnp.abs(sys_eig) <= cutoff
+    num = lam if operator == "normal" else jnp.ones_like(lam)
+    f = jnp.where(null, 0.0, num / jnp.where(null, 1.0, sys_eig))
+    v = u @ (f * (u.T @ g))
+    eig = lam
+    system, rhs = (hess @ hess + damping * jnp.eye(flat.size, dtype=hess.dtype), hess @ g) if operator == "normal" \
+        else (hess + damping * jnp.eye(flat.size, dtype=hess.dtype), g)
+    # residual on the range of the system (the part of rhs in its null space cannot be solved for)
+    rhs_range = rhs - u @ (jnp.where(null, 1.0, 0.0) * (u.T @ rhs))
+    rel = _relative(jnp.linalg.norm(system @ v - rhs_range), jnp.linalg.norm(rhs))
     info = {
         "residual": rel,
         "converged": jnp.isfinite(rel) & (rel < 1e-4),
         "hvp_count": jnp.asarray(flat.size),
         "min_eigenvalue": eig[0],
         "max_eigenvalue": eig[-1],
+        "min_abs_eigenvalue": jnp.min(jnp.abs(eig)),
+        "null_dimensions": jnp.sum(null),
         "damping": jnp.asarray(damping),
     }
     return unravel(v), info
@@ -445,7 +492,8 @@ def _finite_difference(
 
 # --------------------------------------------------------------------------- entry point
 
-_V_METHODS = {"cg": _cg, "dense": _dense, "identity": _identity, "neumann": _neumann, "ghadimi_wang": _ghadimi_wang}
+_V_METHODS = {"cg": _cg, "minres": _minres, "dense": _dense, "identity": _identity, "neumann": _neumann,
+              "ghadimi_wang": _ghadimi_wang}
 _DIRECT_METHODS = {"lfm_code": _lfm_code, "unrolled": _unrolled, "finite_difference": _finite_difference}
 METHODS = tuple(_V_METHODS) + tuple(_DIRECT_METHODS)
 

@@ -28,8 +28,14 @@ def conjugate_gradient(
     tol: float = 1e-6,
     atol: float = 0.0,
     maxiter: int = 100,
+    restarts: int = 0,
 ) -> tuple[PyTree, dict[str, jax.Array]]:
     """Solve ``A x = b`` by conjugate gradient; ``A`` (given as ``matvec``) should be symmetric positive definite.
+
+    ``restarts``: when the solve stopped unconverged without breaking down (the recursive residual
+    drifted from the true one ``b - A x`` by rounding, common on ill-conditioned systems, or
+    ``maxiter`` ran out), start again from ``x`` with the true residual, up to this many times (each
+    restart may take ``maxiter`` more iterations).
 
     Stops when ``|r| <= max(tol |b|, atol)``, after ``maxiter`` iterations, or on breakdown:
     a search direction with ``p^T A p <= 0`` (the operator is not positive definite there) or a
@@ -40,6 +46,29 @@ def conjugate_gradient(
     (that residual within tolerance, no breakdown); ``breakdown``; ``negative_curvature``
     (the breakdown was ``p^T A p <= 0``); ``matvecs``, operator applications made.
     """
+    if restarts < 0:
+        raise ValueError(f"conjugate_gradient: `restarts` must be >= 0, got {restarts}")
+    x, info = _cg_run(matvec, b, x0, tol, atol, maxiter)
+    if restarts == 0:
+        return x, info
+
+    # one nested while loop (the CG body is compiled once however many restarts are allowed)
+    def cond(carry):
+        n, _, inf = carry
+        return (n < restarts) & ~inf["converged"] & ~inf["breakdown"] & jnp.isfinite(inf["residual"])
+
+    def body(carry):
+        n, x, inf = carry
+        x_new, again = _cg_run(matvec, b, x, tol, atol, maxiter)
+        merged = {**again, "iterations": inf["iterations"] + again["iterations"],
+                  "matvecs": inf["matvecs"] + again["matvecs"]}
+        return n + 1, x_new, merged
+
+    _, x, info = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), x, info))
+    return x, info
+
+
+def _cg_run(matvec, b, x0, tol, atol, maxiter):
     b_norm = otu.tree_norm(b)
     threshold = jnp.maximum(tol * b_norm, atol)
     if x0 is None:
@@ -94,6 +123,76 @@ def conjugate_gradient(
         "negative_curvature": broke & nonpositive,
         "matvecs": k + initial_matvecs + 1,
     }
+    return x, info
+
+
+def minres(
+    matvec: Callable[[PyTree], PyTree],
+    b: PyTree,
+    *,
+    tol: float = 1e-6,
+    maxiter: int = 100,
+) -> tuple[PyTree, dict[str, jax.Array]]:
+    """Solve ``A x = b`` for symmetric (possibly indefinite) ``A`` by MINRES (Paige and Saunders, 1975).
+
+    One operator application an iteration, where CG on the normal equations ``A^2 x = A b`` needs
+    two; the iterates minimise ``|b - A x|`` over the Krylov space, so MINRES never breaks down on
+    an indefinite Hessian. Stops when the recurrence's residual estimate falls to ``tol |b|`` or
+    after ``maxiter`` iterations (``maxiter`` may be a traced integer). A singular but consistent
+    system converges to a solution on the range of ``A``. The written form follows the unpreconditioned
+    recurrence of SciPy's ``scipy.sparse.linalg.minres``, on pytrees.
+
+    Returns ``x`` and a dict like :func:`conjugate_gradient`'s: ``iterations``, ``residual`` (the
+    true relative residual, recomputed), ``converged``, ``breakdown`` (a non-finite value),
+    ``negative_curvature`` (always False: not a failure here), ``matvecs``.
+    """
+    zeros = otu.tree_zeros_like(b)
+    b_norm = otu.tree_norm(b)
+    tiny = jnp.finfo(b_norm.dtype).eps
+    dt = b_norm.dtype
+    f = lambda v: jnp.asarray(v, dt)
+    # carry: k, x, r1, r2, y, beta, oldb, dbar, epsln, phibar, cs, sn, w, w2, broke
+    init = (jnp.zeros((), jnp.int32), zeros, b, b, b, b_norm, f(0.0), f(0.0), f(0.0), b_norm, f(-1.0), f(0.0),
+            zeros, zeros, ~jnp.isfinite(b_norm))
+
+    def cond(c):
+        k, phibar, broke = c[0], c[9], c[14]
+        return (k < maxiter) & (phibar > tol * b_norm) & ~broke & (b_norm > 0)
+
+    def body(c):
+        k, x, r1, r2, y, beta, oldb, dbar, epsln, phibar, cs, sn, w, w2, _ = c
+        v = otu.tree_scale(1.0 / beta, y)
+        y = matvec(v)
+        y = otu.tree_add_scale(y, -jnp.where(k >= 1, beta / jnp.where(oldb > 0, oldb, 1.0), 0.0), r1)
+        alfa = otu.tree_vdot(v, y)
+        y = otu.tree_add_scale(y, -alfa / beta, r2)
+        r1, r2 = r2, y
+        oldb, beta = beta, otu.tree_norm(y)
+        oldeps = epsln
+        delta = cs * dbar + sn * alfa
+        gbar = sn * dbar - cs * alfa
+        epsln = sn * beta
+        dbar = -cs * beta
+        gamma = jnp.maximum(jnp.sqrt(gbar**2 + beta**2), tiny)
+        cs, sn = gbar / gamma, beta / gamma
+        phi = cs * phibar
+        phibar = sn * phibar
+        w1, w2 = w2, w
+        w = otu.tree_scale(1.0 / gamma, otu.tree_sub(otu.tree_sub(v, otu.tree_scale(oldeps, w1)), otu.tree_scale(delta, w2)))
+        x = otu.tree_add_scale(x, phi, w)
+        # beta = 0: the Krylov space is exhausted and x is exact; the next division must not run
+        done = beta <= tiny * b_norm
+        phibar = jnp.where(done, 0.0, phibar)
+        broke = ~jnp.isfinite(phibar) | ~jnp.isfinite(alfa)
+        return (k + 1, x, r1, r2, y, jnp.where(done, 1.0, beta), oldb, dbar, epsln, phibar, cs, sn, w, w2, broke)
+
+    out = jax.lax.while_loop(cond, body, init)
+    k, x, broke = out[0], out[1], out[14]
+    r_norm = otu.tree_norm(otu.tree_sub(b, matvec(x)))
+    rel = jnp.where(b_norm > 0, r_norm / jnp.where(b_norm > 0, b_norm, 1.0), r_norm)
+    converged = ~broke & jnp.isfinite(rel) & (rel <= tol * (1.0 + 1e-3))
+    info = {"iterations": k, "residual": rel, "converged": converged & _finite(x), "breakdown": broke,
+            "negative_curvature": jnp.zeros((), bool), "matvecs": k + 1}
     return x, info
 
 
