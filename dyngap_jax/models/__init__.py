@@ -1,5 +1,6 @@
 """Encoders (ResNet, video, MLP, BERT, CLIP towers), fusion heads, ``MultimodalClassifier``, HF importers, registry."""
 from dyngap_jax.models.bert import Bert, BertConfig
+from dyngap_jax.models.common import with_dtype
 from dyngap_jax.models.clip import CLIPText, CLIPTowerConfig, CLIPVision
 from dyngap_jax.models.fusion import FUSIONS, ConcatFusion, FiLMFusion, GatedFusion, SumFusion, WeightedFusion
 from dyngap_jax.models.hf_import import CheckpointError, import_bert, import_clip, import_resnet, read_checkpoint
@@ -14,5 +15,5 @@ __all__ = [
     "ENCODERS", "FUSIONS", "FiLMFusion", "GatedFusion", "MLPEncoder", "MultimodalClassifier", "ResNet",
     "SumFusion", "VideoEncoder", "WeightedFusion", "build_encoder", "build_fusion", "build_model",
     "import_bert", "import_clip", "import_resnet", "init_variables", "read_checkpoint", "register_encoder",
-    "resnet18", "resnet34", "resnet50",
+    "resnet18", "resnet34", "resnet50", "with_dtype",
 ]

@@ -1,0 +1,63 @@
+"""The hypergradient comparison on a tiny two-view MLP: its float64 CG reference agrees with `dense`."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tiny_data import make_tiny_records, tiny_config
+
+from dyngap_jax.train import compare
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_records(tmp_path_factory):
+    return make_tiny_records(str(tmp_path_factory.mktemp("tiny") / "rec"))
+
+
+def test_reference_agrees_with_dense_and_report_is_complete(tiny_records, tmp_path):
+    cfg = tiny_config(tiny_records)
+    out = str(tmp_path / "out")
+    results = compare.run_comparison(
+        cfg, str(tmp_path / "run"), out, [4], batches=2, reference=compare.Reference(damping=1e-2),
+        sweep_budgets={"cg": (1, 30)}, methods=["cg (config)", "identity"])
+    res = results["4"]
+    checks = res["checks"]
+    # the check of the reference: CG (float64, restarted) against the same system solved densely
+    assert all(checks["reference_converged"])
+    assert checks["reference_vs_dense"] < 1e-6
+    rows = {r["name"]: r for r in res["rows"]}
+    ref_name = next(n for n in rows if n.startswith("reference"))
+    assert set(rows) == {ref_name, "dense (reference's system)", "dense (exact H^-1, undamped)", "cg (config)", "identity"}
+    assert rows[ref_name]["rel_error"] == 0.0 and rows[ref_name]["sign_rate"] == 1.0
+    dense = rows["dense (reference's system)"]
+    assert dense["ok"] and len(dense["values"]) == 2
+    # the undamped exact solve runs on the range of the (singular) Hessian: finite, and the
+    # reference's damping visibly moves it (the point of reporting both)
+    exact = rows["dense (exact H^-1, undamped)"]
+    assert np.all(np.isfinite(exact["values"])) and exact["info"]["null_dimensions"] > 0
+    # an approximation's error is measured against the reference on the same batch
+    approx = rows["identity"]
+    np.testing.assert_allclose(approx["rel_error"], abs(approx["values"][0] - rows[ref_name]["values"][0])
+                               / abs(rows[ref_name]["values"][0]), rtol=1e-9)
+    # truncated CG gets closer to the reference with more iterations (the sweep's point)
+    (few, _, _), (many, err_many, _) = res["sweep"]["CG (normal, config damping)"]
+    assert many > few and err_many < res["sweep"]["CG (normal, config damping)"][0][1]
+    md = open(os.path.join(out, "results.md")).read()
+    for name in rows:
+        assert f"| {name} |" in md
+    assert os.path.getsize(os.path.join(out, "sweep_step4.png")) > 1000
+    assert json.load(open(os.path.join(out, "results.json")))["4"]["checks"]["n_params"] == checks["n_params"]
+    with pytest.raises(ValueError, match="unknown methods"):
+        compare.run_comparison(cfg, str(tmp_path / "run"), out, [4], methods=["newton"], sweep_budgets=None)
+
+
+def test_script_rejects_bad_points():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare_hypergrads.py"),
+                           "--config", os.path.join(ROOT, "configs", "mfeat.py") + ":ours_lb", "--workdir", "/nonexistent",
+                           "--out_dir", "/nonexistent", "--points", "ten"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "--points" in proc.stderr

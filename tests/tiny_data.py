@@ -1,0 +1,52 @@
+"""A tiny generated two-view data set (3 classes) and a config for it, shared by the training, comparison and report tests."""
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import mfeat as mfeat_config  # noqa: E402
+from data_prep.common import convert  # noqa: E402
+from dyngap_jax.data.records import FeatureSpec  # noqa: E402
+
+
+def make_tiny_records(out: str) -> str:
+    """Two views of 3 classes: 'a' informative, 'b' weakly informative; 48 / 24 / 24 examples."""
+    rng = np.random.default_rng(0)
+    centers_a, centers_b = rng.standard_normal((3, 6)) * 2.0, rng.standard_normal((3, 5)) * 0.5
+
+    def examples(n, offset):
+        out = []
+        for i in range(n):
+            y = (i + offset) % 3
+            out.append({"a": (centers_a[y] + rng.standard_normal(6)).astype(np.float32),
+                        "b": (centers_b[y] + rng.standard_normal(5)).astype(np.float32), "label": np.int32(y)})
+        return out
+
+    convert(name="tiny", version="1", out_dir=out, splits={"train": examples(48, 0), "validation": examples(24, 1),
+                                                         "test": examples(24, 2)},
+            load=lambda ex: ex, features={"a": FeatureSpec("float32", [6]), "b": FeatureSpec("float32", [5]),
+                                          "label": FeatureSpec("int32", [])},
+            class_names=["x", "y", "z"], params={})
+    return out
+
+
+def tiny_config(data_dir, method="ours_lb", epochs=2):
+    c = mfeat_config.get_config(method.replace(":a", ":fou").replace(":b", ":pix"))
+    views = {"fou": "a", "pix": "b"}
+    with c.unlocked():
+        c.dataset = "tiny"
+        c.data_dir = data_dir
+        c.progress = False
+        c.data.standardize = False
+        mods = [views[m] for m in c.model.modalities]
+        c.model.modalities = mods
+        c.model.num_classes = 3
+        c.model.encoders = {m: {"name": "mlp", "hidden": [16], "out_features": 8, "in_features": 6 if m == "a" else 5}
+                            for m in mods}
+        c.train.num_epochs = epochs
+        c.train.batch_size = 16
+        c.train.eval_batch_size = 16
+        c.alpha.inner_iters = 1
+    return c
