@@ -124,7 +124,7 @@ def step_rate(model_cfg, feats, batch, steps):
             ex[k] = rng.standard_normal([batch] + shape).astype(np.float32)
     labels = jnp.asarray(np.arange(batch) % model_cfg["num_classes"], jnp.int32)
     variables = model.init(jax.random.PRNGKey(0), ex, train=False)
-    params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+    params, state = variables["params"], {k: v for k, v in variables.items() if k not in ("params", "perturbations")}
     tx = optax.sgd(1e-2, momentum=0.9)
     opt_state = tx.init(params)
     mods = model_cfg["modalities"]

@@ -60,7 +60,7 @@ def main(argv):
         model, _ = models.build_model(mcfg)
         batch = {m: jnp.asarray(rng.standard_normal([FLAGS.batch] + s), jnp.float32) for m, s in shapes.items()}
         batch["label"] = jnp.asarray(np.arange(FLAGS.batch) % mcfg["num_classes"], jnp.int32)
-        variables = model.init(jax.random.PRNGKey(0), batch)
+        variables = models.init_variables(model, jax.random.PRNGKey(0), batch)
         params = variables.pop("params")
 
         def total(p, batch=batch, variables=variables, model=model, mods=mcfg["modalities"]):

@@ -47,7 +47,7 @@ def build(n_devices):
         b["label"] = (np.arange(n) % 10).astype(np.int32)
         return b
 
-    variables = model.init(jax.random.PRNGKey(0), batch(2))
+    variables = models.init_variables(model, jax.random.PRNGKey(0), batch(2))
     params = variables.pop("params")
     tx = make_optimizer(cfg["train"], 10)
     learned = alpha_lib.LearnedAlpha(init=0.5, learning_rate=0.05)

@@ -11,53 +11,15 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import mfeat as mfeat_config  # noqa: E402
-from data_prep.common import convert  # noqa: E402
-from dyngap_jax.data.records import FeatureSpec, RecordError  # noqa: E402
+from dyngap_jax.data.records import RecordError  # noqa: E402
 from dyngap_jax.train import Checkpointer, TrainingDiverged, train  # noqa: E402
 from dyngap_jax.train.evaluation import evaluate_checkpoint  # noqa: E402
+from tiny_data import make_tiny_records, tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_records(tmp_path_factory):
-    """Two views of 3 classes: 'a' informative, 'b' weakly informative; 48 / 24 / 24 examples."""
-    rng = np.random.default_rng(0)
-    centers_a, centers_b = rng.standard_normal((3, 6)) * 2.0, rng.standard_normal((3, 5)) * 0.5
-
-    def examples(n, offset):
-        out = []
-        for i in range(n):
-            y = (i + offset) % 3
-            out.append({"a": (centers_a[y] + rng.standard_normal(6)).astype(np.float32),
-                        "b": (centers_b[y] + rng.standard_normal(5)).astype(np.float32), "label": np.int32(y)})
-        return out
-
-    out = str(tmp_path_factory.mktemp("tiny") / "rec")
-    convert(name="tiny", version="1", out_dir=out, splits={"train": examples(48, 0), "validation": examples(24, 1),
-                                                         "test": examples(24, 2)},
-            load=lambda ex: ex, features={"a": FeatureSpec("float32", [6]), "b": FeatureSpec("float32", [5]),
-                                          "label": FeatureSpec("int32", [])},
-            class_names=["x", "y", "z"], params={})
-    return out
-
-
-def tiny_config(data_dir, method="ours_lb", epochs=2):
-    c = mfeat_config.get_config(method.replace(":a", ":fou").replace(":b", ":pix"))
-    views = {"fou": "a", "pix": "b"}
-    with c.unlocked():
-        c.dataset = "tiny"
-        c.data_dir = data_dir
-        c.progress = False
-        c.data.standardize = False
-        mods = [views[m] for m in c.model.modalities]
-        c.model.modalities = mods
-        c.model.num_classes = 3
-        c.model.encoders = {m: {"name": "mlp", "hidden": [16], "out_features": 8, "in_features": 6 if m == "a" else 5}
-                            for m in mods}
-        c.train.num_epochs = epochs
-        c.train.batch_size = 16
-        c.train.eval_batch_size = 16
-        c.alpha.inner_iters = 1
-    return c
+    return make_tiny_records(str(tmp_path_factory.mktemp("tiny") / "rec"))
 
 
 METHODS = ["concat", "constant:0.5", "stepwise:0.05", "ours_h", "ours_lb", "ours_lb_vector", "lfm_code", "unimodal:a"]
@@ -101,6 +63,12 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_records, tmp_path):
     full = train(cfg, str(tmp_path / "full"))
     part = train(cfg, str(tmp_path / "resumed"), max_steps=4)  # 3 steps an epoch: stops inside epoch 2
     assert part["stopped_at"] == 4
+    # asking again for the same stop trains nothing more
+    assert train(cfg, str(tmp_path / "resumed"), max_steps=4)["stopped_at"] == 4
+    # the workdir refuses another config rather than mixing two runs
+    other = tiny_config(tiny_records, "ours_h")
+    with pytest.raises(ValueError, match="holds a run of another config.*alpha.strategy"):
+        train(other, str(tmp_path / "resumed"))
     resumed = train(cfg, str(tmp_path / "resumed"))
     for h_full, h_res in zip(full["history"], resumed["history"]):
         assert h_full.keys() == h_res.keys()

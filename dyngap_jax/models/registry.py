@@ -163,6 +163,8 @@ def build_model(cfg) -> tuple[MultimodalClassifier, dict[str, Any]]:
 def init_variables(model: MultimodalClassifier, key: jax.Array, batch: Mapping, pretrained: Mapping | None = None):
     """Initialise ``model`` on an example ``batch`` and put the ``pretrained`` encoder variables in place."""
     variables = unfreeze(model.init(key, batch, train=False))
+    # Grad-CAM's zero perturbations (``ResNet`` marks its last feature map) are not model state
+    variables.pop("perturbations", None)
     for m, enc_vars in (pretrained or {}).items():
         for collection, tree in enc_vars.items():
             slot = variables.get(collection, {}).get(f"encoders_{m}")

@@ -79,7 +79,9 @@ class BottleneckBlock(nn.Module):
 class ResNet(nn.Module):
     """``x [B, H, W, num_channels]`` -> pooled features ``[B, hidden_sizes[-1]]``.
 
-    With ``return_map=True`` returns ``(features, last_feature_map)`` (for Grad-CAM).
+    With ``return_map=True`` returns ``(features, last_feature_map)``. The last feature map is
+    also marked for Grad-CAM (:func:`dyngap_jax.gradcam.grad_cam`): sown into ``intermediates``
+    and open to a ``perturbations`` variable (both no-ops unless those collections are asked for).
     """
 
     depths: Sequence[int] = (2, 2, 2, 2)
@@ -116,6 +118,8 @@ class ResNet(nn.Module):
                 else:
                     x = BottleneckBlock(width, stride, downsample_in_bottleneck=self.downsample_in_bottleneck,
                                         dtype=self.dtype, name=name)(x, train)
+        x = self.perturb("feature_map", x)
+        self.sow("intermediates", "feature_map", x)
         pooled = jnp.mean(x, axis=(1, 2))
         return (pooled, x) if return_map else pooled
 

@@ -22,6 +22,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def restore(self, step: int, like_state):
         r = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like_state),
                                                                extra=ocp.args.JsonRestore()))

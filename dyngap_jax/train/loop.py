@@ -126,7 +126,15 @@ def _get_iter_state(it):
 
 
 def evaluate(state: TrainState, eval_step, cfg: dict, split: str, mesh=None) -> dict[str, float]:
-    """Every metric on ``split`` (each example once), plus the mean L_CLS.
+    """Every metric on ``split`` (each example once), plus the mean L_CLS."""
+    logits, per, feats, labels = predict(state, eval_step, cfg, split, mesh)
+    res = metrics.evaluate_predictions(logits, per, labels, feats)
+    res["l_cls"] = float(np.mean(-_log_softmax_at(logits.astype(np.float64), labels)))
+    return res
+
+
+def predict(state: TrainState, eval_step, cfg: dict, split: str, mesh=None):
+    """``(logits, modality_logits, features, labels)`` on every example of ``split`` once, as NumPy.
 
     On a mesh each batch is padded (last example repeated) to divide over the data axis and the
     padding is dropped from the outputs; with several processes the outputs are gathered.
@@ -153,12 +161,8 @@ def evaluate(state: TrainState, eval_step, cfg: dict, split: str, mesh=None) -> 
             per.setdefault(m, []).append(v)
         for m, v in out["features"].items():
             feats.setdefault(m, []).append(v)
-    labels = np.concatenate(labels)
-    logits = np.concatenate(logits)
-    res = metrics.evaluate_predictions(logits, {m: np.concatenate(v) for m, v in per.items()}, labels,
-                                       {m: np.concatenate(v) for m, v in feats.items()})
-    res["l_cls"] = float(np.mean(-_log_softmax_at(logits.astype(np.float64), labels)))
-    return res
+    return (np.concatenate(logits), {m: np.concatenate(v) for m, v in per.items()},
+            {m: np.concatenate(v) for m, v in feats.items()}, np.concatenate(labels))
 
 
 def _log_softmax_at(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -211,6 +215,8 @@ def train(config, workdir: str, max_steps: int | None = None) -> dict:
     """
     cfg = _cfg(config)
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        _record_config(cfg, workdir)
     mcfg, tcfg, acfg = cfg["model"], cfg["train"], cfg["alpha"]
     pcfg = cfg.get("parallel") or {}
     mesh = parallel.make_mesh(pcfg.get("data"), pcfg.get("model", 1))
@@ -272,6 +278,12 @@ def train(config, workdir: str, max_steps: int | None = None) -> dict:
     inner_iters = acfg.get("inner_iters", 0) or steps_per_epoch
     select = tcfg.get("select_metric", "acc")
 
+    if max_steps is not None and int(state.step) >= max_steps and extra["epoch"] < num_epochs:
+        # resumed at or past the requested stop: nothing to train
+        ckpt.close()
+        best_ckpt.close()
+        log.close()
+        return {"stopped_at": int(state.step), "best": extra["best"], "history": extra["history"]}
     for epoch in range(extra["epoch"], num_epochs):
         t_epoch = epoch + 1  # the paper's t counts from 1
         if strategy.fixed is not None:
@@ -348,6 +360,7 @@ def train(config, workdir: str, max_steps: int | None = None) -> dict:
                 evals[split] = evaluate(state, eval_step, cfg, split, mesh)
                 log.write({"epoch": t_epoch, "split": split, "step": int(state.step), **evals[split]}, int(state.step))
         history_entry = {"epoch": t_epoch, "alpha": record["alpha"], "train_loss": record.get("loss"),
+                         "alpha_skipped": record["alpha_skipped"],
                          **{f"{s}/{k}": v for s, e in evals.items() for k, v in e.items()}}
         extra["history"].append(history_entry)
         sel_split = "validation" if "validation" in evals else None
@@ -373,9 +386,47 @@ def train(config, workdir: str, max_steps: int | None = None) -> dict:
     log.close()
     summary = {"best": extra["best"], "final_alpha": np.asarray(state.alpha.value).tolist(), "history": extra["history"]}
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        _write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
+
+
+# fields that may change between a run and its resumption (display, input workers, device layout)
+_RESUMABLE_CHANGES = ("progress", "data.worker_count", "parallel")
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2, default=float)
+    os.replace(path + ".tmp", path)
+
+
+def _comparable(cfg: dict) -> dict:
+    out = json.loads(json.dumps(cfg, default=str))
+    for key in _RESUMABLE_CHANGES:
+        *parents, leaf = key.split(".")
+        d = out
+        for p in parents:
+            d = d.get(p, {})
+        d.pop(leaf, None)
+    return out
+
+
+def _record_config(cfg: dict, workdir: str) -> None:
+    """Write the run's config to ``config.json``; refuse a workdir that holds a run of another config."""
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = _comparable(json.load(f))
+        new = _comparable(cfg)
+        if old != new:
+            flat = lambda d, pre="": {k2: v2 for k, v in d.items() for k2, v2 in
+                                      (flat(v, f"{pre}{k}.").items() if isinstance(v, dict) else [(f"{pre}{k}", v)])}
+            fo, fn = flat(old), flat(new)
+            diff = sorted(k for k in set(fo) | set(fn) if fo.get(k) != fn.get(k))
+            raise ValueError(f"{workdir} holds a run of another config (differs in {', '.join(diff[:8])}); "
+                             "use a new --workdir, or the same config to resume")
+        return
+    _write_json(path, cfg)
 
 
 def summary_table(summary: dict, modalities, metric_names=("acc", "map", "f1")) -> str:

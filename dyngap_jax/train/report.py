@@ -1,0 +1,279 @@
+"""The paper's comparison grid over seeds, and its tables and figures (``scripts/report.py``).
+
+``run_grid`` trains (or collects, or resumes) one run per method and seed; ``write_report`` turns
+the summaries into Markdown tables in the paper's forms — Table 1 (every method: test ACC, mAP,
+macro-F1 as mean ± std over seeds), Table 3 (ablation of contrastive learning and dynamic
+integration: fused and per-modality mAP and the gap), Table 4 (integration strategies: fused and
+per-modality accuracy) — and PNGs: alpha trajectories of ``ours_lb`` beside 1 - exp(-1/t)
+(Figure 3) and the modality gap (Figure 2: each modality's L2-normalised test features projected
+to 2-D by a joint PCA, with the distance between the centroids), for ``concat`` and ``ours_lb``.
+Every number is on the test split at the epoch chosen on validation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+from absl import logging
+
+from dyngap_jax import metrics
+from dyngap_jax.train.evaluation import predict_checkpoint
+from dyngap_jax.train.loop import _comparable, train
+
+FIXED = ("concat", "constant:0.0", "constant:0.5", "constant:1.0", "stepwise:0.0", "stepwise:1.0", "stepwise:0.05",
+         "stepwise:0.95", "ours_h", "ours_lb")
+# the same run under two names: alpha = 0 throughout is concatenation fusion with L_CLS alone
+ALIASES = {"constant:0.0": "concat"}
+TABLE4 = (("constant:0.0", "Constant 0"), ("constant:0.5", "Constant 0.5"), ("constant:1.0", "Constant 1"),
+          ("stepwise:0.0", "h(0)"), ("stepwise:1.0", "h(1)"), ("stepwise:0.05", "h(0.05)"),
+          ("stepwise:0.95", "h(0.95)"), ("ours_h", "Ours-H"), ("ours_lb", "Ours-LB"))
+TABLE3 = (("concat", "no", "no"), ("constant:0.5", "yes", "no"), ("ours_h", "yes", "yes (heuristic)"),
+          ("ours_lb", "yes", "yes (learned)"))
+METRIC_NAMES = {"acc": "ACC", "map": "mAP", "f1": "macro-F1"}
+
+
+def grid(modalities: Sequence[str]) -> list[str]:
+    """The methods the paper compares: each modality alone, then :data:`FIXED`."""
+    return [f"unimodal:{m}" for m in modalities] + list(FIXED)
+
+
+def label(method: str) -> str:
+    name, _, value = method.partition(":")
+    return {"unimodal": f"{value} only", "concat": "concat (alpha = 0)", "constant": f"constant alpha = {value}",
+            "stepwise": f"stepwise h({value})", "ours_h": "Ours-H (1 - exp(-1/t))",
+            "ours_lb": "Ours-LB (learned)"}.get(name, method)
+
+
+def _safe(method: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", method)
+
+
+def run_dir(workdir: str, method: str, seed: int) -> str:
+    return os.path.join(workdir, _safe(method), f"seed{seed}")
+
+
+def _finished(cfg, wd: str):
+    """The run's summary if ``wd`` holds a finished run of exactly this config (else None)."""
+    summary, config = os.path.join(wd, "summary.json"), os.path.join(wd, "config.json")
+    if not (os.path.exists(summary) and os.path.exists(config)):
+        return None
+    with open(config) as f:
+        if _comparable(json.load(f)) != _comparable(cfg.to_dict()):
+            return None  # train() will refuse the workdir with the differing fields named
+    with open(summary) as f:
+        return json.load(f)
+
+
+def run_grid(make_config: Callable[[str], object], seeds: Sequence[int], workdir: str,
+             methods: Sequence[str] | None = None) -> dict[str, dict[int, dict]]:
+    """``{method: {seed: summary}}``: each run collected from its finished workdir, resumed, or trained.
+
+    ``make_config(method)`` returns the run's ConfigDict (its ``seed`` is set here). Runs live in
+    ``workdir/<method>/seed<k>``; an alias (``constant:0.0`` = ``concat``) shares its target's runs.
+    """
+    if not seeds:
+        raise ValueError("report: give at least one seed")
+    methods = list(methods) if methods is not None else grid(list(make_config("concat").model.modalities))
+    todo = [(m, s) for m in methods for s in seeds]
+    results: dict[str, dict[int, dict]] = {}
+    t0 = time.time()
+    for i, (method, seed) in enumerate(todo):
+        target = ALIASES.get(method, method) if ALIASES.get(method) in methods else method
+        cfg = make_config(target)
+        with cfg.unlocked():
+            cfg.seed = int(seed)
+        wd = run_dir(workdir, target, seed)
+        summary = _finished(cfg, wd)
+        state = "collected"
+        if summary is None:
+            summary, state = train(cfg, wd), "trained"
+        results.setdefault(method, {})[int(seed)] = summary
+        logging.info("report: run %d/%d %s seed %d %s (%.0f s so far)", i + 1, len(todo), method, seed, state,
+                     time.time() - t0)
+    return results
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _values(runs: Mapping[int, dict], key: str, split: str = "test") -> np.ndarray:
+    return np.asarray([r["best"][split][key] for r in runs.values() if key in r["best"][split]], np.float64)
+
+
+def _pm(values: np.ndarray) -> str:
+    if values.size == 0:
+        return "–"
+    std = values.std(ddof=1) if values.size > 1 else 0.0
+    return f"{100 * values.mean():.2f} ± {100 * std:.2f}"
+
+
+def table1(results, metric_keys=("acc", "map", "f1")) -> str:
+    head = "| method | " + " | ".join(METRIC_NAMES[k] for k in metric_keys) + " | final alpha |"
+    lines = [head, "|---|" + "---|" * (len(metric_keys) + 1)]
+    for method, runs in results.items():
+        alpha = np.asarray([np.mean(r["final_alpha"]) for r in runs.values()])
+        cells = [_pm(_values(runs, k)) for k in metric_keys]
+        lines.append(f"| {label(method)} | " + " | ".join(cells) + f" | {alpha.mean():.3f} |")
+    return "\n".join(lines)
+
+
+def table3(results, modalities, metric: str = "map") -> str:
+    name = METRIC_NAMES[metric]
+    head = (f"| CL | DI | method | fused {name} | " + " | ".join(f"{m} {name}" for m in modalities)
+            + f" | gap ({name}) |")
+    lines = [head, "|---|---|---|" + "---|" * (len(modalities) + 2)]
+    for method, cl, di in TABLE3:
+        if method not in results:
+            continue
+        runs = results[method]
+        cells = [_pm(_values(runs, metric))] + [_pm(_values(runs, f"{metric}/{m}")) for m in modalities]
+        lines.append(f"| {cl} | {di} | {label(method)} | " + " | ".join(cells) + f" | {_pm(_values(runs, f'gap_{metric}'))} |")
+    return "\n".join(lines)
+
+
+def table4(results, modalities, metric: str = "acc") -> str:
+    cols = [(m, lab) for m, lab in TABLE4 if m in results]
+    lines = ["| modality | " + " | ".join(lab for _, lab in cols) + " |", "|---|" + "---|" * len(cols)]
+    rows = [("fused", metric)] + [(m, f"{metric}/{m}") for m in modalities] + [("gap", f"gap_{metric}")]
+    for row, key in rows:
+        lines.append(f"| {row} | " + " | ".join(_pm(_values(results[m], key)) for m, _ in cols) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _save(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_alpha(results, path: str) -> None:
+    """Figure 3: ours_lb's alpha per epoch (each seed, and their mean) beside 1 - exp(-1/t)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    curves = []
+    for seed, r in results.get("ours_lb", {}).items():
+        hist = r["history"]
+        n = len(hist)
+        frac = np.asarray([h["epoch"] for h in hist], float) / n
+        a = np.asarray([np.mean(h["alpha"]) for h in hist])
+        curves.append(a)
+        ax.plot(frac, a, "-", color="tab:blue", alpha=0.35, lw=1)
+    if curves:
+        n = min(len(c) for c in curves)
+        ax.plot(np.arange(1, n + 1) / n, np.mean([c[:n] for c in curves], 0), "o-", color="tab:blue",
+                label=f"Ours-LB (mean of {len(curves)} seeds)")
+        t = np.arange(1, n + 1)
+        ax.plot(t / n, 1 - np.exp(-1.0 / t), "s--", color="tab:orange", label="1 - exp(-1/t) (Ours-H)")
+    ax.set_xlabel("epoch / total epochs")
+    ax.set_ylabel("alpha")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    ax.set_title("alpha during training (Figure 3)")
+    _save(fig, path)
+
+
+def gap_projection(features: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Each modality's L2-normalised features in one 2-D PCA basis, and the centroid distances."""
+    names = list(features)
+    dims = {features[m].shape[-1] for m in names}
+    if len(dims) != 1:
+        raise ValueError(f"modality gap: the modalities' features have different widths {sorted(dims)}; "
+                         "set config.model.projection_dim to compare them in one space")
+    z = {m: features[m] / np.maximum(np.linalg.norm(features[m], axis=-1, keepdims=True), 1e-12) for m in names}
+    stacked = np.concatenate([z[m] for m in names])
+    mean = stacked.mean(0)
+    _, _, vt = np.linalg.svd(stacked - mean, full_matrices=False)
+    return {m: (z[m] - mean) @ vt[:2].T for m in names}, metrics.modality_gap_distance(features, names)
+
+
+def plot_modality_gap(make_config, workdir: str, seed: int, path: str, methods=("concat", "ours_lb")) -> dict:
+    """Figure 2 for each method's ``seed`` run (best checkpoint, test split); returns the centroid distances."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 4), squeeze=False)
+    out = {}
+    for ax, method in zip(axes[0], methods):
+        cfg = make_config(method)
+        with cfg.unlocked():
+            cfg.seed = int(seed)
+        _, _, feats, _ = predict_checkpoint(cfg, run_dir(workdir, method, seed), "test")
+        proj, dist = gap_projection(feats)
+        out[method] = dist
+        for m, p in proj.items():
+            pts = ax.scatter(p[:, 0], p[:, 1], s=6, alpha=0.4, label=m)
+            c = p.mean(0)
+            ax.scatter([c[0]], [c[1]], s=120, marker="X", color=pts.get_facecolor()[0], edgecolor="black")
+        cents = [p.mean(0) for p in proj.values()]
+        for i in range(len(cents)):
+            for j in range(i + 1, len(cents)):
+                ax.plot([cents[i][0], cents[j][0]], [cents[i][1], cents[j][1]], "k--", lw=1)
+        ax.set_title(f"{label(method)}\ncentroid distance {dist['mean']:.3f}")
+        ax.legend(markerscale=2)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("modality gap: normalised test features, joint PCA (Figure 2)")
+    _save(fig, path)
+    return out
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def write_report(results, make_config, workdir: str, out_dir: str, *, title: str, command: str = "",
+                 gap_seed: int | None = None, figure_prefix: str = "") -> str:
+    """Tables and figures into ``out_dir/<prefix>report.md`` (+ PNGs); returns the Markdown."""
+    os.makedirs(out_dir, exist_ok=True)
+    modalities = list(make_config("concat").model.modalities)
+    seeds = sorted({s for runs in results.values() for s in runs})
+    epochs = make_config("concat").train.num_epochs
+    md = [f"# {title}", "",
+          f"Seeds {seeds}, {epochs} epochs, modalities {modalities}. Test split at the epoch chosen on validation "
+          "accuracy; mean ± std (sample std) over seeds, in %."]
+    if command:
+        md += ["", "Regenerate:", "", "```", command, "```"]
+    md += ["", "## Table 1: every method", "", table1(results), "",
+           "## Table 3: ablation (CL: contrastive learning, DI: dynamic integration)", "", table3(results, modalities), "",
+           "## Table 4: integration strategies (accuracy)", "", table4(results, modalities), ""]
+    alpha_png = f"{figure_prefix}alpha.png"
+    if "ours_lb" in results:
+        plot_alpha(results, os.path.join(out_dir, alpha_png))
+        md += ["## Figure 3: alpha during training", "", f"![alpha]({alpha_png})", ""]
+    if gap_seed is not None and {"concat", "ours_lb"} <= set(results) and len(modalities) > 1:
+        gap_png = f"{figure_prefix}modality_gap.png"
+        try:
+            dists = plot_modality_gap(make_config, workdir, gap_seed, os.path.join(out_dir, gap_png))
+        except ValueError as e:  # features of different widths: no common space to draw
+            md += ["## Figure 2: modality gap", "", f"Not drawn: {e}", ""]
+        else:
+            md += ["## Figure 2: modality gap", "",
+                   f"Seed {gap_seed}, best checkpoints, test split. Mean centroid distance: "
+                   + ", ".join(f"{label(m)} {d['mean']:.3f}" for m, d in dists.items()) + ".", "",
+                   f"![modality gap]({gap_png})", ""]
+    text = "\n".join(md) + "\n"
+    path = os.path.join(out_dir, f"{figure_prefix}report.md")
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    with open(os.path.join(out_dir, f"{figure_prefix}results.json.tmp"), "w") as f:
+        json.dump({m: {str(s): {"best": r["best"], "final_alpha": r["final_alpha"],
+                                "alpha": [h["alpha"] for h in r["history"]]} for s, r in runs.items()}
+                   for m, runs in results.items()}, f, default=float)
+    os.replace(os.path.join(out_dir, f"{figure_prefix}results.json.tmp"), os.path.join(out_dir, f"{figure_prefix}results.json"))
+    return text

@@ -1,0 +1,99 @@
+"""Grad-CAM heat maps of a trained run over images or video frames at chosen epochs (the paper's Figure 4).
+
+    python scripts/gradcam.py --config configs/cremad.py:ours_lb --workdir runs/cremad_ours_lb \\
+        --modality video --epochs 1,50,100 --num_examples 4 --out gradcam.png
+
+One row per (example, checkpoint); for a video modality one column per frame. The checkpoints:
+``--epochs`` (end-of-epoch checkpoints still retained; train with a large
+``--config.train.keep_checkpoints`` to keep every epoch's), and/or ``--which best,latest``.
+The class explained is the label (``--target label``), the prediction (``predicted``) or a fixed
+index; ``--head modality`` explains the modality's own logit instead of the fused one.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from dyngap_jax import gradcam  # noqa: E402
+from dyngap_jax.train.evaluation import epoch_checkpoints, load_run_state  # noqa: E402
+from dyngap_jax.train.loop import _cfg, _loader  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's configs/<dataset>.py:<method>.", lock_config=False)
+flags.DEFINE_string("workdir", None, "The run folder.")
+flags.DEFINE_string("modality", None, "An image or video modality (default: the first with a ResNet encoder).")
+flags.DEFINE_list("epochs", [], "Epochs whose end-of-epoch checkpoints to draw.")
+flags.DEFINE_list("which", ["best"], "Also these: best, latest.")
+flags.DEFINE_string("split", "test", "Split the examples come from.")
+flags.DEFINE_integer("num_examples", 4, "Examples drawn (the split's first ones, in order).")
+flags.DEFINE_string("target", "label", "label, predicted, or a class index.")
+flags.DEFINE_enum("head", "fused", ["fused", "modality"], "Explain the fused logit or the modality's own.")
+flags.DEFINE_string("out", None, "PNG to write.")
+flags.mark_flags_as_required(["config", "workdir", "out"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    cfg = _cfg(_CONFIG.value)
+    mods = list(cfg["model"]["modalities"])
+    encoders = cfg["model"]["encoders"]
+    modality = FLAGS.modality or next((m for m in mods if "resnet" in encoders[m]["name"]), None)
+    if modality not in mods or "resnet" not in encoders[modality]["name"]:
+        raise app.UsageError(f"--modality: needs an image or video (ResNet) modality of {mods}, got {modality!r}")
+    checkpoints = []
+    if FLAGS.epochs:
+        available = epoch_checkpoints(FLAGS.workdir)
+        for e in FLAGS.epochs:
+            if not e.isdigit() or int(e) not in available:
+                raise app.UsageError(f"--epochs: no retained end-of-epoch checkpoint for epoch {e!r}; "
+                                     f"available epochs: {sorted(available)}")
+            checkpoints.append((f"epoch {e}", available[int(e)]))
+    for w in FLAGS.which:
+        if w not in ("best", "latest"):
+            raise app.UsageError(f"--which: best or latest, got {w!r}")
+        checkpoints.append((w, w))
+    target = FLAGS.target if FLAGS.target in ("label", "predicted") else int(FLAGS.target)
+    batch = next(iter(_loader(cfg, FLAGS.split, train=False, batch_size=FLAGS.num_examples)))
+    rows = []
+    for name, which in checkpoints:
+        model, state, step = load_run_state(_CONFIG.value, FLAGS.workdir, which)
+        variables = {"params": state.params, **state.model_state}
+        cams = np.asarray(gradcam.grad_cam(model, variables, batch, modality, target=target, head=FLAGS.head))
+        rows.append((f"{name} (step {step})", cams))
+        logging.info("Grad-CAM at %s (step %d)", name, step)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.asarray(batch[modality])
+    frames = x.shape[1] if x.ndim == 5 else 1
+    n = len(batch["label"])
+    fig, axes = plt.subplots(n * len(rows), frames + 1, figsize=(2.2 * (frames + 1), 2.2 * n * len(rows)), squeeze=False)
+    for i in range(n):
+        for r, (name, cams) in enumerate(rows):
+            ax_row = axes[i * len(rows) + r]
+            img = x[i] if frames == 1 else x[i, 0]
+            ax_row[0].imshow(gradcam.overlay(img, np.zeros(img.shape[:2]), strength=0.0))
+            ax_row[0].set_title(f"#{i} label {int(batch['label'][i])}\n{name}", fontsize=7)
+            for t in range(frames):
+                img = x[i] if frames == 1 else x[i, t]
+                cam = cams[i] if frames == 1 else cams[i, t]
+                ax_row[t + 1].imshow(gradcam.overlay(img, cam))
+                ax_row[t + 1].set_title(f"frame {t}" if frames > 1 else "Grad-CAM", fontsize=7)
+            for ax in ax_row:
+                ax.axis("off")
+    fig.suptitle(f"Grad-CAM: {modality}, {FLAGS.head} head, target {FLAGS.target}")
+    tmp = FLAGS.out + ".tmp.png"
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    os.replace(tmp, FLAGS.out)
+    print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

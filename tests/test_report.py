@@ -1,0 +1,82 @@
+"""The report end to end on a tiny generated data set: two seeds, two epochs, every method and metric."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tiny_data import make_tiny_records, tiny_config
+
+from dyngap_jax.train import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_records(tmp_path_factory):
+    return make_tiny_records(str(tmp_path_factory.mktemp("tiny") / "rec"))
+
+
+def test_report_grid_two_seeds(tiny_records, tmp_path):
+    make = lambda method: tiny_config(tiny_records, method, epochs=2)
+    methods = report.grid(["a", "b"])
+    assert methods[:2] == ["unimodal:a", "unimodal:b"] and len(methods) == 12
+    work, out = str(tmp_path / "runs"), str(tmp_path / "out")
+    results = report.run_grid(make, [0, 1], work, methods)
+    assert set(results) == set(methods) and all(set(r) == {0, 1} for r in results.values())
+    # constant 0 is concat: the same runs, not trained twice
+    assert not os.path.exists(os.path.join(work, "constant_0.0"))
+    assert results["constant:0.0"][1]["best"] == results["concat"][1]["best"]
+    # seeds give different runs
+    assert results["ours_lb"][0]["history"] != results["ours_lb"][1]["history"]
+    text = report.write_report(results, make, work, out, title="tiny", command="python scripts/report.py ...", gap_seed=0)
+    table1 = text.split("## Table 1")[1].split("## Table 3")[0]
+    for m in methods:
+        assert f"| {report.label(m)} |" in table1
+    for metric in ("ACC", "mAP", "macro-F1"):
+        assert metric in table1
+    # mean ± std over the two seeds, from the runs' own test metrics
+    accs = np.asarray([results["ours_h"][s]["best"]["test"]["acc"] for s in (0, 1)])
+    assert f"{100 * accs.mean():.2f} ± {100 * accs.std(ddof=1):.2f}" in table1.split(f"| {report.label('ours_h')} |")[1].split("\n")[0]
+    table3 = text.split("## Table 3")[1].split("## Table 4")[0]
+    for m in ("concat", "constant:0.5", "ours_h", "ours_lb"):
+        assert report.label(m) in table3
+    assert "a mAP" in table3 and "b mAP" in table3 and "gap (mAP)" in table3
+    table4 = text.split("## Table 4")[1].split("## Figure")[0]
+    for _, col in report.TABLE4:
+        assert col in table4
+    for row in ("| fused |", "| a |", "| b |", "| gap |"):
+        assert row in table4
+    assert "–" not in table1 + table3 + table4  # every cell filled
+    for png in ("alpha.png", "modality_gap.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 1000
+    saved = json.load(open(os.path.join(out, "results.json")))
+    assert set(saved) == set(methods)
+    # a second call collects the finished runs (no training: the summaries are read back)
+    again = report.run_grid(make, [0, 1], work, ["ours_lb"])
+    assert again["ours_lb"][0]["best"] == results["ours_lb"][0]["best"]
+
+
+def test_gap_projection_centroid_distance_matches_metric():
+    rng = np.random.default_rng(0)
+    feats = {"a": rng.standard_normal((50, 8)) + 2.0, "b": rng.standard_normal((50, 8)) - 1.0}
+    proj, dist = report.gap_projection(feats)
+    assert proj["a"].shape == (50, 2)
+    za = feats["a"] / np.linalg.norm(feats["a"], axis=1, keepdims=True)
+    zb = feats["b"] / np.linalg.norm(feats["b"], axis=1, keepdims=True)
+    assert np.isclose(dist["mean"], np.linalg.norm(za.mean(0) - zb.mean(0)))
+    with pytest.raises(ValueError, match="different widths"):
+        report.gap_projection({"a": feats["a"], "b": feats["b"][:, :4]})
+
+
+def test_script_flag_errors():
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "report.py"), *a],
+                                    capture_output=True, text=True)
+    base = ["--workdir", "/nonexistent", "--out_dir", "/nonexistent"]
+    assert "no such file" in run("--config", "configs/none.py", *base).stderr
+    proc = run("--config", os.path.join(ROOT, "configs", "mfeat.py"), "--set", "train.nonexistent=3", *base)
+    assert proc.returncode != 0 and "no field 'nonexistent'" in proc.stderr
+    proc = run("--config", os.path.join(ROOT, "configs", "mfeat.py"), "--methods", "newton", *base)
+    assert proc.returncode != 0 and "not in the grid" in proc.stderr
