@@ -3,8 +3,11 @@
     python scripts/bench_alpha_overhead.py [--config configs/mfeat.py] [--epochs 3]
 
 Both runs train the same config from scratch; the first epoch (compilation) is left out and the
-steady epochs' wall times compared. Rows: the default alpha step (inner and outer batch = the
-train batch), and the alpha step on --alpha_batch examples (the authors use 8). Target <= 1.15.
+steady epochs' wall times compared. Rows: the default alpha step (CG on the normal equations, 30
+iterations = 64 HVPs, inner and outer batch = the train batch), the same with MINRES (one HVP an
+iteration), and the alpha step once an epoch on --alpha_batch examples (the authors use 8).
+Target <= 1.15. The profile (scripts/bench_alpha_overhead.py's docs in docs/benchmarks.md): the
+alpha step is its HVPs; each costs about a train step on these small MLPs.
 """
 import json
 import os
@@ -55,7 +58,9 @@ def main(argv):
                       (f"learned, once an epoch, {FLAGS.alpha_batch} examples", {"inner_iters": 0,
                                                                                 "batch_size": FLAGS.alpha_batch}),
                       ("  same, MINRES 30 iterations", {"inner_iters": 0, "batch_size": FLAGS.alpha_batch,
-                                                        "hypergrad": minres})):
+                                                        "hypergrad": minres}),
+                      ("  same, MINRES 10 iterations", {"inner_iters": 0, "batch_size": FLAGS.alpha_batch,
+                                                        "hypergrad": {**minres, "options": {"tol": 1e-3, "maxiter": 10}}})):
         rate, _ = epoch_seconds("ours_lb", **kw)
         rows.append((label, rate, base / rate))
     dev = jax.devices()[0]

@@ -36,7 +36,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["av", "ti"], "av: ResNet18 audio + video (CREMA-D); ti: ResNet50 + BERT-base (text-image).")
 flags.DEFINE_integer("av_batch", 4, "Batch of the audio-video case (CPU: keep small).")
 flags.DEFINE_integer("ti_batch", 4, "Batch of the text-image case.")
-flags.DEFINE_integer("steps", 3, "Timed steps after the warm-up step.")
+flags.DEFINE_integer("steps", 6, "Timed steps after the warm-up step.")
 flags.DEFINE_integer("torch_threads", 0, "PyTorch intra-op threads (0: every CPU core, as XLA uses).")
 
 ALPHA, TAU = 0.5, 0.1

@@ -104,6 +104,7 @@ def _check_shapes(module, variables: dict, sd: _StateDict, *init_args, **init_kw
     """Compare the imported tree with the module's own (abstract) initialisation, naming any mismatch."""
     expected = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *init_args, **init_kwargs))
     expected = unfreeze(expected)
+    expected.pop("perturbations", None)  # Grad-CAM's placeholders (ResNet's feature map), not weights
     exp_flat = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]}
     got_flat = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
     problems = []

@@ -33,7 +33,7 @@ from dyngap_jax.train.steps import mm_loss_fn
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
-    """The CG solve every estimate is compared with. ``damping=None`` takes the config's."""
+    """The CG solve every estimate is compared with. ``damping=None`` takes the config's (1e-4 if it has none)."""
 
     operator: str = "normal"
     damping: float | None = None
@@ -43,7 +43,7 @@ class Reference:
     dtype: str = "float64"
 
     def options(self, config_damping: float) -> dict:
-        d = config_damping if self.damping is None else self.damping
+        d = (config_damping or 1e-4) if self.damping is None else self.damping
         return {"operator": self.operator, "damping": float(d), "tol": self.tol, "maxiter": self.maxiter}
 
 
