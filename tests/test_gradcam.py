@@ -1,11 +1,16 @@
 """Grad-CAM against its closed form for concat fusion, for an image and a video encoder."""
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dyngap_jax import gradcam
-from dyngap_jax.models import ConcatFusion, MLPEncoder, MultimodalClassifier, ResNet, VideoEncoder, init_variables
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dyngap_jax import gradcam  # noqa: E402
+from dyngap_jax.models import ConcatFusion, MLPEncoder  # noqa: E402, MultimodalClassifier, ResNet, VideoEncoder, init_variables
 
 
 def tiny_resnet(modality):
@@ -71,3 +76,57 @@ def test_grad_cam_errors_and_overlay():
     assert set(variables) == {"params", "batch_stats"}
     rgb = gradcam.overlay(np.asarray(batch["img"][0]), np.ones((32, 32)) * 0.5)
     assert rgb.shape == (32, 32, 3) and 0 <= rgb.min() and rgb.max() <= 1
+
+
+CONFIG = '''
+from configs import _base
+
+
+def get_config(arg="ours_h"):
+    c = _base.base("tinyimg", {data!r})
+    c.progress = False
+    c.model = {{"num_classes": 3, "modalities": ["img", "vec"], "projection_dim": 16,
+               "encoders": {{"img": {{"name": "resnet18"}},
+                            "vec": {{"name": "mlp", "hidden": [16], "out_features": 16, "in_features": 5}}}},
+               "fusion": {{"name": "concat"}}}}
+    c.data.frames = {{"img": {{"size": [32, 32], "normalize": True}}}}
+    c.train = {{"num_epochs": 2, "batch_size": 16, "eval_batch_size": 16, "optimizer": "sgd", "learning_rate": 0.05,
+               "momentum": 0.9, "weight_decay": 1e-4, "schedule": "constant", "checkpoint_every_steps": 0,
+               "keep_checkpoints": 10, "select_metric": "acc"}}
+    return _base.apply_method(c, arg)
+'''
+
+
+def test_gradcam_script_draws_chosen_epochs(tmp_path):
+    import importlib.util
+    import subprocess
+
+    from data_prep.common import convert
+    from dyngap_jax.data.records import FeatureSpec
+    from dyngap_jax.train import train
+
+    rng = np.random.default_rng(0)
+    ex = lambda i: {"img": rng.integers(0, 256, (32, 32, 3), np.uint8), "vec": rng.standard_normal(5).astype(np.float32),
+                    "label": np.int32(i % 3)}
+    data = str(tmp_path / "rec")
+    convert(name="tinyimg", version="1", out_dir=data, splits={s: [ex(i) for i in range(n)] for s, n in
+                                                                (("train", 32), ("validation", 16), ("test", 16))},
+            load=lambda e: e, features={"img": FeatureSpec("uint8", [32, 32, 3]), "vec": FeatureSpec("float32", [5]),
+                                        "label": FeatureSpec("int32", [])}, class_names=["x", "y", "z"], params={})
+    cfg_file = tmp_path / "tinyimg.py"
+    cfg_file.write_text(CONFIG.format(data=data))
+    spec = importlib.util.spec_from_file_location("tinyimg_cfg", cfg_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    work = str(tmp_path / "run")
+    train(module.get_config("ours_h"), work)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / "cam.png")
+    script = os.path.join(root, "scripts", "gradcam.py")
+    proc = subprocess.run([sys.executable, script, "--config", f"{cfg_file}:ours_h", "--workdir", work, "--epochs", "1,2",
+                           "--which", "best", "--num_examples", "2", "--out", out], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert os.path.getsize(out) > 5000 and not os.path.exists(out + ".tmp.png")
+    proc = subprocess.run([sys.executable, script, "--config", f"{cfg_file}:ours_h", "--workdir", work, "--epochs", "7",
+                           "--out", out], capture_output=True, text=True)
+    assert proc.returncode != 0 and "available epochs: [1, 2]" in proc.stderr
