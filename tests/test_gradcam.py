@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dyngap_jax import gradcam  # noqa: E402
-from dyngap_jax.models import ConcatFusion, MLPEncoder  # noqa: E402, MultimodalClassifier, ResNet, VideoEncoder, init_variables
+from dyngap_jax.models import ConcatFusion, MLPEncoder, MultimodalClassifier, ResNet, VideoEncoder, init_variables  # noqa: E402
 
 
 def tiny_resnet(modality):
