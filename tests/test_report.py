@@ -67,6 +67,8 @@ def test_gap_projection_centroid_distance_matches_metric():
     za = feats["a"] / np.linalg.norm(feats["a"], axis=1, keepdims=True)
     zb = feats["b"] / np.linalg.norm(feats["b"], axis=1, keepdims=True)
     assert np.isclose(dist["mean"], np.linalg.norm(za.mean(0) - zb.mean(0)))
+    # the plot's first axis is the centroids' direction: their distance on the plot is the true one
+    assert np.isclose(np.linalg.norm(proj["a"].mean(0) - proj["b"].mean(0)), dist["mean"])
     with pytest.raises(ValueError, match="different widths"):
         report.gap_projection({"a": feats["a"], "b": feats["b"][:, :4]})
 
