@@ -48,14 +48,14 @@ def grad_cam(model, variables: Mapping, batch: Mapping, modality: str, target="p
     if modality not in batch:
         raise ValueError(f"grad_cam: the batch has no modality {modality!r} (keys: {sorted(batch)})")
     variables = {k: v for k, v in variables.items() if k not in ("perturbations", "intermediates")}
-    _, aux = model.apply(variables, batch, train=False, mutable=["perturbations", "intermediates"])
+    out, aux = model.apply(variables, batch, train=False, mutable=["perturbations", "intermediates"])
     fmap = _find(aux.get("intermediates", {}), modality, "intermediates")
     fmap = fmap[0] if isinstance(fmap, tuple) else fmap
 
     def pick(out):
         return out["logits"] if head == "fused" else out["modality_logits"][modality]
 
-    logits = pick(model.apply(variables, batch, train=False))
+    logits = pick(out)  # the perturbations are zeros: these are the model's logits
     n = logits.shape[0]
     if isinstance(target, str):
         if target == "predicted":

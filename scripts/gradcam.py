@@ -21,6 +21,7 @@ from ml_collections import config_flags  # noqa: E402
 from dyngap_jax import gradcam  # noqa: E402
 from dyngap_jax.train.evaluation import epoch_checkpoints, load_run_state  # noqa: E402
 from dyngap_jax.train.loop import _cfg, _loader  # noqa: E402
+from dyngap_jax.train.plots import save_figure  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's configs/<dataset>.py:<method>.", lock_config=False)
 flags.DEFINE_string("workdir", None, "The run folder.")
@@ -89,9 +90,7 @@ def main(argv):
             for ax in ax_row:
                 ax.axis("off")
     fig.suptitle(f"Grad-CAM: {modality}, {FLAGS.head} head, target {FLAGS.target}")
-    tmp = FLAGS.out + ".tmp.png"
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    os.replace(tmp, FLAGS.out)
+    save_figure(fig, FLAGS.out)
     print(f"wrote {FLAGS.out}")
 
 

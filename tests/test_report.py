@@ -57,9 +57,12 @@ def test_report_grid_two_seeds(tiny_records, tmp_path):
         assert os.path.getsize(os.path.join(out, png)) > 1000
     saved = json.load(open(os.path.join(out, "results.json")))
     assert set(saved) == set(methods)
-    # a second call collects the finished runs (no training: the summaries are read back)
+    # a second call collects the finished runs (no training: the summaries are read back, not rewritten)
+    summary = os.path.join(report.run_dir(work, "ours_lb", 0), "summary.json")
+    stamp = os.stat(summary).st_mtime_ns
     again = report.run_grid(make, [0, 1], work, ["ours_lb"])
     assert again["ours_lb"][0]["best"] == results["ours_lb"][0]["best"]
+    assert os.stat(summary).st_mtime_ns == stamp
 
 
 def test_gap_projection_centroid_distance_matches_metric():

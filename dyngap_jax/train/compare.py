@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dyngap_jax import hypergrad, losses, models
+from dyngap_jax.data.records import atomic_write_text
+from dyngap_jax.train.plots import save_figure
 from dyngap_jax.train.evaluation import load_run_state
 from dyngap_jax.train.loop import _cfg, _loader, train
 from dyngap_jax.train.steps import mm_loss_fn
@@ -85,6 +87,7 @@ class Estimator:
         self.dtype = dtype
         self.state = state
         self._compiled = None
+        self._cast_state = None
         self.compile_s = 0.0
         self.peak_bytes = None
 
@@ -95,10 +98,11 @@ class Estimator:
         if self.dtype is None:
             return self.state, inner, outer
         dt = jnp.dtype(self.dtype)
-        st = self.state.replace(params=cast_floating(self.state.params, dt),
-                                model_state=cast_floating(self.state.model_state, dt),
-                                alpha=self.state.alpha.replace(value=cast_floating(self.state.alpha.value, dt)))
-        return st, cast_floating(inner, dt), cast_floating(outer, dt)
+        if self._cast_state is None:  # the state is the same for every batch pair: cast it once
+            self._cast_state = self.state.replace(
+                params=cast_floating(self.state.params, dt), model_state=cast_floating(self.state.model_state, dt),
+                alpha=self.state.alpha.replace(value=cast_floating(self.state.alpha.value, dt)))
+        return self._cast_state, cast_floating(inner, dt), cast_floating(outer, dt)
 
     def _fn(self, state):
         def fn(params, a, inner, outer, dynamic):
@@ -316,16 +320,7 @@ def _plot_sweep(sweep, path):
     ax.set_ylabel("relative error vs. reference")
     ax.legend()
     ax.set_title("hypergradient error against cost")
-    _save(fig, path)
-
-
-def _save(fig, path):
-    import matplotlib.pyplot as plt
-
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 TRAIN_EACH = {"cg (config)": None, "identity": ("identity", {}), "neumann K=20": ("neumann", {"num_terms": 20}),
@@ -358,14 +353,8 @@ def train_each(config, out_dir: str, variants: Mapping[str, tuple | None] = TRAI
     ax.set_xlabel("epoch")
     ax.set_ylabel("alpha")
     ax.legend()
-    _save(fig, os.path.join(out_dir, "alpha_by_method.png"))
+    save_figure(fig, os.path.join(out_dir, "alpha_by_method.png"))
     return "\n".join(lines), out
-
-
-def _atomic_write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def run_comparison(config, workdir: str, out_dir: str, points, *, batches: int = 3,
@@ -409,6 +398,6 @@ def run_comparison(config, workdir: str, out_dir: str, points, *, batches: int =
         table, runs = train_each(config, out_dir)
         report += ["## Training with each method", "", table, "", "![alpha](alpha_by_method.png)", ""]
         results["train_each"] = runs
-    _atomic_write(os.path.join(out_dir, "results.md"), "\n".join(report) + "\n")
-    _atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1, default=float))
+    atomic_write_text(os.path.join(out_dir, "results.md"), "\n".join(report) + "\n")
+    atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1, default=float))
     return results

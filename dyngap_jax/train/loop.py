@@ -24,7 +24,7 @@ from tqdm import tqdm
 from dyngap_jax import alpha as alpha_lib
 from dyngap_jax import losses, metrics, models, parallel
 from dyngap_jax.data import loader as data_loader
-from dyngap_jax.data.records import load_manifest
+from dyngap_jax.data.records import atomic_write_text, load_manifest
 from dyngap_jax.train import checkpoint, plots
 from dyngap_jax.train.steps import TrainState, make_alpha_step, make_eval_step, make_train_step, mm_loss_fn
 
@@ -395,9 +395,7 @@ _RESUMABLE_CHANGES = ("progress", "data.worker_count", "parallel")
 
 
 def _write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2, default=float)
-    os.replace(path + ".tmp", path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=float))
 
 
 def _comparable(cfg: dict) -> dict:

@@ -7,9 +7,13 @@ import os
 import numpy as np
 
 
-def _save(fig, path: str) -> None:
+def save_figure(fig, path: str) -> None:
+    """Write ``fig`` as PNG under a temporary name, rename it into place, and close it."""
+    import matplotlib.pyplot as plt
+
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
     os.replace(tmp, path)
 
 
@@ -38,8 +42,7 @@ def write_all(workdir: str, history: list[dict], modalities, num_epochs: int) ->
     ax.set_ylim(-0.02, 1.02)
     ax.legend()
     ax.set_title("alpha over training (cf. Figure 3)")
-    _save(fig, os.path.join(workdir, "alpha.png"))
-    plt.close(fig)
+    save_figure(fig, os.path.join(workdir, "alpha.png"))
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
     for m in modalities:
@@ -57,5 +60,4 @@ def write_all(workdir: str, history: list[dict], modalities, num_epochs: int) ->
         a2.plot(epochs, [h["validation/modality_gap"] for h in history], "s-", label="modality-gap distance")
     a2.set_xlabel("epoch")
     a2.legend()
-    _save(fig, os.path.join(workdir, "modalities.png"))
-    plt.close(fig)
+    save_figure(fig, os.path.join(workdir, "modalities.png"))

@@ -24,8 +24,10 @@ import numpy as np
 from absl import logging
 
 from dyngap_jax import metrics
+from dyngap_jax.data.records import atomic_write_text
 from dyngap_jax.train.evaluation import predict_checkpoint
 from dyngap_jax.train.loop import _comparable, train
+from dyngap_jax.train.plots import save_figure
 
 FIXED = ("concat", "constant:0.0", "constant:0.5", "constant:1.0", "stepwise:0.0", "stepwise:1.0", "stepwise:0.05",
          "stepwise:0.95", "ours_h", "ours_lb")
@@ -153,15 +155,6 @@ def table4(results, modalities, metric: str = "acc") -> str:
 # --------------------------------------------------------------------------- figures
 
 
-def _save(fig, path: str) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def plot_alpha(results, path: str) -> None:
     """Figure 3: ours_lb's alpha per epoch (each seed, and their mean) beside 1 - exp(-1/t)."""
     import matplotlib
@@ -189,7 +182,7 @@ def plot_alpha(results, path: str) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.legend()
     ax.set_title("alpha during training (Figure 3)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def gap_projection(features: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -247,7 +240,7 @@ def plot_modality_gap(make_config, workdir: str, seed: int, path: str, methods=(
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle("modality gap (Figure 2): normalised test features; x: the centroids' direction", y=1.04)
-    _save(fig, path)
+    save_figure(fig, path)
     return out
 
 
@@ -285,13 +278,8 @@ def write_report(results, make_config, workdir: str, out_dir: str, *, title: str
                    + ", ".join(f"{label(m)} {d['mean']:.3f}" for m, d in dists.items()) + ".", "",
                    f"![modality gap]({gap_png})", ""]
     text = "\n".join(md) + "\n"
-    path = os.path.join(out_dir, f"{figure_prefix}report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-    with open(os.path.join(out_dir, f"{figure_prefix}results.json.tmp"), "w") as f:
-        json.dump({m: {str(s): {"best": r["best"], "final_alpha": r["final_alpha"],
-                                "alpha": [h["alpha"] for h in r["history"]]} for s, r in runs.items()}
-                   for m, runs in results.items()}, f, default=float)
-    os.replace(os.path.join(out_dir, f"{figure_prefix}results.json.tmp"), os.path.join(out_dir, f"{figure_prefix}results.json"))
+    atomic_write_text(os.path.join(out_dir, f"{figure_prefix}report.md"), text)
+    saved = {m: {str(s): {"best": r["best"], "final_alpha": r["final_alpha"], "alpha": [h["alpha"] for h in r["history"]]}
+                 for s, r in runs.items()} for m, runs in results.items()}
+    atomic_write_text(os.path.join(out_dir, f"{figure_prefix}results.json"), json.dumps(saved, default=float))
     return text
