@@ -1,7 +1,7 @@
 """Every hypergradient method on a quadratic bilevel problem with a closed-form answer.
 
-Run:  python scripts/hypergrad_demo.py --config configs/hypergrad_demo.py
-      python scripts/hypergrad_demo.py --config configs/hypergrad_demo.py --config.problem.condition=1000
+Run:  python -m scripts.hypergrad_demo --config configs/hypergrad_demo.py
+      python -m scripts.hypergrad_demo --config configs/hypergrad_demo.py --config.problem.condition=1000
 
 The exact methods (cg, dense, finite_difference) should agree with the closed form to ~1e-6;
 the approximations show how far each one is on this problem and what it costs in HVPs.
@@ -17,8 +17,8 @@ def get_config():
     c.ghadimi_wang_draws = 64  # the estimator is random: report the mean of this many draws
     c.methods = ml_collections.ConfigDict(
         {
-            "cg": {"tol": 1e-8, "maxiter": 200},
-            "cg_normal": {"operator": "normal", "tol": 1e-8, "maxiter": 400},
+            "cg": {"operator": "plain", "tol": 1e-8, "maxiter": 200},
+            "cg_normal": {"operator": "normal", "damping": 0.0, "tol": 1e-8, "maxiter": 400},
             "cg_damped": {"operator": "damped", "damping": 1e-2},
             "dense": {},
             "identity": {},

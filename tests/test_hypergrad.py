@@ -11,9 +11,13 @@ import pytest
 import scipy.optimize
 
 from dyngap_jax import hypergrad, losses
-from dyngap_jax.hypergrad.problems import QuadraticBilevel
+from dyngap_jax.hypergrad.quadratic import QuadraticBilevel
 
 pytestmark = pytest.mark.usefixtures("x64")
+
+# CG on H v = g itself (these problems' Hessians are positive definite); the library's default is the
+# damped normal system, for the indefinite Hessians of networks
+PLAIN = {"operator": "plain", "tol": 1e-6, "maxiter": 100}
 
 
 def rel_err(got, ref):
@@ -47,9 +51,9 @@ def test_quadratic_closed_form_is_right():
 @pytest.mark.parametrize(
     "method,opts",
     [
-        ("cg", {}),
-        ("cg", {"operator": "normal", "maxiter": 200}),
-        ("cg", {"tol": 1e-10, "x0": None}),
+        ("cg", PLAIN),
+        ("cg", {"operator": "normal", "damping": 0.0, "tol": 1e-6, "maxiter": 200}),
+        ("cg", {**PLAIN, "tol": 1e-10, "x0": None}),
         ("dense", {}),
     ],
 )
@@ -67,17 +71,17 @@ def test_cg_gauss_newton_equals_hessian_for_quadratic_heads():
     # For L = l(o(theta)) with linear o and quadratic l, the Gauss-Newton matrix is the Hessian.
     P = QuadraticBilevel.random(8, seed=1)
     gn_model = (P.unpack, lambda x: P.cls_loss(P.pack(x)), lambda x: P.mm_loss(P.pack(x)))
-    res = quad_call(P, 0.5, "cg", operator="gauss_newton", gn_model=gn_model)
+    res = quad_call(P, 0.5, "cg", operator="gauss_newton", gn_model=gn_model, tol=1e-6, maxiter=100)
     assert rel_err(res.value, quadratic_reference(P, 0.5)) < 1e-6
 
 
 def test_cg_warm_start_and_info():
     P = QuadraticBilevel.random(12, seed=0)
-    cold = quad_call(P, 0.3, "cg")
+    cold = quad_call(P, 0.3, "cg", **PLAIN)
     params = P.pack(P.solution(0.3))
     M = 0.7 * P.A + 0.3 * P.B
     v = np.linalg.solve(M, P.C @ (P.solution(0.3) - P.t))
-    warm = hypergrad.alpha_hypergradient(P.cls_loss, P.mm_loss, P.outer_loss, params, 0.3, "cg", x0=P.pack(v))
+    warm = hypergrad.alpha_hypergradient(P.cls_loss, P.mm_loss, P.outer_loss, params, 0.3, hypergrad.CG(**PLAIN), x0=P.pack(v))
     assert int(warm.info["iterations"]) <= 1 < int(cold.info["iterations"])
     np.testing.assert_allclose(warm.value, cold.value, rtol=1e-6)
     # HVPs: one per CG iteration, one for the final true residual, one for hessian_residual
@@ -86,7 +90,7 @@ def test_cg_warm_start_and_info():
 
 def test_cg_maxiter_reports_not_converged():
     P = QuadraticBilevel.random(12, seed=0, condition=1e3)
-    res = quad_call(P, 0.3, "cg", maxiter=2)
+    res = quad_call(P, 0.3, "cg", operator="plain", maxiter=2)
     assert int(res.info["iterations"]) == 2
     assert not bool(res.info["converged"]) and not bool(res.ok)
     assert float(res.info["residual"]) > 1e-6
@@ -95,8 +99,8 @@ def test_cg_maxiter_reports_not_converged():
 def test_cg_restarts_continue_an_unconverged_solve_from_its_iterate():
     P = QuadraticBilevel.random(12, seed=0, condition=1e3)
     ref = quadratic_reference(P, 0.3)
-    more = quad_call(P, 0.3, "cg", maxiter=10, restarts=30, tol=1e-10)
-    one = quad_call(P, 0.3, "cg", maxiter=10)
+    more = quad_call(P, 0.3, "cg", operator="plain", maxiter=10, restarts=30, tol=1e-10)
+    one = quad_call(P, 0.3, "cg", operator="plain", tol=1e-6, maxiter=10)
     assert not bool(one.ok) and bool(more.ok)
     assert rel_err(more.value, ref) < 1e-6
     # each restart recomputes the true residual (one HVP) before iterating; iterations add up
@@ -165,7 +169,7 @@ def test_ridge_closed_form_dtheta_dlambda():
     reg = lambda p: 0.5 * jnp.sum(p["w"] ** 2)
     outer = lambda p: 0.5 * jnp.sum((Xv @ p["w"] - yv) ** 2)
     params = {"w": jnp.asarray(w_star)}
-    for method in ("cg", "dense", "finite_difference"):
+    for method in (hypergrad.CG(**PLAIN), "dense", "finite_difference"):
         res = hypergrad.alpha_hypergradient(cls, reg, outer, params, a, method)
         assert rel_err(res.value, ref) < 1e-6, method
 
@@ -209,7 +213,7 @@ def test_logistic_against_finite_differences_of_resolved_inner():
     ref = (np_outer(solve(a + h)) - np_outer(solve(a - h))) / (2 * h)
     theta = solve(a)
     params = {"w": jnp.asarray(theta[:-1]), "b": jnp.asarray(theta[-1])}
-    res = hypergrad.alpha_hypergradient(cls, reg, outer, params, a, "cg", tol=1e-10)
+    res = hypergrad.alpha_hypergradient(cls, reg, outer, params, a, "cg", operator="plain", tol=1e-10, maxiter=100)
     assert rel_err(res.value, ref) < 1e-5 and bool(res.ok)
 
 
@@ -218,7 +222,7 @@ def test_neumann_error_decreases_with_terms():
     a = 0.02  # weak regularisation: a spread-out spectrum, so the series needs many terms
     theta = solve(a)
     params = {"w": jnp.asarray(theta[:-1]), "b": jnp.asarray(theta[-1])}
-    ref = hypergrad.alpha_hypergradient(cls, reg, outer, params, a, "cg", tol=1e-12).value
+    ref = hypergrad.alpha_hypergradient(cls, reg, outer, params, a, "cg", operator="plain", tol=1e-12, maxiter=100).value
     errs = []
     for k in (2, 8, 32, 64):
         res = hypergrad.alpha_hypergradient(cls, reg, outer, params, a, "neumann", num_terms=k)
@@ -383,14 +387,15 @@ def test_dense_solves_an_exactly_singular_hessian_on_its_range():
 def test_mlp_plain_cg_flags_negative_curvature_and_normal_equations_solve_it():
     params, cls, mm = mlp_setup()
     a = 0.3
-    plain = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "cg", maxiter=500, tol=1e-12)
+    plain = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "cg", operator="plain", maxiter=500, tol=1e-12)
     dense = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "dense")
     # plain CG on an indefinite Hessian: either it breaks down (flagged) or it still converges
     if bool(plain.info["breakdown"]):
         assert bool(plain.info["negative_curvature"]) and not bool(plain.ok)
     else:
         assert rel_err(plain.value, dense.value) < 1e-5
-    normal = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "cg", operator="normal", maxiter=2000, tol=1e-13)
+    normal = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "cg", operator="normal", damping=0.0, maxiter=2000,
+                                           tol=1e-13)
     assert rel_err(normal.value, dense.value) < 1e-4
 
 
@@ -441,7 +446,7 @@ def vector_problem(seed=0, n=6, pairs=3):
     return cls, mm, outer, solution, reference
 
 
-@pytest.mark.parametrize("method", ["cg", "dense", "finite_difference"])
+@pytest.mark.parametrize("method", [hypergrad.CG(**PLAIN), "dense", "finite_difference"], ids=["cg", "dense", "fd"])
 def test_vector_alpha_matches_closed_form(method):
     cls, mm, outer, solution, reference = vector_problem()
     a = np.asarray([0.2, 0.5, 0.8])
@@ -455,8 +460,8 @@ def test_vector_alpha_with_equal_weights_sums_to_scalar():
     cls, mm, outer, solution, _ = vector_problem(1)
     a = 0.4
     params = {"x": jnp.asarray(solution(np.full(3, a)))}
-    vec = hypergrad.alpha_hypergradient(cls, mm, outer, params, jnp.full(3, a), "cg")
-    scalar = hypergrad.alpha_hypergradient(cls, lambda p: jnp.mean(mm(p)), outer, params, a, "cg")
+    vec = hypergrad.alpha_hypergradient(cls, mm, outer, params, jnp.full(3, a), "cg", **PLAIN)
+    scalar = hypergrad.alpha_hypergradient(cls, lambda p: jnp.mean(mm(p)), outer, params, a, "cg", **PLAIN)
     np.testing.assert_allclose(jnp.sum(vec.value), scalar.value, rtol=1e-8)
     unrolled = hypergrad.alpha_hypergradient(cls, mm, outer, params, jnp.full(3, a), "unrolled", num_steps=3, inner_lr=0.01)
     assert unrolled.value.shape == (3,)
@@ -556,7 +561,7 @@ def test_bad_input_names_the_argument():
     with pytest.raises(TypeError, match="unknown: \\['num_terms'\\]"):
         call(num_terms=3)
     with pytest.raises(ValueError, match="operator='damped'"):
-        call(damping=0.1)
+        call(operator="plain", damping=0.1)
     with pytest.raises(ValueError, match="max_params"):
         call(method="dense", max_params=3)
     with pytest.raises(ValueError, match="sampler"):

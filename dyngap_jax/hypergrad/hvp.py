@@ -38,11 +38,13 @@ def check_params(params: PyTree, name: str = "params") -> None:
             )
 
 
-def _fwd_over_rev(f: Callable, params: PyTree, v: PyTree) -> PyTree:
+def hvp_forward_over_reverse(f: Callable, params: PyTree, v: PyTree) -> PyTree:
+    """``H v`` as the jvp of ``grad f`` (one forward pass over a gradient)."""
     return jax.jvp(jax.grad(f), (params,), (v,))[1]
 
 
-def _rev_over_rev(f: Callable, params: PyTree, v: PyTree) -> PyTree:
+def hvp_reverse_over_reverse(f: Callable, params: PyTree, v: PyTree) -> PyTree:
+    """``H v`` as the gradient of ``grad f . v`` (the fallback where a ``custom_vjp`` blocks jvp)."""
     return jax.grad(lambda p: otu.tree_vdot(jax.grad(f)(p), v))(params)
 
 
@@ -96,7 +98,7 @@ def make_hvp(f: Callable[[PyTree], jax.Array], params: PyTree, mode: str = "auto
     The Hessian is never materialised.
     """
     mode = resolve_mode(f, params, mode)
-    impl = _fwd_over_rev if mode == "forward_over_reverse" else _rev_over_rev
+    impl = hvp_forward_over_reverse if mode == "forward_over_reverse" else hvp_reverse_over_reverse
     return (lambda v: impl(f, params, v)), mode
 
 

@@ -16,7 +16,8 @@ import optax.tree_utils as otu
 PyTree = Any
 
 
-def _finite(tree: PyTree) -> jax.Array:
+def tree_finite(tree: PyTree) -> jax.Array:
+    """True when every leaf of ``tree`` is finite (a traced boolean)."""
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
@@ -118,7 +119,7 @@ def _cg_run(matvec, b, x0, tol, atol, maxiter):
     info = {
         "iterations": k,
         "residual": rel,
-        "converged": converged & _finite(x),
+        "converged": converged & tree_finite(x),
         "breakdown": broke,
         "negative_curvature": broke & nonpositive,
         "matvecs": k + initial_matvecs + 1,
@@ -191,7 +192,7 @@ def minres(
     r_norm = otu.tree_norm(otu.tree_sub(b, matvec(x)))
     rel = jnp.where(b_norm > 0, r_norm / jnp.where(b_norm > 0, b_norm, 1.0), r_norm)
     converged = ~broke & jnp.isfinite(rel) & (rel <= tol * (1.0 + 1e-3))
-    info = {"iterations": k, "residual": rel, "converged": converged & _finite(x), "breakdown": broke,
+    info = {"iterations": k, "residual": rel, "converged": converged & tree_finite(x), "breakdown": broke,
             "negative_curvature": jnp.zeros((), bool), "matvecs": k + 1}
     return x, info
 
@@ -224,7 +225,7 @@ def neumann_series(
     term, acc, max_ratio = jax.lax.fori_loop(0, num_terms - 1, body, (b, b, jnp.ones((), b_norm.dtype)))
     x = otu.tree_scale(eta, acc)
     tail = otu.tree_norm(otu.tree_add_scale(term, -eta, matvec(term))) / jnp.where(b_norm > 0, b_norm, 1.0)
-    diverged = (max_ratio > 1.0 + growth_tolerance) | ~_finite(x)
+    diverged = (max_ratio > 1.0 + growth_tolerance) | ~tree_finite(x)
     return x, {"diverged": diverged, "tail_ratio": tail, "max_term_ratio": max_ratio, "matvecs": jnp.asarray(num_terms)}
 
 

@@ -1,0 +1,200 @@
+"""The solves of ``H v = grad L_outer``: conjugate gradient and MINRES on Hessian-vector products, and
+a dense solve for tiny models and tests.
+
+"Exact" here means a stated system solved to its tolerance: the Krylov methods report their
+iterations and the true final residual, and a solve that stops at ``maxiter`` is reported as
+unconverged (``info["converged"]`` false), never passed off as exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from dyngap_jax import losses
+from dyngap_jax.hypergrad.hvp import check_like, make_hvp
+from dyngap_jax.hypergrad.problem import Method, Problem, damped, is_tracer, relative
+from dyngap_jax.hypergrad.solvers import conjugate_gradient, minres
+
+CG_OPERATORS = ("plain", "damped", "normal", "gauss_newton")
+DENSE_OPERATORS = ("plain", "damped", "normal")
+DEFAULT_DAMPING = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class CG(Method):
+    """IFT with ``H^{-1} g`` by conjugate gradient on Hessian-vector products.
+
+    ``operator``: ``"normal"`` (the default) solves ``(H^2 + damping I) v = H g``: positive
+    semi-definite for any symmetric H (networks' Hessians are indefinite, and plain CG breaks
+    down on them), two HVPs an iteration, the condition number squared; ``"plain"`` solves
+    ``H v = g`` (H must be positive definite: a breakdown is flagged if it is not);
+    ``"damped"`` solves ``(H + damping I) v = g``; ``"gauss_newton"`` solves ``(G + damping I) v = g``
+    with ``G = J^T (d^2 l / d o^2) J`` the generalised Gauss-Newton matrix of ``L_total = l(o(theta))``,
+    given at call time as the input ``gn_model = (outputs_fn, cls_from_outputs, mm_from_outputs)``
+    (``cls_from_outputs(outputs_fn(p))`` must equal ``cls_loss(p)``, likewise for mm).
+
+    ``damping``: ``None`` is 1e-4 for ``normal`` and ``damped``, 0 for ``plain`` and ``gauss_newton``.
+    ``tol`` / ``atol``: stop when ``|r| <= max(tol |b|, atol)``; ``maxiter``: iteration budget;
+    ``restarts``: restart from the true residual when rounding made CG stop early. Inputs: ``x0``
+    (warm start, the structure of ``params``), ``gn_model``.
+    """
+
+    name: ClassVar[str] = "cg"
+    inputs: ClassVar[tuple[str, ...]] = ("x0", "gn_model")
+
+    operator: str = "normal"
+    damping: float | None = None
+    tol: float = 1e-3
+    atol: float = 0.0
+    maxiter: int = 30
+    restarts: int = 0
+
+    def validate(self):
+        self._choice("operator", CG_OPERATORS)
+        self._number("damping", minimum=0.0, allow_none=True)
+        self._number("tol", minimum=0.0)
+        self._number("atol", minimum=0.0)
+        self._number("maxiter", integer=True, minimum=0)
+        self._number("restarts", integer=True, minimum=0)
+        d = self.damping
+        if self.operator == "plain" and d is not None and not is_tracer(d) and d:
+            self._fail("damping", f"`damping`={d} with operator='plain'; use operator='damped'")
+        if self.operator == "damped" and d is not None and not is_tracer(d) and not d > 0:
+            self._fail("damping", f"operator='damped' needs `damping` > 0, got {d}")
+
+    @property
+    def damping_value(self):
+        """The damping in effect (``None`` resolved for the operator)."""
+        if self.damping is not None:
+            return self.damping
+        return DEFAULT_DAMPING if self.operator in ("normal", "damped") else 0.0
+
+    def required_inputs(self):
+        return ("gn_model",) if self.operator == "gauss_newton" else ()
+
+    def estimate(self, problem: Problem, x0=None, gn_model=None):
+        damping = self.damping_value
+        if x0 is not None:
+            check_like(x0, problem.params, "x0")
+        hvp = problem.hvp()
+        g = problem.outer_grad()
+        b, per_matvec, extra = g, 1, 0
+        if self.operator in ("plain", "damped"):
+            matvec = damped(hvp, damping)
+        elif self.operator == "normal":
+            matvec = damped(lambda v: hvp(hvp(v)), damping)
+            b, per_matvec, extra = hvp(g), 2, 1
+        else:
+            if gn_model is None or len(gn_model) != 3 or not all(callable(f) for f in gn_model):
+                raise ValueError(
+                    "cg: operator='gauss_newton' needs `gn_model=(outputs_fn, cls_from_outputs, mm_from_outputs)`")
+            outputs_fn, cls_head, mm_head = gn_model
+            head = lambda o: losses.total(cls_head(o), mm_head(o), problem.a)
+            outputs, jvp_fn = jax.linearize(outputs_fn, problem.params)
+            vjp_fn = jax.linear_transpose(jvp_fn, problem.params)
+            head_hvp = make_hvp(head, outputs, problem.hvp_mode)[0]
+            matvec = damped(lambda v: vjp_fn(head_hvp(jvp_fn(v)))[0], damping)
+        x, info = conjugate_gradient(matvec, b, x0, tol=self.tol, atol=self.atol, maxiter=self.maxiter,
+                                     restarts=self.restarts)
+        info = dict(info)
+        info["hvp_count"] = info.pop("matvecs") * per_matvec + extra
+        info["damping"] = jnp.asarray(damping)
+        return x, info
+
+
+@dataclasses.dataclass(frozen=True)
+class MINRES(Method):
+    """IFT with ``(H + damping I)^{-1} g`` by MINRES on Hessian-vector products.
+
+    For the symmetric indefinite Hessians of networks: one HVP an iteration (CG on the normal
+    equations takes two) and no breakdown on negative curvature. With ``damping=0`` on a singular
+    H it converges to the solution on H's range, like ``dense``.
+    """
+
+    name: ClassVar[str] = "minres"
+
+    damping: float = 0.0
+    tol: float = 1e-6
+    maxiter: int = 100
+
+    def validate(self):
+        self._number("damping", minimum=0.0)
+        self._number("tol", minimum=0.0)
+        self._number("maxiter", integer=True, minimum=0)
+
+    def estimate(self, problem: Problem):
+        x, info = minres(damped(problem.hvp(), self.damping), problem.outer_grad(), tol=self.tol, maxiter=self.maxiter)
+        info = dict(info)
+        info["hvp_count"] = info.pop("matvecs")
+        info["damping"] = jnp.asarray(self.damping)
+        return x, info
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense(Method):
+    """Materialise the Hessian and solve directly (tiny models and tests only).
+
+    ``operator`` names the same systems as CG's, so ``dense`` can check a CG solve exactly:
+    ``"plain"`` / ``"damped"`` solve ``(H + damping I) v = g``; ``"normal"`` solves
+    ``(H^2 + damping I) v = H g`` (with damping > 0 a Tikhonov-filtered ``H^{-1} g`` that damps the
+    directions with ``|eigenvalue| << sqrt(damping)``; at 0 the exact solve). A singular system is
+    solved on its range (pseudo-inverse; ``null_dimensions`` counts what was dropped).
+    ``min_eigenvalue`` / ``max_eigenvalue`` / ``min_abs_eigenvalue`` describe the undamped H.
+    ``max_params`` refuses models whose Hessian would be larger.
+    """
+
+    name: ClassVar[str] = "dense"
+
+    operator: str = "plain"
+    damping: float = 0.0
+    max_params: int = 20_000
+
+    def validate(self):
+        if self.operator not in DENSE_OPERATORS:
+            self._fail("operator", f"`operator` must be 'plain', 'damped' or 'normal', got {self.operator!r}")
+        self._number("damping", minimum=0.0)
+        self._number("max_params", integer=True, minimum=1)
+
+    def check_size(self, n_params: int) -> None:
+        if n_params > self.max_params:
+            self._fail("max_params", f"the Hessian would be {n_params} x {n_params}; `max_params` is {self.max_params}. "
+                                     "Use method='cg' for models this size")
+
+    def estimate(self, problem: Problem):
+        flat, unravel = ravel_pytree(problem.params)
+        self.check_size(flat.size)
+        hess = jax.hessian(lambda f: problem.total(unravel(f), problem.a))(flat)
+        hess = 0.5 * (hess + hess.T)  # exact in exact arithmetic; removes rounding asymmetry
+        g = ravel_pytree(problem.outer_grad())[0]
+        damping = self.damping
+        # through the eigendecomposition H = U diag(lam) U^T: v = U f(lam) U^T g with f = 1 / (lam + d)
+        # (plain, damped) or lam / (lam^2 + d) (normal); where the system's eigenvalue vanishes to
+        # rounding (dead units, symmetries make H exactly singular) f is 0: the pseudo-inverse, the
+        # solution CG started at 0 converges to
+        lam, u = jnp.linalg.eigh(hess)
+        sys_eig = lam**2 + damping if self.operator == "normal" else lam + damping
+        cutoff = flat.size * jnp.finfo(hess.dtype).eps * jnp.max(jnp.abs(sys_eig))
+        null = jnp.abs(sys_eig) <= cutoff
+        num = lam if self.operator == "normal" else jnp.ones_like(lam)
+        f = jnp.where(null, 0.0, num / jnp.where(null, 1.0, sys_eig))
+        v = u @ (f * (u.T @ g))
+        eye = jnp.eye(flat.size, dtype=hess.dtype)
+        system, rhs = (hess @ hess + damping * eye, hess @ g) if self.operator == "normal" else (hess + damping * eye, g)
+        # residual on the range of the system (the part of rhs in its null space cannot be solved for)
+        rhs_range = rhs - u @ (jnp.where(null, 1.0, 0.0) * (u.T @ rhs))
+        rel = relative(jnp.linalg.norm(system @ v - rhs_range), jnp.linalg.norm(rhs))
+        info: dict[str, Any] = {
+            "residual": rel,
+            "converged": jnp.isfinite(rel) & (rel < 1e-4),
+            "hvp_count": jnp.asarray(flat.size),
+            "min_eigenvalue": lam[0],
+            "max_eigenvalue": lam[-1],
+            "min_abs_eigenvalue": jnp.min(jnp.abs(lam)),
+            "null_dimensions": jnp.sum(null),
+            "damping": jnp.asarray(damping),
+        }
+        return unravel(v), info
