@@ -14,9 +14,10 @@ def audio_video(dataset: str, num_classes: int, arg: str):
     }
     c.data.frames = {"video": {"size": [224, 224], "normalize": True}}
     # Sec. 4.1: SGD, momentum 0.9, weight decay 1e-1, lr 1e-2 reduced x0.1 on a plateau, batch 256.
-    # (The authors' code: weight decay 1e-4, StepLR(70, 0.1), batch 64: --config.train.schedule=step ...)
-    c.train = {"num_epochs": 100, "batch_size": 256, "eval_batch_size": 256, "optimizer": "sgd", "learning_rate": 1e-2,
-               "momentum": 0.9, "weight_decay": 1e-1, "schedule": "plateau", "plateau_patience": 10,
-               "plateau_factor": 0.1, "step_every_epochs": 70, "step_factor": 0.1, "checkpoint_every_steps": 500,
-               "keep_checkpoints": 2, "select_metric": "acc"}
+    # (The authors' code: weight decay 1e-4, StepLR(70, 0.1), batch 64: --config.train.weight_decay=1e-4
+    #  --config.train.schedule=step --config.train.step_every_epochs=70 --config.train.batch_size=64)
+    c.train.update({"num_epochs": 100, "batch_size": 256, "eval_batch_size": 256, "optimizer": "sgd", "learning_rate": 1e-2,
+                    "momentum": 0.9, "weight_decay": 1e-1, "schedule": "plateau", "plateau_patience": 10,
+                    "plateau_factor": 0.1, "checkpoint_every_steps": 500,
+                    "keep_checkpoints": 2, "select_metric": "acc"})
     return _base.apply_method(c, arg)

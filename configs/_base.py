@@ -9,44 +9,27 @@ Methods (``--config configs/<dataset>.py:<method>``):
   ours_lb_vector      learned alpha with one weight per modality pair
   lfm_code            the authors' code: JS alignment, H.g with first-tensor mean, alpha in [0.05, 0.95] from 0.95
   unimodal:<modality> one encoder alone, classification only
+
+Batch sizes are global: ``train.batch_size``, ``train.eval_batch_size`` and ``alpha.batch_size`` are
+the examples of one step over all processes and devices (each process loads its share; a training
+batch must divide over the devices of the data axis). Every field is validated before the first step
+(``dyngap_jax.train.config.validate``); the fields a strategy ignores are listed there and warned
+about when set. The learned alpha's defaults come from ``dyngap_jax.alpha.LearnedAlpha`` and the
+hypergradient method's from its class in ``dyngap_jax.hypergrad`` (``alpha.hypergrad.options`` left
+``None`` take them, so ``--config.alpha.hypergrad.method=minres`` alone is MINRES with its defaults).
 """
 from __future__ import annotations
 
 import ml_collections
 
+from dyngap_jax.train.config import base_config
+
 
 def base(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.dataset = dataset
-    c.data_dir = data_dir
-    c.seed = 0
-    c.progress = True
-    c.method = ""
-    c.data = ml_collections.ConfigDict({"standardize": False, "frames": {}, "masks": [], "worker_count": 0})
-    c.loss = ml_collections.ConfigDict({"mm": "infonce", "temperature": 0.1})
-    # devices: `data` splits every batch (default: all devices); `model` > 1 with shard_params splits large
-    # weight matrices too; `distributed` starts JAX's multi-host runtime (see README)
-    c.parallel = ml_collections.ConfigDict({
-        "data": ml_collections.config_dict.placeholder(int),
-        "model": 1,
-        "shard_params": False,
-        "distributed": {"auto": False, "coordinator_address": "",
-                        "num_processes": ml_collections.config_dict.placeholder(int),
-                        "process_id": ml_collections.config_dict.placeholder(int)},
-    })
-    c.alpha = ml_collections.ConfigDict({
-        "strategy": "constant:0.0",
-        "inner_iters": 0,  # train steps between alpha steps (0: one alpha step per epoch)
-        "outer": "validation",  # the batch of the upper-level L_CLS: validation (default) or train
-        # examples in the hypergradient's inner and outer batches (None: the train batch); the authors use 8
-        "batch_size": ml_collections.config_dict.placeholder(int),
-        "learned": {"init": 0.5, "learning_rate": 0.05, "schedule": "constant", "clip": (0.0, 1.0),
-                    "optimizer": "sgd", "per_pair": False},
-        # normal equations: positive definite for the indefinite Hessians of networks (plain CG breaks down on them)
-        "hypergrad": {"method": "cg", "options": {"operator": "normal", "damping": 1e-4, "tol": 1e-3, "maxiter": 30},
-                      "require_converged": False},
-    })
-    return c
+    """Every field with its generic default (``dyngap_jax.train.config.base_config``); a data set's
+    config sets ``model`` and the required ``train`` fields (``num_epochs``, ``batch_size``,
+    ``learning_rate``)."""
+    return base_config(dataset, data_dir)
 
 
 def apply_method(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
@@ -70,7 +53,7 @@ def apply_method(c: ml_collections.ConfigDict, arg: str) -> ml_collections.Confi
         c.alpha.learned.clip = (0.05, 0.95)
         c.alpha.learned.schedule = "authors"
         c.alpha.hypergrad.method = "lfm_code"
-        c.alpha.hypergrad.options = {"reduction": "first_tensor_mean"}
+        c.alpha.hypergrad.options.reduction = "first_tensor_mean"
     elif name == "unimodal":
         if value not in c.model.modalities:
             raise ValueError(f"config method unimodal:{value}: modality must be one of {list(c.model.modalities)}")

@@ -20,7 +20,7 @@ def text_image(dataset: str, num_classes: int, arg: str):
     }
     c.data.frames = {"image": {"size": [224, 224], "normalize": True}}
     c.data.masks = ["text"]
-    c.train = {"num_epochs": 20, "batch_size": 128, "eval_batch_size": 256, "optimizer": "adam", "learning_rate": 1e-4,
-               "weight_decay": 0.0, "schedule": "constant", "checkpoint_every_steps": 500, "keep_checkpoints": 2,
-               "select_metric": "acc"}
+    c.train.update({"num_epochs": 20, "batch_size": 128, "eval_batch_size": 256, "optimizer": "adam", "learning_rate": 1e-4,
+                    "weight_decay": 0.0, "schedule": "constant", "checkpoint_every_steps": 500, "keep_checkpoints": 2,
+                    "select_metric": "acc"})
     return _base.apply_method(c, arg)

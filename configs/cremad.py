@@ -1,7 +1,7 @@
 """CREMA-D (audio + video, 6 emotions).
 
-    python data_prep/cremad.py --raw_dir /data/CREMA-D --out_dir data/cremad --workers 8
-    python scripts/train.py --config configs/cremad.py:ours_lb --workdir runs/cremad_ours_lb
+    python -m data_prep.cremad --raw_dir /data/CREMA-D --out_dir data/cremad --workers 8
+    python -m scripts.train --config configs/cremad.py:ours_lb --workdir runs/cremad_ours_lb
 
 Compare with Table 1 (Ours-LB: ACC 83.62, mAP 90.06), Table A2 (ablation) and Table A3 (strategies).
 """

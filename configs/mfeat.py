@@ -1,8 +1,8 @@
 """UCI Multiple Features (the embedded default): six views of 2,000 handwritten digits, MLP encoders.
 
-    python data_prep/mfeat.py --out_dir data/mfeat
-    python scripts/train.py --config configs/mfeat.py:ours_lb --workdir runs/mfeat_ours_lb
-    python scripts/train.py --config configs/mfeat.py:ours_lb/all --workdir runs/mfeat_all   # all six views
+    python -m data_prep.mfeat --out_dir data/mfeat
+    python -m scripts.train --config configs/mfeat.py:ours_lb --workdir runs/mfeat_ours_lb
+    python -m scripts.train --config configs/mfeat.py:ours_lb/all --workdir runs/mfeat_all   # all six views
 
 ``arg`` is ``<method>[/<views>]`` with views ``fou+pix`` (default: a strong and a weak view), any
 ``+``-joined subset of fou, fac, kar, pix, zer, mor, or ``all``. Not in the paper: compare with
@@ -30,8 +30,10 @@ def get_config(arg: str = "ours_lb"):
         "fusion": {"name": "concat"},
     }
     c.data.standardize = True
-    c.train = {"num_epochs": 30, "batch_size": 64, "eval_batch_size": 256, "optimizer": "sgd", "learning_rate": 0.05,
-               "momentum": 0.9, "weight_decay": 1e-4, "schedule": "plateau", "plateau_patience": 5,
-               "plateau_factor": 0.1, "checkpoint_every_steps": 0, "keep_checkpoints": 2, "select_metric": "acc"}
-    c.alpha.inner_iters = 7
-    return _base.apply_method(c, method)
+    c.train.update({"num_epochs": 30, "batch_size": 64, "eval_batch_size": 256, "optimizer": "sgd", "learning_rate": 0.05,
+                    "momentum": 0.9, "weight_decay": 1e-4, "schedule": "plateau", "plateau_patience": 5,
+                    "plateau_factor": 0.1, "checkpoint_every_steps": 0, "keep_checkpoints": 2, "select_metric": "acc"})
+    c = _base.apply_method(c, method)
+    if c.alpha.strategy == "learned":
+        c.alpha.inner_iters = 7  # an alpha step every 7 of the epoch's 21 train steps
+    return c

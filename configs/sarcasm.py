@@ -1,7 +1,7 @@
 """Sarcasm (image + text, 2 classes).
 
-    python data_prep/sarcasm.py --raw_dir /data/sarcasm --tokenizer checkpoints/bert-base-uncased --out_dir data/sarcasm
-    python scripts/train.py --config configs/sarcasm.py:ours_lb --workdir runs/sarcasm_ours_lb
+    python -m data_prep.sarcasm --raw_dir /data/sarcasm --tokenizer checkpoints/bert-base-uncased --out_dir data/sarcasm
+    python -m scripts.train --config configs/sarcasm.py:ours_lb --workdir runs/sarcasm_ours_lb
 
 Compare with Table 1 (Ours-LB: ACC 84.97, macro-F1 84.57) and Table A2.
 """

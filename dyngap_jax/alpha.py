@@ -163,7 +163,8 @@ class LearnedAlpha:
 
     Args:
       init: initial alpha (the authors' code starts at 0.95).
-      learning_rate: ``eta_alpha``, a float or an optax schedule of the alpha-step count.
+      learning_rate: ``eta_alpha``, a float or an optax schedule of the alpha-step count (the
+        configs' default, ``config.alpha.learned.learning_rate``, is taken from here).
       clip: the range alpha is projected onto after each step; the paper's ``[0, 1]``, the
         authors' code ``[0.05, 0.95]``.
       num_pairs: ``None`` for the paper's scalar alpha, or the number of modality pairs for one
@@ -172,7 +173,7 @@ class LearnedAlpha:
     """
 
     init: float = 0.5
-    learning_rate: float | optax.Schedule = 1e-2
+    learning_rate: float | optax.Schedule = 0.05
     clip: tuple[float, float] = (0.0, 1.0)
     num_pairs: int | None = None
     optimizer: str = "sgd"
@@ -187,7 +188,7 @@ class LearnedAlpha:
             raise ValueError(f"LearnedAlpha: `num_pairs` must be >= 1 or None, got {self.num_pairs}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"LearnedAlpha: `optimizer` must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if not callable(self.learning_rate) and not self.learning_rate > 0:
+        if not callable(self.learning_rate) and not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"LearnedAlpha: `learning_rate` must be > 0, got {self.learning_rate}")
 
     @property

@@ -8,18 +8,14 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from tiny_data import tiny_config  # this file's folder is on sys.path: it runs as a script
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
-
-from test_train import tiny_config  # noqa: E402
-
-from data_prep.common import convert  # noqa: E402
-from dyngap_jax.data.records import FeatureSpec  # noqa: E402
-from dyngap_jax.train import Checkpointer, train  # noqa: E402
+from data_prep.common import convert
+from dyngap_jax.data.records import FeatureSpec
+from dyngap_jax.train import Checkpointer, train
 
 
 def records(folder):
@@ -50,8 +46,8 @@ def main(out_dir, method="ours_lb", dropout=None):
             cfg.parallel = {"data": n, "model": 1}
             cfg.train.eval_batch_size = 10  # uneven last batches exercise the padding
             # a converged, well-conditioned solve: what is compared is the sharding, not CG's float sensitivity
-            cfg.alpha.hypergrad.options = {"operator": "damped", "damping": float(os.environ.get("EQ_DAMPING", "10.0")),
-                                           "tol": 1e-6, "maxiter": 100}
+            cfg.alpha.hypergrad.options.update({"operator": "damped", "damping": float(os.environ.get("EQ_DAMPING", "10.0")),
+                                                "tol": 1e-6, "maxiter": 100})
             cfg.alpha.learned.learning_rate = 0.05
         workdir = os.path.join(out_dir, f"run{n}")
         summary = train(cfg, workdir)

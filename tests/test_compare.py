@@ -9,7 +9,7 @@ import pytest
 
 from tiny_data import make_tiny_records, tiny_config
 
-from dyngap_jax.train import compare
+from dyngap_jax.studies import compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +57,35 @@ def test_reference_agrees_with_dense_and_report_is_complete(tiny_records, tmp_pa
 
 
 def test_script_rejects_bad_points():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare_hypergrads.py"),
+    proc = subprocess.run([sys.executable, "-m", "scripts.compare_hypergrads",
                            "--config", os.path.join(ROOT, "configs", "mfeat.py") + ":ours_lb", "--workdir", "/nonexistent",
                            "--out_dir", "/nonexistent", "--points", "ten"], capture_output=True, text=True)
     assert proc.returncode != 0 and "--points" in proc.stderr
+
+
+def test_comparison_measures_what_the_training_alpha_step_applies(tiny_records):
+    """The comparison's closures are the alpha step's: the same value on the same batches, state and key."""
+    import jax
+
+    from dyngap_jax.train import setup
+    from dyngap_jax.studies.estimator import Estimator
+
+    cfg = tiny_config(tiny_records)
+    with cfg.unlocked():
+        for m in cfg.model.modalities:
+            cfg.model.encoders[m].dropout = 0.5  # the dropout key matters
+    run = setup(cfg)
+    state = run.create_train_state()
+    state = state.replace(step=state.step + 5)
+    _, _, alpha_step = run.compile_steps(state)
+    inner = next(iter(run.loader("train", train=True, epoch=3)))
+    outer = next(iter(run.loader("validation", train=True, epoch=4)))
+    method = run.strategy.method
+    _, trained, _ = alpha_step(state, inner, outer)
+    measured = Estimator(run.model, run.mm_loss, state, method.name, method.options())(inner, outer, repeats=1)
+    np.testing.assert_allclose(measured["value"], np.asarray(trained.value), rtol=1e-5)
+    assert measured["info"]["iterations"] == float(trained.info["iterations"])
+    # a different dropout key gives a different value: the agreement above is not by accident
+    other = Estimator(run.model, run.mm_loss, state.replace(rng=jax.random.PRNGKey(99)), method.name,
+                      method.options())(inner, outer, repeats=1)
+    assert not np.allclose(other["value"], measured["value"], rtol=1e-3)

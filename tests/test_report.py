@@ -9,7 +9,7 @@ import pytest
 
 from tiny_data import make_tiny_records, tiny_config
 
-from dyngap_jax.train import report
+from dyngap_jax.studies import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,11 +80,24 @@ def test_gap_projection_centroid_distance_matches_metric():
 
 
 def test_script_flag_errors():
-    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "report.py"), *a],
-                                    capture_output=True, text=True)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "scripts.report", *a], capture_output=True, text=True)
     base = ["--workdir", "/nonexistent", "--out_dir", "/nonexistent"]
-    assert "no such file" in run("--config", "configs/none.py", *base).stderr
-    proc = run("--config", os.path.join(ROOT, "configs", "mfeat.py"), "--set", "train.nonexistent=3", *base)
-    assert proc.returncode != 0 and "no field 'nonexistent'" in proc.stderr
+    proc = run("--config", "configs/none.py", *base)
+    assert proc.returncode != 0 and "configs/none.py" in proc.stderr
+    # overrides are the other scripts' --config.<field>=<value>: an unknown field is refused by name
+    proc = run("--config", os.path.join(ROOT, "configs", "mfeat.py"), "--config.train.nonexistent=3", *base)
+    assert proc.returncode != 0 and "nonexistent" in proc.stderr
     proc = run("--config", os.path.join(ROOT, "configs", "mfeat.py"), "--methods", "newton", *base)
     assert proc.returncode != 0 and "not in the grid" in proc.stderr
+
+
+def test_overrides_reach_every_run_of_the_grid():
+    from scripts.report import make_config_factory
+
+    from configs import mfeat
+
+    make = make_config_factory(mfeat.get_config, "{method}/fou+pix", {"train.num_epochs": 3,
+                                                                       "alpha.hypergrad.options.maxiter": 50})
+    for method in ("concat", "ours_h", "ours_lb"):
+        cfg = make(method)
+        assert cfg.method == method and cfg.train.num_epochs == 3 and cfg.alpha.hypergrad.options.maxiter == 50

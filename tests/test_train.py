@@ -2,19 +2,17 @@
 import json
 import math
 import os
+import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tiny_data import make_tiny_records, tiny_config
 
-from configs import mfeat as mfeat_config  # noqa: E402
-from dyngap_jax.data.records import RecordError  # noqa: E402
-from dyngap_jax.train import Checkpointer, TrainingDiverged, train  # noqa: E402
-from dyngap_jax.train.evaluation import evaluate_checkpoint  # noqa: E402
-from tiny_data import make_tiny_records, tiny_config  # noqa: E402
+from configs import mfeat as mfeat_config
+from dyngap_jax.data.records import RecordError
+from dyngap_jax.train import Checkpointer, TrainingDiverged, evaluate_checkpoint, train
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +20,36 @@ def tiny_records(tmp_path_factory):
     return make_tiny_records(str(tmp_path_factory.mktemp("tiny") / "rec"))
 
 
-METHODS = ["concat", "constant:0.5", "stepwise:0.05", "ours_h", "ours_lb", "ours_lb_vector", "lfm_code", "unimodal:a"]
+METHODS = ["concat", "constant:0.5", "stepwise:0.05", "ours_h", "ours_lb", "ours_lb_vector", "lfm_code", "unimodal:a",
+           "ours_lb+adam", "ours_lb+minres"]
+VARIANTS = {"adam": ("alpha.learned.optimizer", "adam"),  # the alpha optimiser's state is a different tree
+            "minres": ("alpha.hypergrad.method", "minres")}  # alone: MINRES with its own defaults
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_runs_two_epochs(tiny_records, tmp_path, method):
+def test_every_method_trains_and_restores(tiny_records, tmp_path, method):
+    method, _, variant = method.partition("+")
     cfg = tiny_config(tiny_records, method)
+    if variant:
+        with cfg.unlocked():
+            cfg.update_from_flattened_dict({VARIANTS[variant][0]: VARIANTS[variant][1]})
     summary = train(cfg, str(tmp_path))
+    # restored through evaluation (a train state made from the config), the best checkpoint gives back the
+    # metrics recorded at that epoch; without a config, from the run's recorded one
+    for config in (cfg, None):
+        for split in ("validation", "test"):
+            step, res = evaluate_checkpoint(config, str(tmp_path), split, "best")
+            assert step == 3 * summary["best"]["epoch"]
+            for k, v in summary["best"][split].items():
+                assert res[k] == pytest.approx(v, abs=1e-6), (split, k)
+        if method != "lfm_code":
+            break
+    if method == "lfm_code":  # the script, as a user runs it: the recorded config, the table
+        proc = subprocess.run([sys.executable, "-m", "scripts.evaluate", "--workdir", str(tmp_path), "--split", "test"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        row = next(line for line in proc.stdout.splitlines() if line.startswith("test ") and " acc " in line)
+        assert float(row.split()[2]) == pytest.approx(summary["best"]["test"]["acc"], abs=1e-4)
     hist = summary["history"]
     assert [h["epoch"] for h in hist] == [1, 2]
     for split in ("validation", "test"):
@@ -56,6 +77,8 @@ def test_every_method_runs_two_epochs(tiny_records, tmp_path, method):
             assert not np.allclose(alphas[-1], init), "learned alpha did not move"
         if method == "ours_lb_vector":
             assert alphas[-1].shape == (1,)  # two modalities: one pair
+        if variant == "minres":
+            assert all(r["hypergrad_iterations"] > 0 for r in records)
 
 
 def test_interrupt_and_resume_equals_uninterrupted(tiny_records, tmp_path):
@@ -135,5 +158,5 @@ def test_alpha_step_on_a_smaller_batch(tiny_records, tmp_path):
     assert not np.isclose(summary["final_alpha"], 0.5)
     with cfg.unlocked():
         cfg.alpha.batch_size = 32
-    with pytest.raises(ValueError, match="config.alpha.batch_size=32 must be at most the per-process batch 16"):
+    with pytest.raises(ValueError, match="config.alpha.batch_size=32 must be at most config.train.batch_size=16"):
         train(cfg, str(tmp_path / "b"))

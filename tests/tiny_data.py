@@ -1,14 +1,9 @@
 """A tiny generated two-view data set (3 classes) and a config for it, shared by the training, comparison and report tests."""
-import os
-import sys
-
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import mfeat as mfeat_config  # noqa: E402
-from data_prep.common import convert  # noqa: E402
-from dyngap_jax.data.records import FeatureSpec  # noqa: E402
+from configs import mfeat as mfeat_config
+from data_prep.common import convert
+from dyngap_jax.data.records import FeatureSpec
 
 
 def make_tiny_records(out: str) -> str:
@@ -48,5 +43,6 @@ def tiny_config(data_dir, method="ours_lb", epochs=2):
         c.train.num_epochs = epochs
         c.train.batch_size = 16
         c.train.eval_batch_size = 16
-        c.alpha.inner_iters = 1
+        if c.alpha.strategy == "learned":
+            c.alpha.inner_iters = 1
     return c

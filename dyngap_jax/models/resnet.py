@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from dyngap_jax.models.common import check_input

@@ -24,10 +24,11 @@ import numpy as np
 from absl import logging
 
 from dyngap_jax import metrics
-from dyngap_jax.data.records import atomic_write_text
+from dyngap_jax.io import atomic_write_text, new_figure, save_figure, write_json
+from dyngap_jax.train.config import validate
 from dyngap_jax.train.evaluation import predict_checkpoint
-from dyngap_jax.train.loop import _comparable, train
-from dyngap_jax.train.plots import save_figure
+from dyngap_jax.train.loop import train
+from dyngap_jax.train.workdir import config_differences
 
 FIXED = ("concat", "constant:0.0", "constant:0.5", "constant:1.0", "stepwise:0.0", "stepwise:1.0", "stepwise:0.05",
          "stepwise:0.95", "ours_h", "ours_lb")
@@ -67,7 +68,7 @@ def _finished(cfg, wd: str):
     if not (os.path.exists(summary) and os.path.exists(config)):
         return None
     with open(config) as f:
-        if _comparable(json.load(f)) != _comparable(cfg.to_dict()):
+        if config_differences(json.load(f), validate(cfg)[0]):
             return None  # train() will refuse the workdir with the differing fields named
     with open(summary) as f:
         return json.load(f)
@@ -84,13 +85,20 @@ def run_grid(make_config: Callable[[str], object], seeds: Sequence[int], workdir
         raise ValueError("report: give at least one seed")
     methods = list(methods) if methods is not None else grid(list(make_config("concat").model.modalities))
     todo = [(m, s) for m in methods for s in seeds]
-    results: dict[str, dict[int, dict]] = {}
-    t0 = time.time()
-    for i, (method, seed) in enumerate(todo):
+
+    def config_of(method, seed):
         target = ALIASES.get(method, method) if ALIASES.get(method) in methods else method
         cfg = make_config(target)
         with cfg.unlocked():
             cfg.seed = int(seed)
+        return target, cfg
+
+    for method, seed in todo:  # every run's config is checked before the first one trains
+        validate(config_of(method, seed)[1])
+    results: dict[str, dict[int, dict]] = {}
+    t0 = time.time()
+    for i, (method, seed) in enumerate(todo):
+        target, cfg = config_of(method, seed)
         wd = run_dir(workdir, target, seed)
         summary = _finished(cfg, wd)
         state = "collected"
@@ -157,12 +165,7 @@ def table4(results, modalities, metric: str = "acc") -> str:
 
 def plot_alpha(results, path: str) -> None:
     """Figure 3: ours_lb's alpha per epoch (each seed, and their mean) beside 1 - exp(-1/t)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = new_figure(figsize=(5, 3.5))
     curves = []
     for seed, r in results.get("ours_lb", {}).items():
         hist = r["history"]
@@ -213,12 +216,7 @@ def gap_projection(features: Mapping[str, np.ndarray]) -> tuple[dict[str, np.nda
 
 def plot_modality_gap(make_config, workdir: str, seed: int, path: str, methods=("concat", "ours_lb")) -> dict:
     """Figure 2 for each method's ``seed`` run (best checkpoint, test split); returns the centroid distances."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 4), squeeze=False)
+    fig, axes = new_figure(1, len(methods), figsize=(4.5 * len(methods), 4), squeeze=False)
     out = {}
     for ax, method in zip(axes[0], methods):
         cfg = make_config(method)
@@ -281,5 +279,5 @@ def write_report(results, make_config, workdir: str, out_dir: str, *, title: str
     atomic_write_text(os.path.join(out_dir, f"{figure_prefix}report.md"), text)
     saved = {m: {str(s): {"best": r["best"], "final_alpha": r["final_alpha"], "alpha": [h["alpha"] for h in r["history"]]}
                  for s, r in runs.items()} for m, runs in results.items()}
-    atomic_write_text(os.path.join(out_dir, f"{figure_prefix}results.json"), json.dumps(saved, default=float))
+    write_json(os.path.join(out_dir, f"{figure_prefix}results.json"), saved, indent=None)
     return text

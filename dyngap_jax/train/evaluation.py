@@ -1,16 +1,62 @@
-"""Evaluate a saved checkpoint on a split, and format metrics as a table."""
+"""Evaluation: predictions and metrics on a split, restoring a run's checkpoints, and the results table."""
 from __future__ import annotations
 
 import os
+from typing import Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
-from dyngap_jax import alpha as alpha_lib
-from dyngap_jax import models
+from dyngap_jax import metrics, parallel
 from dyngap_jax.train.checkpoint import Checkpointer
-from dyngap_jax.train.loop import _cfg, _loader, evaluate, make_optimizer, predict
+from dyngap_jax.train.setup import Run, setup
 from dyngap_jax.train.steps import TrainState, make_eval_step
+from dyngap_jax.train.workdir import recorded_config
+
+
+def predict(state: TrainState, eval_step, run: Run, split: str):
+    """``(logits, modality_logits, features, labels)`` on every example of ``split`` once, as NumPy.
+
+    On the run's mesh each batch is padded (last example repeated) to divide over the data axis
+    and the padding is dropped from the outputs; with several processes the outputs are gathered.
+    """
+    logits, per, feats, labels = [], {}, {}, []
+    mesh = run.mesh
+    for batch in run.loader(split, train=False, batch_size=run.batch.eval):
+        n = len(batch["label"])
+        padded, _ = parallel.pad_to_multiple(batch, mesh.shape["data"] // jax.process_count())
+        out = eval_step(state, parallel.shard_batch(padded, mesh))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            out = multihost_utils.process_allgather(out, tiled=True)
+            batch = multihost_utils.process_allgather(padded, tiled=True)
+            n = len(batch["label"])
+        out = jax.tree_util.tree_map(lambda x: np.asarray(x)[:n], jax.device_get(out))
+        logits.append(out["logits"])
+        labels.append(np.asarray(batch["label"])[:n])
+        for m, v in out["modality_logits"].items():
+            per.setdefault(m, []).append(v)
+        for m, v in out["features"].items():
+            feats.setdefault(m, []).append(v)
+    return (np.concatenate(logits), {m: np.concatenate(v) for m, v in per.items()},
+            {m: np.concatenate(v) for m, v in feats.items()}, np.concatenate(labels))
+
+
+def _log_softmax_at(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(-1, keepdims=True)
+    return (z - np.log(np.exp(z).sum(-1, keepdims=True)))[np.arange(len(labels)), labels]
+
+
+def evaluate(state: TrainState, eval_step, run: Run, split: str) -> dict[str, float]:
+    """Every metric on ``split`` (each example once), plus the mean L_CLS."""
+    logits, per, feats, labels = predict(state, eval_step, run, split)
+    res = metrics.evaluate_predictions(logits, per, labels, feats)
+    res["l_cls"] = float(np.mean(-_log_softmax_at(logits.astype(np.float64), labels)))
+    return res
+
+
+# --------------------------------------------------------------------------- restoring a run
 
 
 def epoch_checkpoints(workdir: str) -> dict[int, int]:
@@ -18,63 +64,80 @@ def epoch_checkpoints(workdir: str) -> dict[int, int]:
     ``config.train.keep_checkpoints`` to keep every epoch's)."""
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     out = {}
-    for step in ckpt.all_steps():
-        extra = ckpt.restore_extra(step)
-        if not extra.get("step_in_epoch"):
-            out[int(extra["epoch"])] = step  # extra["epoch"] is the next epoch's index: epochs done
-    ckpt.close()
+    try:
+        for step in ckpt.all_steps():
+            extra = ckpt.restore_extra(step)
+            if not extra.get("step_in_epoch"):
+                out[int(extra["epoch"])] = step  # extra["epoch"] is the next epoch's index: epochs done
+    finally:
+        ckpt.close()
     return out
 
 
-def load_run_state(config, workdir: str, which: str | int = "latest"):
-    """``(model, state, step)`` of a run's ``latest`` checkpoint, its ``best`` (on validation) one, or step ``which``."""
-    cfg = _cfg(config)
+def load_run_state(config, workdir: str, which: str | int = "latest") -> tuple[Run, TrainState, int]:
+    """``(run, state, step)`` of a run's ``latest`` checkpoint, its ``best`` (on validation) one, or step ``which``.
+
+    ``config=None`` reads the config the run recorded (``config.json``). The state to restore into
+    comes from :meth:`Run.create_train_state`, the same tree training saved.
+    """
+    if which not in ("latest", "best") and not isinstance(which, (int, np.integer)):
+        raise ValueError(f"load_run_state: `which` must be 'latest', 'best' or a step, got {which!r}")
+    run = setup(recorded_config(workdir) if config is None else config)
     folder = os.path.join(workdir, "best" if which == "best" else "checkpoints")
     ckpt = Checkpointer(folder)
-    if isinstance(which, int):
-        if which not in ckpt.all_steps():
-            raise FileNotFoundError(f"{folder}: no checkpoint at step {which}; retained steps: {ckpt.all_steps()}")
-        step = which
-    elif which in ("latest", "best"):
-        step = ckpt.latest_step()
-    else:
-        raise ValueError(f"load_run_state: `which` must be 'latest', 'best' or a step, got {which!r}")
-    if step is None:
-        raise FileNotFoundError(f"{folder}: no checkpoint (has the run in {workdir} saved one?)")
-    model, pretrained = models.build_model(cfg["model"])
-    example = next(iter(_loader(cfg, "train", train=False, batch_size=2)))
-    variables = models.init_variables(model, jax.random.PRNGKey(0), example, pretrained)
-    params = variables.pop("params")
-    tx = make_optimizer(cfg["train"], 1)
-    mods = cfg["model"]["modalities"]
-    n_pairs = max(1, len(mods) * (len(mods) - 1) // 2)
-    per_pair = cfg["alpha"]["strategy"] == "learned" and cfg["alpha"].get("learned", {}).get("per_pair")
-    learned = alpha_lib.LearnedAlpha(num_pairs=n_pairs if per_pair else None)
-    like = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables, opt_state=tx.init(params),
-                      alpha=learned.create(), rng=jax.random.PRNGKey(0))
-    state, _ = ckpt.restore(step, like)
-    ckpt.close()
-    return model, state, step
+    try:
+        if isinstance(which, (int, np.integer)):
+            if int(which) not in ckpt.all_steps():
+                raise FileNotFoundError(f"{folder}: no checkpoint at step {which}; retained steps: {ckpt.all_steps()}")
+            step = int(which)
+        else:
+            step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{folder}: no checkpoint (has the run in {workdir} saved one?)")
+        state, _ = ckpt.restore(step, run.create_train_state())
+    finally:
+        ckpt.close()
+    return run, state, step
 
 
-def evaluate_checkpoint(config, workdir: str, split: str, which: str = "best"):
+def evaluate_checkpoint(config, workdir: str, split: str, which: str | int = "best"):
     """``(step, metrics)`` of the ``best`` (on validation) or ``latest`` checkpoint of ``workdir`` on ``split``."""
-    model, state, step = load_run_state(config, workdir, which)
-    return step, evaluate(state, make_eval_step(model), _cfg(config), split)
+    run, state, step = load_run_state(config, workdir, which)
+    state = jax.device_put(state, run.shardings(state)[0])
+    return step, evaluate(state, make_eval_step(run.model, run.shardings(state)), run, split)
 
 
-def predict_checkpoint(config, workdir: str, split: str, which: str = "best"):
+def predict_checkpoint(config, workdir: str, split: str, which: str | int = "best"):
     """``(logits, modality_logits, features, labels)`` of a checkpoint on every example of ``split``."""
-    model, state, _ = load_run_state(config, workdir, which)
-    return predict(state, make_eval_step(model), _cfg(config), split)
+    run, state, _ = load_run_state(config, workdir, which)
+    state = jax.device_put(state, run.shardings(state)[0])
+    return predict(state, make_eval_step(run.model, run.shardings(state)), run, split)
 
 
-def metrics_table(res: dict, modalities, names=("acc", "map", "f1")) -> str:
-    head = f"{'metric':<6} {'fused':>8} " + " ".join(f"{m:>8}" for m in modalities) + f" {'gap':>8}"
+# --------------------------------------------------------------------------- the table
+
+
+def metrics_table(results: Mapping[str, Mapping[str, float]], modalities: Sequence[str],
+                  names: Sequence[str] = ("acc", "map", "f1")) -> str:
+    """``{split: metrics}`` as one table: fused and per-modality scores, the gap; then the modality-gap distances."""
+    head = f"{'split':<11} {'metric':<6} {'fused':>8} " + " ".join(f"{m:>8}" for m in modalities) + f" {'gap':>8}"
     lines = [head, "-" * len(head)]
-    for n in names:
-        lines.append(f"{n:<6} {res[n]:>8.4f} " + " ".join(f"{res[f'{n}/{m}']:>8.4f}" for m in modalities)
-                     + f" {res[f'gap_{n}']:>8.4f}")
-    if "modality_gap" in res:
-        lines.append(f"modality-gap distance: {res['modality_gap']:.4f}")
+    for split, res in results.items():
+        if not res:
+            continue
+        for name in names:
+            lines.append(f"{split:<11} {name:<6} {res[name]:>8.4f} "
+                         + " ".join(f"{res[f'{name}/{m}']:>8.4f}" for m in modalities) + f" {res[f'gap_{name}']:>8.4f}")
+    gaps = [f"{split} {res['modality_gap']:.4f}" for split, res in results.items() if res and "modality_gap" in res]
+    if gaps:
+        lines += ["", "modality-gap distance: " + ", ".join(gaps)]
+    return "\n".join(lines)
+
+
+def summary_table(summary: Mapping, modalities: Sequence[str]) -> str:
+    """The end-of-run table: :func:`metrics_table` at the best validation epoch, and the final alpha."""
+    best = summary["best"]
+    lines = [f"best epoch {best['epoch']} by {best['metric']} (test never used for selection)", "",
+             metrics_table({s: best.get(s) for s in ("validation", "test")}, modalities), "",
+             f"final alpha: {np.array2string(np.asarray(summary['final_alpha']), precision=4)}"]
     return "\n".join(lines)

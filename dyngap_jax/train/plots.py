@@ -6,30 +6,18 @@ import os
 
 import numpy as np
 
-
-def save_figure(fig, path: str) -> None:
-    """Write ``fig`` as PNG under a temporary name, rename it into place, and close it."""
-    import matplotlib.pyplot as plt
-
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+from dyngap_jax.io import new_figure, save_figure
 
 
 def write_all(workdir: str, history: list[dict], modalities, num_epochs: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """``alpha.png`` and ``modalities.png`` in ``workdir`` from the run's per-epoch history."""
     if not history:
         return
     epochs = np.asarray([h["epoch"] for h in history], float)
     frac = epochs / num_epochs
     alpha = np.asarray([np.atleast_1d(h["alpha"]) for h in history], float)
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = new_figure(figsize=(5, 3.5))
     if alpha.shape[1] == 1:
         ax.plot(frac, alpha[:, 0], "o-", label="alpha (this run)")
     else:
@@ -44,7 +32,7 @@ def write_all(workdir: str, history: list[dict], modalities, num_epochs: int) ->
     ax.set_title("alpha over training (cf. Figure 3)")
     save_figure(fig, os.path.join(workdir, "alpha.png"))
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, (a1, a2) = new_figure(1, 2, figsize=(9, 3.5))
     for m in modalities:
         key = f"validation/acc/{m}"
         if key in history[0]:

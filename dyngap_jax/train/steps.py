@@ -1,4 +1,13 @@
-"""The train state and the three compiled steps of Algorithm 1: train_step, eval_step, alpha_step."""
+"""The train state and the three compiled steps of Algorithm 1: train_step, eval_step, alpha_step.
+
+:func:`make_alpha_step` is **Algorithm 1's alpha step**: it forms the hypergradient from the inner
+batch (L_CLS and L_MM: the Hessian of L_total) and the outer batch (L_CLS: the upper-level
+objective) with :func:`alpha_losses`, estimates ``d L_outer / d alpha`` with the config's method
+(:func:`dyngap_jax.hypergrad.alpha_hypergradient`; Eq. 3 with ``H^{-1} g`` from a Krylov solve for
+the exact methods) and updates alpha with :meth:`dyngap_jax.alpha.LearnedAlpha.update`
+(``alpha <- clip(alpha - eta * hypergradient)``). The loop runs it every ``config.alpha.inner_iters``
+train steps (0: once per epoch, after the epoch's last step).
+"""
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -43,7 +52,8 @@ def mm_loss_fn(kind: str, modalities: Sequence[str], temperature: float, per_pai
     raise ValueError(f"config.loss.mm: unknown modality-matching loss {kind!r}; known: infonce, js, none")
 
 
-def _forward(model, params, model_state, batch, rng, train: bool):
+def forward(model, params, model_state, batch, rng, train: bool):
+    """``(outputs, new_model_state)``; in training mode BatchNorm uses and updates batch statistics."""
     variables = {"params": params, **model_state}
     if train:
         out, new_state = model.apply(variables, batch, train=True, mutable=list(model_state), rngs={"dropout": rng})
@@ -61,7 +71,7 @@ def make_train_step(model, tx: optax.GradientTransformation, mm_loss: Callable, 
         rng = jax.random.fold_in(state.rng, state.step)
 
         def loss_fn(params):
-            out, new_model_state = _forward(model, params, state.model_state, batch, rng, True)
+            out, new_model_state = forward(model, params, state.model_state, batch, rng, True)
             l_cls = losses.cross_entropy(out["logits"], batch["label"])
             l_mm = mm_loss(out)
             return losses.total(l_cls, l_mm, alpha), (l_cls, jnp.mean(l_mm), new_model_state)
@@ -84,7 +94,7 @@ def make_eval_step(model, shardings=None):
     """``eval_step(state, batch) -> {logits, modality_logits, features}`` in evaluation mode."""
 
     def eval_step(state: TrainState, batch):
-        out, _ = _forward(model, state.params, state.model_state, batch, None, False)
+        out, _ = forward(model, state.params, state.model_state, batch, None, False)
         return {"logits": out["logits"], "modality_logits": out["modality_logits"], "features": out["features"]}
 
     if shardings is None:
@@ -93,26 +103,64 @@ def make_eval_step(model, shardings=None):
     return jax.jit(eval_step, in_shardings=(state_sh, batch_sh), out_shardings=batch_sh)
 
 
-def make_alpha_step(model, mm_loss: Callable, learned: LearnedAlpha, method: str, options: dict,
-                    require_converged: bool = False, shardings=None):
-    """``alpha_step(state, inner_batch, outer_batch) -> (state, hypergradient result)``: Algorithm 1's alpha update.
+def alpha_key(state: TrainState) -> jax.Array:
+    """The alpha step's dropout key at ``state`` (fixed through the whole hypergradient)."""
+    return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
 
-    L_CLS and L_MM on the inner batch define L_total's Hessian; L_CLS on the outer batch is the
-    upper-level objective. The forward pass runs in training mode with the batch statistics and
-    dropout key held fixed (the running averages are not updated), so the Hessian is that of one
-    function. A non-finite or broken-down (CG breakdown, diverging series) hypergradient skips
-    the update and is counted in ``alpha.skipped``; a solve stopped at ``maxiter`` (truncated CG,
-    as iMAML uses) is applied unless ``require_converged``.
+
+def alpha_losses(model, mm_loss: Callable, state: TrainState, inner, outer):
+    """``(cls_loss, mm_loss, outer_loss)``: the closures ``params -> loss`` of the alpha step at ``state``.
+
+    L_CLS and L_MM on the ``inner`` batch, L_CLS on the ``outer`` batch. The forward pass runs in
+    training mode with the batch statistics and the dropout key (:func:`alpha_key`) held fixed
+    (the running averages are not updated), so the Hessian is that of one function. The
+    hypergradient comparison builds its closures here too, so it measures what training applies.
+    """
+    rng = alpha_key(state)
+    fwd = lambda p, b: forward(model, p, state.model_state, b, rng, True)[0]
+    cls_loss = lambda p: losses.cross_entropy(fwd(p, inner)["logits"], inner["label"])
+    inner_mm = lambda p: mm_loss(fwd(p, inner))
+    outer_loss = lambda p: losses.cross_entropy(fwd(p, outer)["logits"], outer["label"])
+    return cls_loss, inner_mm, outer_loss
+
+
+def subbatch_sampler(model, mm_loss: Callable, state: TrainState, batch, size: int):
+    """``key -> (cls_loss, mm_loss)`` on ``size`` examples of ``batch`` drawn without replacement.
+
+    The fresh mini-batches of the stochastic methods (Ghadimi-Wang) in training, drawn from the
+    alpha step's inner batch.
+    """
+    n = batch["label"].shape[0]
+
+    def sampler(key):
+        idx = jax.random.permutation(key, n)[:size]
+        sub = jax.tree_util.tree_map(lambda x: x[idx], batch)
+        cls_loss, inner_mm, _ = alpha_losses(model, mm_loss, state, sub, sub)
+        return cls_loss, inner_mm
+
+    return sampler
+
+
+def make_alpha_step(model, mm_loss: Callable, learned: LearnedAlpha, method: hypergrad.Method,
+                    require_converged: bool = False, shardings=None):
+    """``alpha_step(state, inner_batch, outer_batch) -> (state, result, applied)``: Algorithm 1's alpha update.
+
+    ``method`` is a validated :class:`~dyngap_jax.hypergrad.Method` (``hypergrad.method_from_config``).
+    The closures are :func:`alpha_losses`'s. A non-finite or broken-down (CG breakdown, diverging
+    series) hypergradient skips the update and is counted in ``alpha.skipped``; a solve stopped at
+    ``maxiter`` (truncated, as iMAML uses) is applied unless ``require_converged``.
     """
 
     def alpha_step(state: TrainState, inner, outer):
-        rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
-        fwd = lambda p, b: _forward(model, p, state.model_state, b, rng, True)[0]
-        cls_loss = lambda p: losses.cross_entropy(fwd(p, inner)["logits"], inner["label"])
-        inner_mm = lambda p: mm_loss(fwd(p, inner))
-        outer_loss = lambda p: losses.cross_entropy(fwd(p, outer)["logits"], outer["label"])
+        cls_loss, inner_mm, outer_loss = alpha_losses(model, mm_loss, state, inner, outer)
+        inputs = {}
+        if "sampler" in method.required_inputs():
+            size = max(1, inner["label"].shape[0] // 2)
+            inputs["sampler"] = subbatch_sampler(model, mm_loss, state, inner, size)
+        if "key" in method.required_inputs():
+            inputs["key"] = jax.random.fold_in(alpha_key(state), 2)
         res = hypergrad.alpha_hypergradient(cls_loss, inner_mm, outer_loss, state.params, state.alpha.value, method,
-                                            **options)
+                                            **inputs)
         usable = res.ok if require_converged else res.info["finite"] & ~res.info["breakdown"]
         g = jnp.where(usable, res.value, jnp.nan)
         return state.replace(alpha=learned.update(state.alpha, g)), res, usable
@@ -121,3 +169,7 @@ def make_alpha_step(model, mm_loss: Callable, learned: LearnedAlpha, method: str
         return jax.jit(alpha_step)
     state_sh, batch_sh, repl = shardings
     return jax.jit(alpha_step, in_shardings=(state_sh, batch_sh, batch_sh), out_shardings=(state_sh, repl, repl))
+
+
+# the call-time inputs the training loop can give a method
+TRAINING_INPUTS = ("sampler", "key")

@@ -1,0 +1,249 @@
+"""The one place a config becomes a run's objects: model, optimiser, alpha strategy (with its
+hypergradient method), L_MM, mesh, loaders, and the train state.
+
+``run = setup(config)`` validates the whole config (:mod:`dyngap_jax.train.config`), reads the records'
+manifest, checks the batch sizes against the split and the devices and builds the model, all before
+anything is written or trained; ``run.create_train_state()`` is the only way a train state is made
+(training, evaluation and restoring, the hypergradient comparison, Grad-CAM and the benchmarks use
+it, so a checkpoint always restores into the tree it was saved from). ``setup(config, data=False)``
+serves code without records (benchmarks on synthetic batches; give ``create_train_state`` an example).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from dyngap_jax import alpha as alpha_lib
+from dyngap_jax import hypergrad, models, parallel
+from dyngap_jax.data import loader as data_loader
+from dyngap_jax.data.records import Manifest, load_manifest
+from dyngap_jax.train.config import ConfigError, learned_alpha, validate
+from dyngap_jax.train.steps import (
+    TRAINING_INPUTS,
+    TrainState,
+    make_alpha_step,
+    make_eval_step,
+    make_train_step,
+    mm_loss_fn,
+)
+
+
+def make_optimizer(tcfg: Mapping, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD (momentum, weight decay, plateau x factor on the epoch's mean loss, or a step decay) or Adam (Sec. 4.1)."""
+    lr = tcfg["learning_rate"]
+    if tcfg["schedule"] == "step":
+        lr = optax.exponential_decay(lr, transition_steps=tcfg["step_every_epochs"] * steps_per_epoch,
+                                     decay_rate=tcfg["step_factor"], staircase=True)
+    parts = []
+    if tcfg["weight_decay"]:
+        parts.append(optax.add_decayed_weights(tcfg["weight_decay"]))
+    parts.append(optax.sgd(lr, momentum=tcfg["momentum"]) if tcfg["optimizer"] == "sgd" else optax.adam(lr))
+    if tcfg["schedule"] == "plateau":
+        # the decision is taken on the mean training loss of each epoch
+        parts.append(optax.contrib.reduce_on_plateau(factor=tcfg["plateau_factor"], patience=tcfg["plateau_patience"],
+                                                     accumulation_size=steps_per_epoch))
+    return optax.chain(*parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """The alpha strategy: a fixed schedule ``fixed(epoch, num_epochs)``, or the learned alpha with its method."""
+
+    name: str
+    fixed: Callable | None = None
+    learned: alpha_lib.LearnedAlpha | None = None
+    method: hypergrad.Method | None = None
+    require_converged: bool = False
+
+    def value(self, epoch: int, num_epochs: int):
+        """The fixed strategy's alpha at ``epoch`` (counted from 1, as the paper's t)."""
+        return self.fixed(epoch, num_epochs)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSizes:
+    """Global sizes (the config's) and this process's share of each."""
+
+    train: int
+    eval: int
+    alpha: int
+    local_train: int
+    local_eval: int
+    local_alpha: int
+
+
+@dataclasses.dataclass
+class Run:
+    """What a config turns into. ``cfg`` is the validated config as a plain dict."""
+
+    cfg: dict
+    warnings: list[str]
+    mesh: Any
+    manifest: Manifest | None
+    steps_per_epoch: int
+    batch: BatchSizes
+    model: models.MultimodalClassifier
+    pretrained: dict
+    tx: optax.GradientTransformation
+    strategy: Strategy
+    mm_loss: Callable
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.cfg["model"]["modalities"])
+
+    @property
+    def alpha_steps_per_epoch(self) -> int:
+        inner = self.cfg["alpha"]["inner_iters"]
+        return max(1, self.steps_per_epoch // inner) if inner else 1
+
+    # ---- data
+
+    def loader(self, split: str, *, train: bool, epoch: int = 0, infinite: bool = False, batch_size: int | None = None):
+        """This process's loader of ``split``; ``batch_size`` is global (default: the train batch)."""
+        cfg = self.cfg
+        local = self.batch.local_train if batch_size is None else _local(batch_size, "batch_size")
+        frames = {m: data_loader.FrameAugment(size=tuple(f["size"]) if f.get("size") else None,
+                                              normalize=f.get("normalize", True))
+                  for m, f in cfg["data"]["frames"].items()}
+        return data_loader.make_loader(
+            cfg["data_dir"], split, batch_size=local, train=train, seed=(cfg["seed"] * 1009 + epoch) % (2**31),
+            num_epochs=None if infinite else 1,
+            modalities=self.modalities + [f"{m}_mask" for m in cfg["data"]["masks"]],
+            frames=frames, standardize=cfg["data"]["standardize"], worker_count=cfg["data"]["worker_count"],
+            expect=_expect(cfg))
+
+    def example_batch(self) -> dict:
+        """The training split's first two examples (unshuffled): what the model is initialised on."""
+        return next(iter(self.loader("train", train=False, batch_size=2 * jax.process_count())))
+
+    # ---- state and steps
+
+    def create_train_state(self, example: Mapping | None = None, key: jax.Array | None = None) -> TrainState:
+        """A fresh train state (parameters initialised from ``config.seed``, or ``key``), on the host.
+
+        The tree is the config's: its optimiser state, its alpha (scalar or one per pair, the
+        optimiser and schedule of ``config.alpha.learned``), so checkpoints restore into it.
+        """
+        example = self.example_batch() if example is None else example
+        key = jax.random.PRNGKey(self.cfg["seed"]) if key is None else key
+        variables = models.init_variables(self.model, key, example, self.pretrained)
+        params = variables.pop("params")
+        if isinstance(self.strategy.method, hypergrad.Dense):
+            n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+            try:
+                self.strategy.method.check_size(n)
+            except hypergrad.OptionError as e:
+                raise ConfigError(f"config.alpha.hypergrad.options.max_params: {e}") from None
+        learned = self.strategy.learned or alpha_lib.LearnedAlpha(init=0.0)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+                          opt_state=self.tx.init(params), alpha=learned.create(), rng=jax.random.fold_in(key, 1))
+
+    def shardings(self, state: TrainState):
+        """``(state, batch, replicated)`` shardings on the run's mesh."""
+        state_sh = parallel.state_shardings(state, self.mesh, self.cfg["parallel"]["shard_params"])
+        return state_sh, parallel.batch_sharding(self.mesh), parallel.replicated(self.mesh)
+
+    def compile_steps(self, state: TrainState):
+        """``(train_step, eval_step, alpha_step or None)`` jitted with the run's shardings."""
+        sh = self.shardings(state)
+        train_step = make_train_step(self.model, self.tx, self.mm_loss, sh)
+        eval_step = make_eval_step(self.model, sh)
+        alpha_step = None
+        if self.strategy.learned is not None:
+            alpha_step = make_alpha_step(self.model, self.mm_loss, self.strategy.learned, self.strategy.method,
+                                         self.strategy.require_converged, sh)
+        return train_step, eval_step, alpha_step
+
+
+def _local(global_size: int, field: str) -> int:
+    if global_size % jax.process_count():
+        raise ConfigError(f"config.{field}={global_size} is not divisible by the {jax.process_count()} processes "
+                          "(batch sizes are global)")
+    return global_size // jax.process_count()
+
+
+def _expect(cfg: Mapping) -> dict:
+    return {"name": cfg["dataset"], "num_classes": cfg["model"]["num_classes"],
+            "modalities": {m: None for m in cfg["model"]["modalities"]}}
+
+
+def _batch_sizes(cfg: Mapping, mesh, n_train: int | None) -> BatchSizes:
+    tcfg, acfg = cfg["train"], cfg["alpha"]
+    n_local_devices = mesh.shape["data"] // jax.process_count()
+    train = tcfg["batch_size"]
+    local_train = _local(train, "train.batch_size")
+    if local_train % n_local_devices:
+        raise ConfigError(f"config.train.batch_size={train} is not divisible by the {mesh.shape['data']} devices "
+                          "of the data axis")
+    if n_train is not None and local_train > n_train // jax.process_count():
+        raise ConfigError(f"config.train.batch_size={train} is larger than the training split ({n_train})")
+    eval_size = tcfg["eval_batch_size"] or train
+    alpha = acfg["batch_size"] or train
+    local_alpha = _local(alpha, "alpha.batch_size")
+    if acfg["strategy"] == "learned" and (alpha > train or local_alpha % n_local_devices):
+        raise ConfigError(f"config.alpha.batch_size={alpha} must be at most config.train.batch_size={train} "
+                          f"and divide over the {mesh.shape['data']} devices of the data axis")
+    return BatchSizes(train, eval_size, alpha, local_train, _local(eval_size, "train.eval_batch_size"), local_alpha)
+
+
+def setup(config, *, data: bool = True, steps_per_epoch: int | None = None) -> Run:
+    """Validate ``config`` and build its run (see the module docstring). Nothing is written.
+
+    ``data=False`` skips the records (``steps_per_epoch`` then defaults to 1; it sets the plateau's
+    accumulation, the step schedule and the authors' alpha schedule).
+    """
+    cfg, warnings = validate(config)
+    pcfg = cfg["parallel"]
+    mesh = parallel.make_mesh(pcfg["data"], pcfg["model"])
+    manifest, n_train = None, None
+    if data:
+        manifest = load_manifest(cfg["data_dir"])
+        data_loader.check_manifest(manifest, folder=cfg["data_dir"], split="train", **_expect(cfg))
+        if "validation" not in manifest.splits:
+            raise ConfigError(f"config.data_dir: {cfg['data_dir']} has no validation split to select the best "
+                              "epoch on (never on test)")
+        n_train = manifest.splits["train"]["num_examples"]
+    batch = _batch_sizes(cfg, mesh, n_train)
+    if steps_per_epoch is None:
+        steps_per_epoch = (n_train // jax.process_count()) // batch.local_train if data else 1
+    try:
+        model, pretrained = models.build_model(cfg["model"])
+    except ValueError as e:
+        msg = str(e)
+        raise ConfigError(f"config.{msg}" if msg.startswith("model.") else f"config.model: {msg}") from None
+    tx = make_optimizer(cfg["train"], steps_per_epoch)
+    acfg = cfg["alpha"]
+    per_pair = acfg["strategy"] == "learned" and acfg["learned"]["per_pair"]
+    mm_loss = mm_loss_fn(cfg["loss"]["mm"], cfg["model"]["modalities"], cfg["loss"]["temperature"], per_pair)
+    if acfg["strategy"] == "learned":
+        inner = acfg["inner_iters"]
+        learned = learned_alpha(cfg, max(1, steps_per_epoch // inner) if inner else 1)
+        method = hypergrad.method_from_config(acfg["hypergrad"])
+        missing = [i for i in method.required_inputs() if i not in TRAINING_INPUTS]
+        if missing:
+            raise ConfigError(f"config.alpha.hypergrad: method {method.name!r} with these options needs {missing}, "
+                              "which the training loop does not provide")
+        strategy = Strategy("learned", learned=learned, method=method,
+                            require_converged=acfg["hypergrad"]["require_converged"])
+    else:
+        strategy = Strategy(acfg["strategy"], fixed=alpha_lib.fixed_strategy(acfg["strategy"]))
+    for w in warnings:
+        logging.warning("%s", w)
+    return Run(cfg=cfg, warnings=warnings, mesh=mesh, manifest=manifest, steps_per_epoch=steps_per_epoch, batch=batch,
+               model=model, pretrained=pretrained, tx=tx, strategy=strategy, mm_loss=mm_loss)
+
+
+def create_train_state(config, example: Mapping | None = None, key: jax.Array | None = None) -> TrainState:
+    """The train state of ``config`` (``setup(config).create_train_state(...)``; without records when
+    ``example`` is given). Use :func:`setup` when the model or the steps are needed too."""
+    return setup(config, data=example is None).create_train_state(example, key)
+
+
+__all__ = ["BatchSizes", "Run", "Strategy", "create_train_state", "make_optimizer", "setup"]

@@ -1,0 +1,211 @@
+"""The config is validated whole before the first step: every mistake names its field, nothing is written.
+
+Also: hypergradient methods as validated values built from ``config.alpha.hypergrad``, the warnings
+about fields a strategy ignores, and the entry points running without path edits.
+"""
+import glob
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tiny_data import make_tiny_records, tiny_config
+
+from dyngap_jax import hypergrad
+from dyngap_jax.data.records import RecordError
+from dyngap_jax.train import ConfigError, setup, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_records(tmp_path_factory):
+    return make_tiny_records(str(tmp_path_factory.mktemp("tiny") / "rec"))
+
+
+# (method, {field: value}, the error's field or message)
+MISTAKES = [
+    ("ours_lb", {"alpha.hypergrad.method": "newton"}, r"config\.alpha\.hypergrad\.method: unknown .*'newton'.*known: cg, minres"),
+    ("ours_h", {"alpha.hypergrad.method": "no_such_method"}, r"config\.alpha\.hypergrad\.method: unknown"),
+    ("ours_h", {"alpha.learned.learning_rate": -0.1}, r"config\.alpha\.learned\.learning_rate: .*> 0"),
+    ("ours_lb", {"alpha.learned.init": 1.5}, r"config\.alpha\.learned\.init"),
+    ("ours_lb", {"alpha.learned.optimizer": "lbfgs"}, r"config\.alpha\.learned\.optimizer"),
+    ("ours_lb", {"alpha.learned.schedule": "cosine"}, r"config\.alpha\.learned\.schedule: unknown 'cosine'; known: constant, authors"),
+    ("ours_lb", {"alpha.outer": "valdation"}, r"config\.alpha\.outer: unknown 'valdation'; known: validation, train"),
+    ("ours_lb", {"alpha.inner_iters": -1}, r"config\.alpha\.inner_iters: must be >= 0"),
+    # another method's option: MINRES has no `operator`
+    ("ours_lb", {"alpha.hypergrad.method": "minres", "alpha.hypergrad.options.operator": "normal"},
+     r"config\.alpha\.hypergrad\.options\.operator: method 'minres' has no option 'operator' \(an option of cg, dense\); "
+     r"'minres' takes damping, tol, maxiter"),
+    ("ours_lb", {"alpha.hypergrad.options.damping": -1.0}, r"config\.alpha\.hypergrad\.options\.damping: cg: `damping` must be >= 0"),
+    ("ours_lb", {"alpha.hypergrad.options.operator": "cholesky"}, r"config\.alpha\.hypergrad\.options\.operator: .*'plain'"),
+    ("ours_lb", {"alpha.hypergrad.method": "dense", "alpha.hypergrad.options.max_params": 10},
+     r"config\.alpha\.hypergrad\.options\.max_params: dense: the Hessian would be"),
+    ("ours_lb", {"alpha.batch_size": 32}, r"config\.alpha\.batch_size=32 must be at most config\.train\.batch_size=16"),
+    ("ours_h", {"train.schedule": "step"}, r"config\.train\.step_every_epochs: required with config\.train\.schedule='step'"),
+    ("ours_h", {"train.schedule": "cosine"}, r"config\.train\.schedule: unknown 'cosine'; known: plateau, step, constant"),
+    ("concat", {"train.optimizer": "lion"}, r"config\.train\.optimizer: unknown 'lion'; known: sgd, adam"),
+    ("concat", {"train.batch_size": 0}, r"config\.train\.batch_size: must be >= 1, got 0"),
+    ("concat", {"train.batch_size": -8}, r"config\.train\.batch_size: must be >= 1, got -8"),
+    ("concat", {"train.batch_size": 100}, r"config\.train\.batch_size=100 is larger than the training split \(48\)"),
+    ("concat", {"train.learning_rate": float("nan")}, r"config\.train\.learning_rate: must be a finite number"),
+    ("concat", {"train.learning_rate": -0.1}, r"config\.train\.learning_rate: must be > 0"),
+    ("concat", {"train.num_epochs": 0}, r"config\.train\.num_epochs: must be >= 1, got 0"),
+    ("concat", {"train.select_metric": "loss"}, r"config\.train\.select_metric: unknown 'loss'; known: acc, map, f1"),
+    ("concat", {"train.nesterov": True}, r"config\.train\.nesterov: unknown field"),
+    ("concat", {"loss.mm": "cka"}, r"config\.loss\.mm: unknown 'cka'; known: infonce, js, none"),
+    ("concat", {"loss.temperature": 0.0}, r"config\.loss\.temperature: must be > 0"),
+    ("concat", {"alpha.strategy": "cosine"}, r"config\.alpha\.strategy: unknown alpha strategy 'cosine'"),
+    ("concat", {"parallel.data": 3}, r"config\.parallel: data=3 x model=1 needs 3 devices"),
+    ("concat", {"model.encoders.a.name": "transformer9000"}, r"config\.model"),
+]
+
+
+def _apply(cfg, overrides):
+    with cfg.unlocked():
+        cfg.update_from_flattened_dict(overrides)
+    return cfg
+
+
+@pytest.mark.parametrize("method,overrides,message", MISTAKES, ids=[",".join(m[1]) for m in MISTAKES])
+def test_config_mistake_fails_before_training_naming_the_field(tiny_records, tmp_path, method, overrides, message):
+    cfg = _apply(tiny_config(tiny_records, method), overrides)
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        train(cfg, str(workdir))
+    assert not workdir.exists(), "a refused config wrote to the workdir"
+
+
+def test_records_of_another_data_set_are_refused_before_anything_is_written(tiny_records, tmp_path):
+    cfg = _apply(tiny_config(tiny_records, "concat"), {"dataset": "cremad"})
+    with pytest.raises(RecordError, match="records are of data set 'tiny', the config says 'cremad'"):
+        train(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_method_alone_takes_its_own_defaults(tiny_records):
+    run = setup(_apply(tiny_config(tiny_records, "ours_lb"), {"alpha.hypergrad.method": "minres"}))
+    assert run.strategy.method == hypergrad.MINRES()
+    run = setup(_apply(tiny_config(tiny_records, "ours_lb"), {"alpha.hypergrad.method": "neumann",
+                                                              "alpha.hypergrad.options.num_terms": 7}))
+    assert run.strategy.method == hypergrad.Neumann(num_terms=7)
+    # the training default: CG's own defaults (the damped normal equations), one value in one place
+    run = setup(tiny_config(tiny_records, "ours_lb"))
+    assert run.strategy.method == hypergrad.CG() and run.strategy.method.operator == "normal"
+    assert run.strategy.learned.learning_rate == hypergrad_default_lr()
+    lfm = setup(tiny_config(tiny_records, "lfm_code"))
+    assert lfm.strategy.method == hypergrad.LFMCode(reduction="first_tensor_mean")
+
+
+def hypergrad_default_lr():
+    from dyngap_jax.alpha import LearnedAlpha
+
+    return LearnedAlpha().learning_rate
+
+
+def test_every_method_builds_from_a_config_and_refuses_bad_values():
+    for name, cls in hypergrad.METHOD_CLASSES.items():
+        assert hypergrad.method_from_config({"method": name, "options": {}}) == cls()
+        # every option of every method has a config placeholder of its type
+        types = hypergrad.option_types()
+        assert set(cls.option_names()) <= set(types)
+    assert hypergrad.method_from_config({"method": "cg", "options": {"maxiter": 5, "tol": None}}) == hypergrad.CG(maxiter=5)
+    with pytest.raises(ValueError, match=r"config\.alpha\.hypergrad\.options\.maxiter: cg: `maxiter` must be an integer"):
+        hypergrad.method_from_config({"method": "cg", "options": {"maxiter": 2.5}})
+    with pytest.raises(ValueError, match=r"options\.bogus: method 'cg' has no option 'bogus' \(no method's option\)"):
+        hypergrad.method_from_config({"method": "cg", "options": {"bogus": 1}})
+    # the same objects are what notebooks may pass; keywords keep working and are checked alike
+    with pytest.raises(TypeError, match=r"unknown: \['operator'\]"):
+        hypergrad.make_method("minres", operator="normal")
+    with pytest.raises(ValueError, match="`num_terms` must be >= 1"):
+        hypergrad.GhadimiWang(num_terms=0)
+    with pytest.raises(ValueError, match="`reduction` must be one of"):
+        hypergrad.LFMCode(reduction="median")
+    assert hypergrad.CG(operator="plain").damping_value == 0.0 and hypergrad.CG().damping_value == 1e-4
+
+
+def test_fields_a_fixed_strategy_ignores_are_warned_about(tiny_records, caplog):
+    run = setup(_apply(tiny_config(tiny_records, "ours_h"), {"alpha.hypergrad.method": "minres",
+                                                             "alpha.learned.learning_rate": 1.0}))
+    assert run.warnings == [
+        "config.alpha.hypergrad.method='minres' is ignored with the fixed alpha strategy 'heuristic'",
+        "config.alpha.learned.learning_rate=1.0 is ignored with the fixed alpha strategy 'heuristic'"]
+    assert sum("is ignored" in r.getMessage() for r in caplog.records) == 2
+    assert setup(tiny_config(tiny_records, "ours_lb")).warnings == []
+    adam = setup(_apply(tiny_config(tiny_records, "ours_h"), {"train.optimizer": "adam", "train.momentum": 0.5}))
+    assert adam.warnings == ["config.train.momentum=0.5 is ignored with config.train.optimizer='adam'"]
+
+
+def test_batch_sizes_are_global(tiny_records):
+    run = setup(_apply(tiny_config(tiny_records, "ours_lb"), {"alpha.batch_size": 8, "train.eval_batch_size": 10}))
+    b = run.batch
+    assert (b.train, b.local_train, b.alpha, b.local_alpha, b.eval, b.local_eval) == (16, 16, 8, 8, 10, 10)
+    assert run.steps_per_epoch == 48 // 16
+    assert len(next(iter(run.loader("validation", train=False, batch_size=b.eval)))["label"]) == 10
+
+
+def test_an_override_of_a_field_the_config_lacks_is_named(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "scripts.train", "--config", os.path.join(ROOT, "configs", "mfeat.py"),
+                           "--config.alpha.hypergrad.options.foo=1", "--workdir", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert ("--config.alpha.hypergrad.options.foo: config.alpha.hypergrad.options has no field 'foo' (it has atol, "
+            "damping, eps") in proc.stderr
+
+
+def test_train_script_refuses_a_bad_field_before_anything(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "scripts.train", "--config", os.path.join(ROOT, "configs", "mfeat.py") + ":ours_h",
+                           "--config.alpha.hypergrad.method=no_such_method", "--workdir", str(workdir)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0 and "config.alpha.hypergrad.method: unknown hypergradient method 'no_such_method'" in proc.stderr
+    assert not workdir.exists()
+
+
+def test_no_path_edits_and_entry_points_import_from_anywhere(tmp_path):
+    sources = [p for pattern in ("dyngap_jax/**/*.py", "scripts/*.py", "data_prep/*.py", "configs/*.py", "tests/*.py")
+               for p in glob.glob(os.path.join(ROOT, pattern), recursive=True)]
+    offenders = [os.path.relpath(p, ROOT) for p in sources if "sys.path." + "insert" in open(p).read()]
+    assert offenders == []
+    library = [p for p in sources if "/dyngap_jax/" in p]
+    assert [p for p in library if "matplotlib." + "use(" in open(p).read() or "import matplotlib." + "pyplot" in open(p).read()] == []
+    # every script's --help from another folder: importable as installed, no path edits (run side by side)
+    modules = sorted(f"scripts.{os.path.basename(p)[:-3]}" for p in glob.glob(os.path.join(ROOT, "scripts", "[a-z]*.py"))
+                     if not p.endswith("common.py"))
+    procs = {m: subprocess.Popen([sys.executable, "-m", m, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, cwd=tmp_path) for m in modules}
+    for m, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        # absl's --help exits with status 1 after printing the help
+        assert "flags:" in out and "Traceback" not in err, (m, err[-2000:])
+
+
+@pytest.mark.parametrize("converter,required", [
+    ("mfeat", ["--out_dir"]), ("cremad", ["--raw_dir", "--out_dir"]), ("kinetics_sounds", ["--raw_dir", "--out_dir"]),
+    ("nvgesture", ["--raw_dir", "--out_dir"]), ("sarcasm", ["--raw_dir", "--out_dir", "--tokenizer"]),
+    ("twitter2015", ["--raw_dir", "--out_dir", "--tokenizer"])])
+def test_converter_help_shows_its_required_flags(tmp_path, converter, required):
+    proc = subprocess.run([sys.executable, "-m", f"data_prep.{converter}", "--help"], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for flag in required:
+        line = next((l for l in proc.stdout.splitlines() if l.strip().startswith(flag + ":")), None)
+        assert line is not None and "(required)" in line, (flag, proc.stdout[-2000:])
+    # and a run without them stops naming one, before any work
+    proc = subprocess.run([sys.executable, "-m", f"data_prep.{converter}"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0 and required[-1].lstrip("-") in proc.stderr
+
+
+def test_recorded_config_round_trips(tiny_records, tmp_path):
+    from dyngap_jax.train import recorded_config, validate
+
+    cfg = tiny_config(tiny_records, "lfm_code", epochs=1)
+    train(cfg, str(tmp_path))
+    again = recorded_config(str(tmp_path))
+    assert validate(again)[0] == validate(cfg)[0]
+    np.testing.assert_allclose(again.alpha.learned.clip, (0.05, 0.95))
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
