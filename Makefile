@@ -22,11 +22,11 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 run: $(VENV)/.installed
-	$(PY) data_prep/mfeat.py --out_dir data/mfeat
-	$(PY) scripts/train.py --config configs/mfeat.py:ours_lb --workdir runs/mfeat_ours_lb
+	$(PY) -m data_prep.mfeat --out_dir data/mfeat
+	$(PY) -m scripts.train --config configs/mfeat.py:ours_lb --workdir runs/mfeat_ours_lb
 
 demo: $(VENV)/.installed
-	$(PY) scripts/hypergrad_demo.py --config configs/hypergrad_demo.py
+	$(PY) -m scripts.hypergrad_demo --config configs/hypergrad_demo.py
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests

@@ -17,7 +17,6 @@ import concurrent.futures as futures
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,15 +29,11 @@ from dyngap_jax.data.records import (
     FeatureSpec,
     Manifest,
     RecordError,
-    atomic_write_text,
     load_manifest,
     shard_names,
     write_shard,
 )
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:  # run as `python data_prep/<name>.py` from anywhere
-    sys.path.insert(0, REPO_ROOT)
+from dyngap_jax.io import atomic_write_text
 
 
 class BadInput(Exception):
@@ -50,14 +45,17 @@ class BadInput(Exception):
 
 
 def define_io_flags(raw_dir_help: str, skip_what: str = "inputs") -> None:
-    """--raw_dir, --out_dir, --workers and --skip_bad, which every converter has."""
+    """--raw_dir and --out_dir (required), --workers and --skip_bad, which every converter but mfeat's has.
+
+    A converter's ``define_flags`` adopts them as key flags (``flags.adopt_module_key_flags(common)``), so
+    its ``--help`` lists them."""
     from absl import flags
 
-    flags.DEFINE_string("raw_dir", None, raw_dir_help)
-    flags.DEFINE_string("out_dir", None, "Where the records go.")
+    flags.DEFINE_string("raw_dir", None, f"(required) {raw_dir_help}")
+    flags.DEFINE_string("out_dir", None, "(required) Where the records go.")
     flags.DEFINE_integer("workers", 0, "Parallel decoding processes (0: in this process).")
     flags.DEFINE_bool("skip_bad", False, f"Leave out unreadable {skip_what} (counted and listed in the manifest).")
-    flags.mark_flag_as_required("out_dir")
+    flags.mark_flags_as_required(["raw_dir", "out_dir"])
 
 
 def require_dir(path: str, flag: str = "--raw_dir") -> None:

@@ -14,29 +14,27 @@ Audio (the authors' front end): 22,050 Hz, tiled, STFT n_fft 512, hop 353, log(|
 257 x 299. Video: frames at ``--fps`` (1), ``--num_frames`` (3) sampled evenly, resized to
 ``--frame_size`` (224), stored as uint8.
 
-    python data_prep/cremad.py --raw_dir /data/CREMA-D --out_dir data/cremad --workers 8
+    python -m data_prep.cremad --raw_dir /data/CREMA-D --out_dir data/cremad --workers 8
 """
 from __future__ import annotations
 
 import csv
 import functools
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data_prep.common import BadInput, convert, define_io_flags, require_dir, stratified_split  # noqa: E402
-from data_prep.media import (  # noqa: E402
+from data_prep import common, media
+from data_prep.common import BadInput, convert, define_io_flags, require_dir, stratified_split
+from data_prep.media import (
     SpectrogramParams,
     audio_video_from_flags,
     define_audio_video_flags,
     load_wav_spectrogram,
     video_frames,
 )
-from dyngap_jax.data.records import FeatureSpec  # noqa: E402
+from dyngap_jax.data.records import FeatureSpec
 
 NAME = "cremad"
 VERSION = "1.0.0"
@@ -157,6 +155,8 @@ def define_flags():
     flags.DEFINE_string("split_dir", None, "Folder with train.csv and test.csv (<clip>,<EMO> lines); default a seeded split.")
     flags.DEFINE_integer("seed", 0, "Seed for the validation carve (and the split without --split_dir).")
     flags.DEFINE_float("val_fraction", 0.1, "Fraction of train per class held out for validation.")
+    flags.adopt_module_key_flags(common)  # --help lists the shared flags too
+    flags.adopt_module_key_flags(media)  # --help lists the shared flags too
 
 
 if __name__ == "__main__":

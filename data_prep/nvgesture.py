@@ -13,22 +13,20 @@ from it; optical flow is computed (OpenCV Farneback) from each sampled colour fr
 one. Stored: rgb uint8 [T, S, S, 3], depth uint8 [T, S, S, 1], flow float32 [T, S, S, 2] with
 S = ``--frame_size`` (112). 1,050 train (a validation split carved with ``--seed``) / 482 test.
 
-    python data_prep/nvgesture.py --raw_dir /data/nvgesture_arch --out_dir data/nvgesture --workers 8
+    python -m data_prep.nvgesture --raw_dir /data/nvgesture_arch --out_dir data/nvgesture --workers 8
 """
 from __future__ import annotations
 
 import functools
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data_prep.common import BadInput, convert, define_io_flags, require_dir, stratified_split  # noqa: E402
-from data_prep.media import read_video  # noqa: E402
-from dyngap_jax.data.records import FeatureSpec  # noqa: E402
+from data_prep import common
+from data_prep.common import BadInput, convert, define_io_flags, require_dir, stratified_split
+from data_prep.media import read_video
+from dyngap_jax.data.records import FeatureSpec
 
 NAME = "nvgesture"
 VERSION = "1.0.0"
@@ -135,6 +133,7 @@ def define_flags():
     flags.DEFINE_float("val_fraction", 0.1, "Fraction of train per class held out for validation.")
     flags.DEFINE_integer("num_frames", 8, "Frames per gesture.")
     flags.DEFINE_integer("frame_size", 112, "Stored frame height and width.")
+    flags.adopt_module_key_flags(common)  # --help lists the shared flags too
 
 
 if __name__ == "__main__":

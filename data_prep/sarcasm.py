@@ -11,21 +11,18 @@ the same source as the training labels). 19,816 / 2,410 / 2,409 examples. Text i
 the ``transformers`` tokenizer of ``--tokenizer`` (a local checkpoint folder) to 128 tokens;
 images are resized to 224 x 224.
 
-    python data_prep/sarcasm.py --raw_dir /data/sarcasm --tokenizer /models/bert-base-uncased --out_dir data/sarcasm
+    python -m data_prep.sarcasm --raw_dir /data/sarcasm --tokenizer /models/bert-base-uncased --out_dir data/sarcasm
 """
 from __future__ import annotations
 
 import ast
 import functools
 import os
-import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data_prep import text_image  # noqa: E402
-from data_prep.common import BadInput, convert, define_io_flags, require_dir  # noqa: E402
+from data_prep import common, text_image
+from data_prep.common import BadInput, convert, define_io_flags, require_dir
 
 NAME = "sarcasm"
 VERSION = "1.0.0"
@@ -87,10 +84,12 @@ def main(argv):
 def define_flags():
     """The command-line flags (defined only when run as a script, so converters can be imported together)."""
     define_io_flags("Folder with text/ and dataset_image/.", "examples")
-    flags.DEFINE_string("tokenizer", None, "Local Hugging Face checkpoint folder whose tokenizer to use.")
+    flags.DEFINE_string("tokenizer", None, "(required) Local Hugging Face checkpoint folder whose tokenizer to use.")
+    flags.mark_flag_as_required("tokenizer")
     flags.DEFINE_integer("max_length", 128, "Tokens per text.")
     flags.DEFINE_integer("image_size", 224, "Stored image height and width.")
     flags.DEFINE_enum("eval_label", "hashtag", ["hashtag", "human"], "Which label of valid2/test2 to use.")
+    flags.adopt_module_key_flags(common)  # --help lists the shared flags too
 
 
 if __name__ == "__main__":

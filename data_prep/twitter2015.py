@@ -10,21 +10,18 @@ Raw layout as distributed with TomBERT::
 3,179 / 1,122 / 1,037 examples. The text is the tokenizer's pair (target, tweet with $T$
 replaced by the target), 128 tokens; images 224 x 224.
 
-    python data_prep/twitter2015.py --raw_dir /data/twitter2015 --tokenizer /models/bert-base-uncased --out_dir data/twitter2015
+    python -m data_prep.twitter2015 --raw_dir /data/twitter2015 --tokenizer /models/bert-base-uncased --out_dir data/twitter2015
 """
 from __future__ import annotations
 
 import csv
 import functools
 import os
-import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data_prep import text_image  # noqa: E402
-from data_prep.common import BadInput, convert, define_io_flags, require_dir  # noqa: E402
+from data_prep import common, text_image
+from data_prep.common import BadInput, convert, define_io_flags, require_dir
 
 NAME = "twitter2015"
 VERSION = "1.0.0"
@@ -89,9 +86,11 @@ def define_flags():
     """The command-line flags (defined only when run as a script, so converters can be imported together)."""
     define_io_flags("Folder with train.tsv, dev.tsv, test.tsv.", "examples")
     flags.DEFINE_string("image_dir", None, "Image folder (default <raw_dir>/twitter2015_images).")
-    flags.DEFINE_string("tokenizer", None, "Local Hugging Face checkpoint folder whose tokenizer to use.")
+    flags.DEFINE_string("tokenizer", None, "(required) Local Hugging Face checkpoint folder whose tokenizer to use.")
+    flags.mark_flag_as_required("tokenizer")
     flags.DEFINE_integer("max_length", 128, "Tokens per text.")
     flags.DEFINE_integer("image_size", 224, "Stored image height and width.")
+    flags.adopt_module_key_flags(common)  # --help lists the shared flags too
 
 
 if __name__ == "__main__":

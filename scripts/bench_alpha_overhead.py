@@ -1,6 +1,6 @@
 """An epoch with the learned alpha (default CG settings) over an epoch with the heuristic, side by side.
 
-    python scripts/bench_alpha_overhead.py [--config configs/mfeat.py] [--epochs 3]
+    python -m scripts.bench_alpha_overhead [--config configs/mfeat.py] [--epochs 3]
 
 Both runs train the same config from scratch; the first epoch (compilation) is left out and the
 steady epochs' wall times compared. Rows: the default alpha step (CG on the normal equations, 30
@@ -11,22 +11,18 @@ alpha step is its HVPs; each costs about a train step on these small MLPs.
 """
 import json
 import os
-import sys
 import tempfile
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+from absl import app, flags
 
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from configs import mfeat as mfeat_config  # noqa: E402
-from dyngap_jax.train import train  # noqa: E402
+from configs import mfeat as mfeat_config
+from dyngap_jax.train import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("epochs", 4, "Epochs per run (the first is left out).")
 flags.DEFINE_integer("alpha_batch", 8, "Examples in the cheap alpha step's batches.")
-flags.DEFINE_string("data_dir", "data/mfeat", "Prepared mfeat records (python data_prep/mfeat.py --out_dir ...).")
+flags.DEFINE_string("data_dir", "data/mfeat", "Prepared mfeat records (python -m data_prep.mfeat --out_dir ...).")
 
 
 def epoch_seconds(method, **alpha):

@@ -6,13 +6,12 @@ augmentation, batching) is timed over them, and so is a jit-compiled training st
 paper's architecture for that data set (forward + backward of L_total = (1-a) CE + a InfoNCE and
 an SGD update) on the same machine. The ratio loader / step is the headroom (target >= 5x).
 
-    python scripts/bench_data.py                      # every data set
-    python scripts/bench_data.py --datasets=cremad,mfeat --workers=2
+    python -m scripts.bench_data                      # every data set
+    python -m scripts.bench_data --datasets=cremad,mfeat --workers=2
 """
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 
@@ -22,10 +21,8 @@ import numpy as np
 import optax
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dyngap_jax import losses, models  # noqa: E402
-from dyngap_jax.data import loader, records  # noqa: E402
+from dyngap_jax import losses, models
+from dyngap_jax.data import loader, records
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("datasets", ["mfeat", "cremad", "kinetics_sounds", "sarcasm", "twitter2015", "nvgesture"], "Which.")

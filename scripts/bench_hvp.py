@@ -1,25 +1,21 @@
 """Hessian-vector product cost over one gradient's: time and XLA's memory estimate, both HVP modes, side by side.
 
-    python scripts/bench_hvp.py                       # mfeat MLPs and the CREMA-D ResNet18 pair (small batch on CPU)
-    python scripts/bench_hvp.py --models=cremad --batch=32
+    python -m scripts.bench_hvp                       # mfeat MLPs and the CREMA-D ResNet18 pair (small batch on CPU)
+    python -m scripts.bench_hvp --models=cremad --batch=32
 
 The function is L_total (Eq. 1: cross-entropy + InfoNCE) of the model in training mode, the same
 closure the alpha step differentiates. Targets: HVP <= 2.5x a gradient's time and <= 2x its memory.
 Memory is XLA's compiled estimate (temporaries + arguments + outputs), available on CPU and GPU.
 """
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from dyngap_jax import losses, models  # noqa: E402
-from dyngap_jax.hypergrad.hvp import _fwd_over_rev, _rev_over_rev  # noqa: E402
+from dyngap_jax import losses, models
+from dyngap_jax.hypergrad.hvp import hvp_forward_over_reverse, hvp_reverse_over_reverse
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["mfeat", "cremad"], "Which architectures.")
@@ -70,8 +66,8 @@ def main(argv):
 
         v = jax.tree_util.tree_map(jnp.ones_like, params)
         t_g, m_g = measure(jax.grad(total), params)
-        t_f, m_f = measure(lambda p, v: _fwd_over_rev(total, p, v), params, v)
-        t_r, m_r = measure(lambda p, v: _rev_over_rev(total, p, v), params, v)
+        t_f, m_f = measure(lambda p, v: hvp_forward_over_reverse(total, p, v), params, v)
+        t_r, m_r = measure(lambda p, v: hvp_reverse_over_reverse(total, p, v), params, v)
         n = sum(x.size for x in jax.tree_util.tree_leaves(params))
         print(f"{name:<8} {n:>10,} {1e3 * t_g:>9.1f} {t_f / t_g:>10.2f} {t_r / t_g:>10.2f} {m_g / 2**20:>9.1f} "
               f"{m_f / m_g:>14.2f} {m_r / m_g:>14.2f}")

@@ -1,11 +1,11 @@
 """Train-step and alpha-step throughput against device count: strong and weak scaling, a table and a PNG.
 
-    python scripts/bench_scaling.py                    # CPU: 4 simulated devices (correctness, not speed)
-    python scripts/bench_scaling.py --devices=1,2,4,8  # on a machine with that many accelerators
+    python -m scripts.bench_scaling                    # CPU: 4 simulated devices (correctness, not speed)
+    python -m scripts.bench_scaling --devices=1,2,4,8  # on a machine with that many accelerators
 
 On CPU the "devices" share the same cores, so the efficiencies say nothing about real scaling;
 on GPUs the target is >= 90 % weak-scaling efficiency at 8 devices. The model is the mfeat
-configuration (six MLP views) unless --config names another (with --data_free, synthetic inputs).
+configuration (six MLP views) on synthetic inputs, built by ``dyngap_jax.train.setup`` like a run's.
 """
 import os
 import sys
@@ -13,19 +13,16 @@ import sys
 if "--devices" not in " ".join(sys.argv) or "cpu" in os.environ.get("JAX_PLATFORMS", ""):
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import time  # noqa: E402
+import time  # noqa: E402  (jax reads XLA_FLAGS when it is imported)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from configs import mfeat as mfeat_config  # noqa: E402
-from dyngap_jax import alpha as alpha_lib  # noqa: E402
-from dyngap_jax import models, parallel  # noqa: E402
-from dyngap_jax.train import TrainState, make_alpha_step, make_optimizer, make_train_step, mm_loss_fn  # noqa: E402
+from dyngap_jax import parallel  # noqa: E402
+from dyngap_jax.io import new_figure, save_figure  # noqa: E402
+from dyngap_jax.train import setup  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("devices", None, "Device counts to measure (default 1, 2, 4 up to what there is).")
@@ -36,30 +33,22 @@ flags.DEFINE_string("png", "scaling.png", "Where the plot goes.")
 
 
 def build(n_devices):
-    cfg = mfeat_config.get_config("ours_lb/all").to_dict()
-    model, _ = models.build_model(cfg["model"])
-    mesh = parallel.make_mesh(n_devices)
+    config = mfeat_config.get_config("ours_lb/all")
+    with config.unlocked():
+        config.parallel.data = n_devices
+    run = setup(config, data=False, steps_per_epoch=10)
     rng = np.random.default_rng(0)
-    views = {v: cfg["model"]["encoders"][v]["in_features"] for v in cfg["model"]["modalities"]}
+    views = {v: run.cfg["model"]["encoders"][v]["in_features"] for v in run.modalities}
 
     def batch(n):
         b = {v: rng.standard_normal((n, d)).astype(np.float32) for v, d in views.items()}
         b["label"] = (np.arange(n) % 10).astype(np.int32)
         return b
 
-    variables = models.init_variables(model, jax.random.PRNGKey(0), batch(2))
-    params = variables.pop("params")
-    tx = make_optimizer(cfg["train"], 10)
-    learned = alpha_lib.LearnedAlpha(init=0.5, learning_rate=0.05)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables, opt_state=tx.init(params),
-                       alpha=learned.create(), rng=jax.random.PRNGKey(1))
-    sh = parallel.state_shardings(state, mesh)
-    shardings = (sh, parallel.batch_sharding(mesh), parallel.replicated(mesh))
-    mm = mm_loss_fn("infonce", list(views), 0.1, False)
-    hcfg = cfg["alpha"]["hypergrad"]
-    steps = (make_train_step(model, tx, mm, shardings),
-             make_alpha_step(model, mm, learned, hcfg["method"], dict(hcfg["options"]), False, shardings))
-    return mesh, jax.device_put(state, sh), steps, batch
+    state = run.create_train_state(batch(2), jax.random.PRNGKey(0))
+    state = jax.device_put(state, run.shardings(state)[0])
+    train_step, _, alpha_step = run.compile_steps(state)
+    return run.mesh, state, (train_step, alpha_step), batch
 
 
 def timed(fn, n):
@@ -96,12 +85,7 @@ def main(argv):
         else:  # ideal: also n times faster on the same global batch
             eff_t, eff_a = tr / (base[mode][0] * n / counts[0]), al / (base[mode][1] * n / counts[0])
         print(f"{mode:<7} {n:>7} {size:>12} {tr:>11.0f} {eff_t:>6.0%} {al:>11.0f} {eff_a:>6.0%}")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = new_figure(figsize=(5, 3.5))
     for mode in ("strong", "weak"):
         sel = [r for r in rows if r[0] == mode]
         ax.plot([r[1] for r in sel], [r[3] for r in sel], "o-", label=f"train step, {mode}")
@@ -110,8 +94,7 @@ def main(argv):
     ax.set_ylabel("examples / s")
     ax.set_title(f"scaling on {dev.platform}")
     ax.legend(fontsize=7)
-    fig.savefig(FLAGS.png + ".tmp.png", dpi=110, bbox_inches="tight")
-    os.replace(FLAGS.png + ".tmp.png", FLAGS.png)
+    save_figure(fig, FLAGS.png)
     print(f"plot: {FLAGS.png}")
 
 

@@ -1,7 +1,7 @@
 """Our jit-compiled train step against a PyTorch eager step of the same architecture and batch, side by side.
 
-    python scripts/bench_step.py                          # both cases, CPU-sized batches
-    python scripts/bench_step.py --cases=av --av_batch=64 --steps=20    # on a GPU
+    python -m scripts.bench_step                          # both cases, CPU-sized batches
+    python -m scripts.bench_step --cases=av --av_batch=64 --steps=20    # on a GPU
 
 Cases (the paper's architectures, randomly initialised; shapes as our converters write them):
   av: ResNet18 on 257x299 one-channel spectrograms + ResNet18 on 3 RGB frames of 224x224 (temporal
@@ -17,7 +17,6 @@ training mode (batch norm statistics updated, dropout on) and take one optimiser
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import jax
@@ -25,12 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import cremad, sarcasm  # noqa: E402
-from dyngap_jax import models  # noqa: E402
-from dyngap_jax.train import TrainState, make_optimizer, make_train_step, mm_loss_fn  # noqa: E402
-from dyngap_jax.alpha import LearnedAlpha  # noqa: E402
+from configs import cremad, sarcasm
+from dyngap_jax.train import make_train_step, setup
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["av", "ti"], "av: ResNet18 audio + video (CREMA-D); ti: ResNet50 + BERT-base (text-image).")
@@ -67,15 +62,12 @@ def synthetic_batch(case: str, batch: int, num_classes: int):
 
 
 def ours(case: str, batch: dict, steps: int):
-    cfg = case_config(case).to_dict()
-    model, _ = models.build_model(cfg["model"])
-    variables = models.init_variables(model, jax.random.PRNGKey(0), {k: v[:2] for k, v in batch.items()})
-    params = variables.pop("params")
-    tx = make_optimizer(cfg["train"], 1)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables, opt_state=tx.init(params),
-                       alpha=LearnedAlpha(init=ALPHA).create(), rng=jax.random.PRNGKey(1))
-    mods = cfg["model"]["modalities"]
-    step = make_train_step(model, tx, mm_loss_fn("infonce", mods, TAU, False))
+    config = case_config(case)
+    with config.unlocked():
+        config.loss.temperature = TAU
+    run = setup(config, data=False)  # the config's model, optimiser and L_MM (InfoNCE, temperature TAU)
+    state = run.create_train_state({k: v[:2] for k, v in batch.items()}, jax.random.PRNGKey(0))
+    step = make_train_step(run.model, run.tx, run.mm_loss)
     batch = jax.device_put(batch)
     a = jnp.float32(ALPHA)
     t0 = time.perf_counter()
@@ -87,7 +79,7 @@ def ours(case: str, batch: dict, steps: int):
     for _ in range(steps):
         state, m = compiled(state, batch, a)
     jax.block_until_ready(m["loss"])
-    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     return (time.perf_counter() - t0) / steps, compile_s, n_params, float(m["loss"])
 
 

@@ -1,12 +1,12 @@
 """Exact against approximate alpha hypergradients at chosen points of training.
 
-    python scripts/compare_hypergrads.py --config configs/mfeat.py:ours_lb --workdir runs/cmp --out_dir cmp \\
+    python -m scripts.compare_hypergrads --config configs/mfeat.py:ours_lb --workdir runs/cmp --out_dir cmp \\
         --points 20,100 --batches 4 [--nosweep] [--train_each]
 
 At each point (a number of training steps; the run in --workdir is trained up to it, or resumed),
 every method estimates d L_CLS(val) / d alpha on the same inner (train) and outer (validation)
 batches. The reference is CG on the normal equations at a tight tolerance in float64 with the
-config's damping (see ``dyngap_jax/train/compare.py`` for why a network's undamped H^-1 g is
+config's damping (see ``dyngap_jax/studies/compare.py`` for why a network's undamped H^-1 g is
 ill-posed); where the model is small, ``dense`` solves the same system directly to check it, and the
 exact undamped solve shows what the damping changes. Per method: value, relative error, sign
 agreement, the rate of sign agreement, mean error and spread over --batches batch pairs, HVPs, run
@@ -15,18 +15,16 @@ Neumann terms and unrolled steps; --train_each trains with several methods and c
 metrics and alpha trajectories. Output: results.md, results.json and PNGs in --out_dir.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from dyngap_jax.studies import compare
+from scripts import common
 
-from dyngap_jax.train import compare  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<dataset>.py:<method>.", lock_config=False)
-flags.DEFINE_string("workdir", None, "Run folder trained up to each point (resumed if it exists).")
-flags.DEFINE_string("out_dir", None, "Where results.md, results.json and the PNGs go.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "(required) configs/<dataset>.py:<method>.", lock_config=False)
+flags.DEFINE_string("workdir", None, "(required) Run folder trained up to each point (resumed if it exists).")
+flags.DEFINE_string("out_dir", None, "(required) Where results.md, results.json and the PNGs go.")
 flags.DEFINE_list("points", ["20"], "Training steps at which to compare.")
 flags.DEFINE_integer("batches", 3, "Inner/outer batch pairs for the agreement statistics.")
 flags.DEFINE_integer("dense_max_params", 3000, "Run `dense` only up to this many parameters.")
@@ -59,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -1,31 +1,34 @@
-"""Metrics of a run's checkpoint on one split: ``python scripts/evaluate.py --config ... --workdir runs/x --split test``.
+"""Metrics of a run's checkpoint on one split: ``python -m scripts.evaluate --workdir runs/x --split test``.
 
-``--which best`` (default: the best-on-validation checkpoint) or ``latest``.
+``--config`` is optional: without it the run's recorded config (``<workdir>/config.json``) is used.
+``--which best`` (default: the best-on-validation checkpoint), ``latest``, or a step number.
 """
-import os
-import sys
+from absl import app, flags
+from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dyngap_jax.train import evaluate_checkpoint, metrics_table
+from scripts import common
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from dyngap_jax.train.evaluation import evaluate_checkpoint, metrics_table  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's configs/<dataset>.py:<method>.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run folder.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's configs/<dataset>.py:<method> (default: the "
+                                          "config recorded in --workdir).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "(required) The run folder.")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
-_WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Which checkpoint.")
-flags.mark_flags_as_required(["config", "workdir"])
+_WHICH = flags.DEFINE_string("which", "best", "Which checkpoint: best, latest, or a step number.")
+flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
     del argv
-    cfg = _CONFIG.value
-    step, res = evaluate_checkpoint(cfg, _WORKDIR.value, _SPLIT.value, _WHICH.value)
-    print(f"{cfg.dataset} / {cfg.method} — {_WORKDIR.value}, {_WHICH.value} checkpoint (step {step}), split {_SPLIT.value}")
-    print(metrics_table(res, list(cfg.model.modalities)))
+    which = _WHICH.value
+    if which not in ("best", "latest"):
+        if not which.isdigit():
+            raise app.UsageError(f"--which: best, latest or a step number, got {which!r}")
+        which = int(which)
+    step, res = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _SPLIT.value, which)
+    modalities = [k.split("/", 1)[1] for k in res if k.startswith("acc/")]
+    print(f"{_WORKDIR.value}: {_WHICH.value} checkpoint (step {step}), split {_SPLIT.value}")
+    print(metrics_table({_SPLIT.value: res}, modalities))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

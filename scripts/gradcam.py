@@ -1,6 +1,6 @@
 """Grad-CAM heat maps of a trained run over images or video frames at chosen epochs (the paper's Figure 4).
 
-    python scripts/gradcam.py --config configs/cremad.py:ours_lb --workdir runs/cremad_ours_lb \\
+    python -m scripts.gradcam --config configs/cremad.py:ours_lb --workdir runs/cremad_ours_lb \\
         --modality video --epochs 1,50,100 --num_examples 4 --out gradcam.png
 
 One row per (example, checkpoint); for a video modality one column per frame. The checkpoints:
@@ -9,22 +9,19 @@ One row per (example, checkpoint); for a video modality one column per frame. Th
 The class explained is the label (``--target label``), the prediction (``predicted``) or a fixed
 index; ``--head modality`` explains the modality's own logit instead of the fused one.
 """
-import os
-import sys
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dyngap_jax import gradcam
+from dyngap_jax.io import new_figure, save_figure
+from dyngap_jax.train import recorded_config, setup
+from dyngap_jax.train.evaluation import epoch_checkpoints, load_run_state
+from scripts import common
 
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from dyngap_jax import gradcam  # noqa: E402
-from dyngap_jax.train.evaluation import epoch_checkpoints, load_run_state  # noqa: E402
-from dyngap_jax.train.loop import _cfg, _loader  # noqa: E402
-from dyngap_jax.train.plots import save_figure  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's configs/<dataset>.py:<method>.", lock_config=False)
-flags.DEFINE_string("workdir", None, "The run folder.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's configs/<dataset>.py:<method> (default: the "
+                                          "config recorded in --workdir).", lock_config=False)
+flags.DEFINE_string("workdir", None, "(required) The run folder.")
 flags.DEFINE_string("modality", None, "An image or video modality (default: the first with a ResNet encoder).")
 flags.DEFINE_list("epochs", [], "Epochs whose end-of-epoch checkpoints to draw.")
 flags.DEFINE_list("which", ["best"], "Also these: best, latest.")
@@ -32,15 +29,17 @@ flags.DEFINE_string("split", "test", "Split the examples come from.")
 flags.DEFINE_integer("num_examples", 4, "Examples drawn (the split's first ones, in order).")
 flags.DEFINE_string("target", "label", "label, predicted, or a class index.")
 flags.DEFINE_enum("head", "fused", ["fused", "modality"], "Explain the fused logit or the modality's own.")
-flags.DEFINE_string("out", None, "PNG to write.")
-flags.mark_flags_as_required(["config", "workdir", "out"])
+flags.DEFINE_string("out", None, "(required) PNG to write.")
+flags.mark_flags_as_required(["workdir", "out"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
-    cfg = _cfg(_CONFIG.value)
-    mods = list(cfg["model"]["modalities"])
+    config = _CONFIG.value if _CONFIG.value is not None else recorded_config(FLAGS.workdir)
+    run = setup(config)
+    cfg = run.cfg
+    mods = run.modalities
     encoders = cfg["model"]["encoders"]
     modality = FLAGS.modality or next((m for m in mods if "resnet" in encoders[m]["name"]), None)
     if modality not in mods or "resnet" not in encoders[modality]["name"]:
@@ -58,24 +57,19 @@ def main(argv):
             raise app.UsageError(f"--which: best or latest, got {w!r}")
         checkpoints.append((w, w))
     target = FLAGS.target if FLAGS.target in ("label", "predicted") else int(FLAGS.target)
-    batch = next(iter(_loader(cfg, FLAGS.split, train=False, batch_size=FLAGS.num_examples)))
+    batch = next(iter(run.loader(FLAGS.split, train=False, batch_size=FLAGS.num_examples)))
     rows = []
     for name, which in checkpoints:
-        model, state, step = load_run_state(_CONFIG.value, FLAGS.workdir, which)
+        run, state, step = load_run_state(config, FLAGS.workdir, which)
         variables = {"params": state.params, **state.model_state}
-        cams = np.asarray(gradcam.grad_cam(model, variables, batch, modality, target=target, head=FLAGS.head))
+        cams = np.asarray(gradcam.grad_cam(run.model, variables, batch, modality, target=target, head=FLAGS.head))
         rows.append((f"{name} (step {step})", cams))
         logging.info("Grad-CAM at %s (step %d)", name, step)
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     x = np.asarray(batch[modality])
     frames = x.shape[1] if x.ndim == 5 else 1
     n = len(batch["label"])
-    fig, axes = plt.subplots(n * len(rows), frames + 1, figsize=(2.2 * (frames + 1), 2.2 * n * len(rows)), squeeze=False)
+    fig, axes = new_figure(n * len(rows), frames + 1, figsize=(2.2 * (frames + 1), 2.2 * n * len(rows)), squeeze=False)
     for i in range(n):
         for r, (name, cams) in enumerate(rows):
             ax_row = axes[i * len(rows) + r]
@@ -95,4 +89,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

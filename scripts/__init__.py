@@ -1,0 +1,1 @@
+"""Entry points: thin absl programs over the library (`python -m scripts.<name> --help`)."""

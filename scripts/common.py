@@ -1,0 +1,64 @@
+"""What the entry points share: ``run(main)``, which checks ``--config.<field>`` overrides before absl parses them.
+
+ml_collections reports an override of a field the config does not have as a bare ``KeyError: 'foo'``
+traceback; :func:`run` names the flag and the fields that exist instead, and exits with status 2.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Callable, Sequence
+
+from absl import app
+
+
+def _config_argument(argv: Sequence[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _load(spec: str):
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        return None  # the config flag reports it
+    module_spec = importlib.util.spec_from_file_location("_checked_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(*([arg] if arg else []))
+
+
+def override_errors(argv: Sequence[str], name: str = "config") -> list[str]:
+    """A message per ``--<name>.<path>`` in ``argv`` whose path the config has no field for."""
+    overrides = [a[len(name) + 3:].split("=", 1)[0] for a in argv if a.startswith(f"--{name}.")]
+    spec = _config_argument(argv, name)
+    if not overrides or spec is None:
+        return []
+    try:
+        config = _load(spec)
+    except Exception:  # noqa: BLE001 - a config that fails to load is reported by the flag itself
+        return []
+    errors = []
+    for path in overrides:
+        node, walked = config, name
+        for key in path.split("."):
+            keys = list(node.keys()) if hasattr(node, "keys") else None
+            if keys is None or key not in keys:
+                has = f"it has {', '.join(sorted(map(str, keys)))}" if keys else "it is not a group of fields"
+                errors.append(f"--{name}.{path}: {walked} has no field {key!r} ({has})")
+                break
+            node, walked = node[key], f"{walked}.{key}"
+    return errors
+
+
+def run(main: Callable, config_flag: str = "config") -> None:
+    """``absl.app.run(main)`` after :func:`override_errors` (exit status 2 naming the flag on a bad field)."""
+    errors = override_errors(sys.argv[1:], config_flag)
+    if errors:
+        sys.stderr.write("\n".join(f"FATAL Flags parsing error: {e}" for e in errors) + "\n")
+        sys.exit(2)
+    app.run(main)
