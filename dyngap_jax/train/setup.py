@@ -98,11 +98,6 @@ class Run:
     def modalities(self) -> list[str]:
         return list(self.cfg["model"]["modalities"])
 
-    @property
-    def alpha_steps_per_epoch(self) -> int:
-        inner = self.cfg["alpha"]["inner_iters"]
-        return max(1, self.steps_per_epoch // inner) if inner else 1
-
     # ---- data
 
     def loader(self, split: str, *, train: bool, epoch: int = 0, infinite: bool = False, batch_size: int | None = None):
