@@ -19,7 +19,7 @@ def get_config():
         {
             "cg": {"operator": "plain", "tol": 1e-8, "maxiter": 200},
             "cg_normal": {"operator": "normal", "damping": 0.0, "tol": 1e-8, "maxiter": 400},
-            "cg_damped": {"operator": "damped", "damping": 1e-2},
+            "cg_damped": {"operator": "damped", "damping": 1e-2, "damping_mode": "absolute"},
             "dense": {},
             "identity": {},
             "neumann": {"num_terms": 20},

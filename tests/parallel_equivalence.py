@@ -46,7 +46,8 @@ def main(out_dir, method="ours_lb", dropout=None):
             cfg.parallel = {"data": n, "model": 1}
             cfg.train.eval_batch_size = 10  # uneven last batches exercise the padding
             # a converged, well-conditioned solve: what is compared is the sharding, not CG's float sensitivity
-            cfg.alpha.hypergrad.options.update({"operator": "damped", "damping": float(os.environ.get("EQ_DAMPING", "10.0")),
+            cfg.alpha.hypergrad.options.update({"operator": "damped", "damping_mode": "absolute",
+                                                "damping": float(os.environ.get("EQ_DAMPING", "10.0")),
                                                 "tol": 1e-6, "maxiter": 100})
             cfg.alpha.learned.learning_rate = 0.05
         workdir = os.path.join(out_dir, f"run{n}")

@@ -122,7 +122,8 @@ def test_every_method_builds_from_a_config_and_refuses_bad_values():
         hypergrad.GhadimiWang(num_terms=0)
     with pytest.raises(ValueError, match="`reduction` must be one of"):
         hypergrad.LFMCode(reduction="median")
-    assert hypergrad.CG(operator="plain").damping_value == 0.0 and hypergrad.CG().damping_value == 1e-4
+    assert hypergrad.CG(operator="plain").damping_value == 0.0 and hypergrad.CG().damping_value == 1e-2
+    assert hypergrad.CG().relative and hypergrad.CG(damping_mode="absolute").damping_value == 1e-4
 
 
 def test_fields_a_fixed_strategy_ignores_are_warned_about(tiny_records, caplog):
@@ -151,7 +152,7 @@ def test_an_override_of_a_field_the_config_lacks_is_named(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert ("--config.alpha.hypergrad.options.foo: config.alpha.hypergrad.options has no field 'foo' (it has atol, "
-            "damping, eps") in proc.stderr
+            "damping, damping_mode, eps") in proc.stderr
 
 
 def test_train_script_refuses_a_bad_field_before_anything(tmp_path):
@@ -209,3 +210,19 @@ def test_recorded_config_round_trips(tiny_records, tmp_path):
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_a_low_data_run_trains_on_a_fixed_subset_of_the_training_split(tiny_records):
+    run = setup(_apply(tiny_config(tiny_records, "ours_lb"), {"data.train_fraction": 0.5}))
+    assert run.steps_per_epoch == 24 // 16
+    full = setup(tiny_config(tiny_records, "ours_lb"))
+    every = lambda r: np.concatenate([b["a"] for b in r.loader("train", train=False, batch_size=8)])
+    subset, whole = every(run), every(full)
+    assert len(subset) == 24 and len(whole) == 48
+    # the subset's records are the split's, the same in every run; validation and test stay whole
+    assert all(any(np.array_equal(x, y) for y in whole) for x in subset)
+    np.testing.assert_array_equal(every(setup(_apply(tiny_config(tiny_records, "ours_h"), {"data.train_fraction": 0.5}))),
+                                  subset)
+    assert sum(len(b["label"]) for b in run.loader("validation", train=False, batch_size=8)) == 24
+    with pytest.raises(ValueError, match=r"config\.data\.train_fraction: must be > 0"):
+        setup(_apply(tiny_config(tiny_records, "ours_lb"), {"data.train_fraction": 0.0}))

@@ -10,6 +10,9 @@ import pytest
 from dyngap_jax import gradcam
 from dyngap_jax.models import ConcatFusion, MLPEncoder, MultimodalClassifier, ResNet, VideoEncoder, init_variables
 
+# comparisons with PyTorch and closed forms: full float32, whatever the backend's default (TF32 on GPUs)
+pytestmark = pytest.mark.usefixtures("highest_precision")
+
 
 def tiny_resnet(modality):
     return ResNet(depths=(1, 1), hidden_sizes=(8, 16), embedding_size=8, num_channels=3, modality=modality)

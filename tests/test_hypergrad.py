@@ -317,7 +317,8 @@ def test_mlp_damped_cg_equals_damped_dense_solve():
     g_mm = np.asarray(jax.flatten_util.ravel_pytree(jax.grad(mm)(params))[0])
     ref = -(g_mm - g) @ np.linalg.solve(H + damping * np.eye(H.shape[0]), g)
     dense = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "dense", damping=damping)
-    cg = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "cg", operator="damped", damping=damping, tol=1e-12, maxiter=500)
+    cg = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "cg", operator="damped", damping=damping,
+                                       damping_mode="absolute", tol=1e-12, maxiter=500)
     assert rel_err(dense.value, ref) < 1e-8
     assert rel_err(cg.value, ref) < 1e-6 and bool(cg.ok)
     np.testing.assert_allclose(dense.info["min_eigenvalue"], eig[0], rtol=1e-8)
@@ -335,7 +336,7 @@ def test_dense_normal_operator_is_the_tikhonov_filtered_solve_cg_normal_converge
     lam, U = np.linalg.eigh(H)
     ref = -(g_mm - g) @ (U @ (lam / (lam**2 + damping) * (U.T @ g)))
     dense = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "dense", operator="normal", damping=damping)
-    cg = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "cg", operator="normal", damping=damping,
+    cg = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "cg", operator="normal", damping=damping, damping_mode="absolute",
                                        tol=1e-12, maxiter=1000)
     assert rel_err(dense.value, ref) < 1e-8
     assert rel_err(cg.value, ref) < 1e-6 and bool(cg.ok)
@@ -572,3 +573,78 @@ def test_bad_input_names_the_argument():
         call(mm=3.0)
     with pytest.raises(ValueError, match="`v`"):
         hypergrad.hvp(P.cls_loss, params, {"w": jnp.zeros(3)})
+
+
+# ----------------------------------------------------------------------------- the training default (issue 13)
+
+
+def _numpy_normal_solve(cls, mm, outer, params, a, damping):
+    """Independent reference: Eq. 3 with v from (H^2 + d I) v = H g solved densely in NumPy."""
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    H = np.asarray(jax.hessian(lambda f: losses.total(cls(unravel(f)), mm(unravel(f)), a))(flat))
+    g = np.asarray(jax.flatten_util.ravel_pytree(jax.grad(outer)(params))[0])
+    g_cls = np.asarray(jax.flatten_util.ravel_pytree(jax.grad(cls)(params))[0])
+    g_mm = np.asarray(jax.flatten_util.ravel_pytree(jax.grad(mm)(params))[0])
+    v = np.linalg.solve(H @ H + damping * np.eye(len(g)), H @ g)
+    return -(g_mm - g_cls) @ v, H, v, unravel
+
+
+@pytest.mark.parametrize("problem", ["quadratic", "mlp"])
+def test_default_solve_converges_to_its_stated_system(problem):
+    """CG's defaults: the normal equations damped by (1e-2 |lambda|_max)^2, solved to the 1e-3 residual."""
+    if problem == "quadratic":
+        P = QuadraticBilevel.random(12, seed=0, condition=1e3)
+        cls, mm, outer, params, a = P.cls_loss, P.mm_loss, P.outer_loss, P.pack(P.solution(0.3)), 0.3
+    else:
+        params, cls, mm = mlp_setup()
+        outer, a = cls, 0.3
+    res = hypergrad.alpha_hypergradient(cls, mm, outer, params, a)  # all defaults
+    info = res.info
+    assert bool(res.ok) and float(info["residual"]) <= 1e-3
+    ref, H, v, unravel = _numpy_normal_solve(cls, mm, outer, params, a, float(info["damping"]))
+    lam = np.max(np.abs(np.linalg.eigvalsh(H)))
+    # the stated system: d = (rho |lambda|_max)^2, lambda_max from 20 power iterations (within 1 %)
+    np.testing.assert_allclose(float(info["lambda_max"]), lam, rtol=1e-2)
+    np.testing.assert_allclose(float(info["damping"]), (1e-2 * float(info["lambda_max"])) ** 2, rtol=1e-12)
+    # solved to the tolerance: the value is that system's, to the accuracy a 1e-3 residual allows
+    cond = (lam**2 + float(info["damping"])) / float(info["damping"])
+    assert abs(float(res.value) - ref) <= 1e-3 * cond * abs(ref)
+    assert abs(float(res.value) - ref) <= 2e-2 * abs(ref)
+    # and `dense` on the same system agrees with the NumPy solve
+    dense = hypergrad.alpha_hypergradient(cls, mm, outer, params, a, "dense", operator="normal", damping=float(info["damping"]))
+    np.testing.assert_allclose(float(dense.value), ref, rtol=1e-8)
+    # the solution it returns (for a warm start) solves that system to the tolerance, checked in NumPy
+    got = np.asarray(jax.flatten_util.ravel_pytree(res.solution)[0])
+    g = np.asarray(jax.flatten_util.ravel_pytree(jax.grad(outer)(params))[0])
+    d = float(info["damping"])
+    assert np.linalg.norm((H @ H + d * np.eye(len(g))) @ got - H @ g) <= 1.001e-3 * np.linalg.norm(H @ g)
+
+
+@pytest.mark.parametrize("method", ["cg", "minres"])
+def test_warm_start_at_the_solution_takes_at_most_one_iteration(method):
+    params, cls, mm = mlp_setup()
+    a, opts = 0.3, ({"damping_mode": "absolute", "damping": 1e-2, "tol": 1e-6} if method == "cg"
+                    else {"damping": 2.0, "tol": 1e-6, "maxiter": 500})
+    cold = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, method, **opts)
+    assert bool(cold.ok) and int(cold.info["iterations"]) > 5
+    if method == "cg":
+        _, _, v, unravel = _numpy_normal_solve(cls, mm, cls, params, a, 1e-2)
+        exact = unravel(jnp.asarray(v))
+    else:
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+        H = np.asarray(jax.hessian(lambda f: losses.total(cls(unravel(f)), mm(unravel(f)), a))(flat))
+        g = np.asarray(jax.flatten_util.ravel_pytree(jax.grad(cls)(params))[0])
+        exact = unravel(jnp.asarray(np.linalg.solve(H + 2.0 * np.eye(len(g)), g)))
+    warm = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, method, x0=exact, **opts)
+    assert bool(warm.ok) and int(warm.info["iterations"]) <= 1
+    np.testing.assert_allclose(float(warm.value), float(cold.value), rtol=1e-5)
+    # from the last (cold) solution, too
+    again = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, method, x0=cold.solution, **opts)
+    assert int(again.info["iterations"]) <= 1
+
+
+def test_an_exhausted_budget_is_reported_not_converged():
+    params, cls, mm = mlp_setup()
+    res = hypergrad.alpha_hypergradient(cls, mm, cls, params, 0.3, "cg", maxiter=3)
+    assert int(res.info["iterations"]) == 3 and not bool(res.info["converged"]) and not bool(res.ok)
+    assert float(res.info["residual"]) > 1e-3

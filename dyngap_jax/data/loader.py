@@ -192,6 +192,32 @@ class _SliceSource:
         return f"_SliceSource({self.source!r}, {self.start}, {self.end})"
 
 
+class _SubsetSource:
+    """The records at ``indices`` of a random-access source (a low-data split)."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source, self.indices = source, np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[int(self.indices[i])]
+
+    def __repr__(self) -> str:
+        return f"_SubsetSource({self.source!r}, {len(self.indices)} records)"
+
+
+def subset_indices(num_examples: int, fraction: float, seed: int = 0) -> np.ndarray:
+    """The sorted indices of a seeded random ``fraction`` of ``num_examples`` records (at least one)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"`fraction` must lie in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return np.arange(num_examples)
+    keep = max(1, int(round(fraction * num_examples)))
+    return np.sort(np.random.default_rng([seed, 7919]).permutation(num_examples)[:keep])
+
+
 def _even_part(n: int, index: int, count: int) -> tuple[int, int]:
     base, extra = divmod(n, count)
     start = index * base + min(index, extra)
@@ -291,6 +317,8 @@ def make_loader(
     shard: tuple[int, int] | None = None,
     in_memory: bool | None = None,
     expect: Mapping[str, Any] | None = None,
+    fraction: float = 1.0,
+    fraction_seed: int = 0,
 ) -> grain.DataLoader | InMemoryLoader:
     """A grain ``DataLoader`` of batch dicts for ``split`` of the records in ``folder``.
 
@@ -300,12 +328,16 @@ def make_loader(
     :func:`check_manifest`. With ``shard_by_process`` each JAX process reads a disjoint part;
     ``shard=(index, count)`` picks a part explicitly instead. ``in_memory`` (default: splits
     without frame modalities under ``IN_MEMORY_MAX_BYTES``) decodes the split once and serves
-    batches from arrays (:class:`InMemoryLoader`, same contract).
+    batches from arrays (:class:`InMemoryLoader`, same contract). ``fraction`` < 1 serves a seeded
+    random subset of the split (:func:`subset_indices` with ``fraction_seed``; the same records in every
+    run and process), before the per-process sharding.
     """
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
     _mark_flags_parsed()
     source, manifest = open_split(folder, split, **(expect or {}))
+    if fraction != 1.0:
+        source = _SubsetSource(source, subset_indices(len(source), fraction, fraction_seed))
     ops: list = [Decode(modalities)]
     if standardize:
         stats = manifest.stats.get("train_standardization")

@@ -17,49 +17,73 @@ from jax.flatten_util import ravel_pytree
 from dyngap_jax import losses
 from dyngap_jax.hypergrad.hvp import check_like, make_hvp
 from dyngap_jax.hypergrad.problem import Method, Problem, damped, is_tracer, relative
-from dyngap_jax.hypergrad.solvers import conjugate_gradient, minres
+from dyngap_jax.hypergrad.solvers import conjugate_gradient, minres, power_iteration
 
 CG_OPERATORS = ("plain", "damped", "normal", "gauss_newton")
 DENSE_OPERATORS = ("plain", "damped", "normal")
-DEFAULT_DAMPING = 1e-4
+
+
+DAMPING_MODES = ("relative", "absolute")
+DEFAULT_DAMPING = {"relative": 1e-2, "absolute": 1e-4}
+
+
+def _lambda_max(matvec, like, iters: int):
+    """``|lambda|_max`` of ``matvec`` by power iteration from a fixed start (the same on every call)."""
+    lam, _ = power_iteration(matvec, like, jax.random.PRNGKey(0), iters)
+    return jnp.abs(lam)
 
 
 @dataclasses.dataclass(frozen=True)
 class CG(Method):
-    """IFT with ``H^{-1} g`` by conjugate gradient on Hessian-vector products.
+    """IFT with ``H^{-1} g`` by conjugate gradient on Hessian-vector products, solved to ``tol``.
 
-    ``operator``: ``"normal"`` (the default) solves ``(H^2 + damping I) v = H g``: positive
-    semi-definite for any symmetric H (networks' Hessians are indefinite, and plain CG breaks
-    down on them), two HVPs an iteration, the condition number squared; ``"plain"`` solves
-    ``H v = g`` (H must be positive definite: a breakdown is flagged if it is not);
-    ``"damped"`` solves ``(H + damping I) v = g``; ``"gauss_newton"`` solves ``(G + damping I) v = g``
-    with ``G = J^T (d^2 l / d o^2) J`` the generalised Gauss-Newton matrix of ``L_total = l(o(theta))``,
-    given at call time as the input ``gn_model = (outputs_fn, cls_from_outputs, mm_from_outputs)``
-    (``cls_from_outputs(outputs_fn(p))`` must equal ``cls_loss(p)``, likewise for mm).
+    ``operator``: ``"normal"`` (the default) solves the Tikhonov-damped least-squares system
+    ``(H^2 + d I) v = H g``: positive definite for any symmetric H (networks' Hessians are
+    indefinite, and plain CG breaks down on them), two HVPs an iteration; the damping filters the
+    directions whose curvature ``|lambda|`` is below ``sqrt(d)``, where the undamped ``H^{-1} g`` is
+    ill-posed. ``"plain"`` solves ``H v = g`` (H must be positive definite: a breakdown is flagged
+    if it is not); ``"damped"`` solves ``(H + mu I) v = g``; ``"gauss_newton"`` solves
+    ``(G + mu I) v = g`` with ``G = J^T (d^2 l / d o^2) J`` the generalised Gauss-Newton matrix of
+    ``L_total = l(o(theta))``, given at call time as the input
+    ``gn_model = (outputs_fn, cls_from_outputs, mm_from_outputs)``.
 
-    ``damping``: ``None`` is 1e-4 for ``normal`` and ``damped``, 0 for ``plain`` and ``gauss_newton``.
-    ``tol`` / ``atol``: stop when ``|r| <= max(tol |b|, atol)``; ``maxiter``: iteration budget;
-    ``restarts``: restart from the true residual when rounding made CG stop early. Inputs: ``x0``
-    (warm start, the structure of ``params``), ``gn_model``.
+    ``damping`` with ``damping_mode="relative"`` (the default) is a fraction ``rho`` of the
+    curvature scale: ``d = (rho |lambda|_max)^2`` for ``normal``, ``mu = rho |lambda|_max`` for
+    ``damped`` / ``gauss_newton``, with ``|lambda|_max`` of the undamped operator from
+    ``power_iters`` steps of power iteration (reported as ``info["lambda_max"]``); with
+    ``"absolute"`` it is ``d`` or ``mu`` itself. ``None``: 1e-2 relative or 1e-4 absolute for
+    ``normal`` and ``damped``, 0 for ``plain`` and ``gauss_newton``. ``info["damping"]`` is the
+    absolute value the stated system used.
+
+    ``tol`` / ``atol``: stop when ``|r| <= max(tol |b|, atol)`` (``info["residual"]`` is the true
+    relative residual of the stated system, recomputed); ``maxiter``: iteration budget (a solve
+    that runs out is reported unconverged); ``restarts``: restart from the true residual when
+    rounding made CG stop early. Inputs: ``x0`` (warm start, the structure of ``params``),
+    ``gn_model``.
     """
 
     name: ClassVar[str] = "cg"
+    exact: ClassVar[bool] = True
     inputs: ClassVar[tuple[str, ...]] = ("x0", "gn_model")
 
     operator: str = "normal"
     damping: float | None = None
+    damping_mode: str = "relative"
     tol: float = 1e-3
     atol: float = 0.0
-    maxiter: int = 30
+    maxiter: int = 1000
     restarts: int = 0
+    power_iters: int = 20
 
     def validate(self):
         self._choice("operator", CG_OPERATORS)
+        self._choice("damping_mode", DAMPING_MODES)
         self._number("damping", minimum=0.0, allow_none=True)
         self._number("tol", minimum=0.0)
         self._number("atol", minimum=0.0)
         self._number("maxiter", integer=True, minimum=0)
         self._number("restarts", integer=True, minimum=0)
+        self._number("power_iters", integer=True, minimum=1)
         d = self.damping
         if self.operator == "plain" and d is not None and not is_tracer(d) and d:
             self._fail("damping", f"`damping`={d} with operator='plain'; use operator='damped'")
@@ -68,27 +92,26 @@ class CG(Method):
 
     @property
     def damping_value(self):
-        """The damping in effect (``None`` resolved for the operator)."""
+        """The ``damping`` option in effect (``None`` resolved for the operator and mode)."""
         if self.damping is not None:
             return self.damping
-        return DEFAULT_DAMPING if self.operator in ("normal", "damped") else 0.0
+        return DEFAULT_DAMPING[self.damping_mode] if self.operator in ("normal", "damped") else 0.0
+
+    @property
+    def relative(self) -> bool:
+        """Whether the damping is scaled by the curvature (and a power iteration runs)."""
+        return self.damping_mode == "relative" and self.operator != "plain" and (
+            is_tracer(self.damping_value) or self.damping_value > 0)
 
     def required_inputs(self):
         return ("gn_model",) if self.operator == "gauss_newton" else ()
 
     def estimate(self, problem: Problem, x0=None, gn_model=None):
-        damping = self.damping_value
         if x0 is not None:
             check_like(x0, problem.params, "x0")
         hvp = problem.hvp()
         g = problem.outer_grad()
-        b, per_matvec, extra = g, 1, 0
-        if self.operator in ("plain", "damped"):
-            matvec = damped(hvp, damping)
-        elif self.operator == "normal":
-            matvec = damped(lambda v: hvp(hvp(v)), damping)
-            b, per_matvec, extra = hvp(g), 2, 1
-        else:
+        if self.operator == "gauss_newton":
             if gn_model is None or len(gn_model) != 3 or not all(callable(f) for f in gn_model):
                 raise ValueError(
                     "cg: operator='gauss_newton' needs `gn_model=(outputs_fn, cls_from_outputs, mm_from_outputs)`")
@@ -97,12 +120,27 @@ class CG(Method):
             outputs, jvp_fn = jax.linearize(outputs_fn, problem.params)
             vjp_fn = jax.linear_transpose(jvp_fn, problem.params)
             head_hvp = make_hvp(head, outputs, problem.hvp_mode)[0]
-            matvec = damped(lambda v: vjp_fn(head_hvp(jvp_fn(v)))[0], damping)
+            base = lambda v: vjp_fn(head_hvp(jvp_fn(v)))[0]
+        else:
+            base = hvp
+        extra, lam = 0, jnp.asarray(jnp.nan)
+        damping = self.damping_value
+        if self.relative:
+            lam = _lambda_max(base, g, self.power_iters)
+            extra = self.power_iters
+            damping = (damping * lam) ** 2 if self.operator == "normal" else damping * lam
+        b, per_matvec = g, 1
+        if self.operator == "normal":
+            matvec = damped(lambda v: hvp(hvp(v)), damping)
+            b, per_matvec, extra = hvp(g), 2, extra + 1
+        else:
+            matvec = damped(base, damping)
         x, info = conjugate_gradient(matvec, b, x0, tol=self.tol, atol=self.atol, maxiter=self.maxiter,
                                      restarts=self.restarts)
         info = dict(info)
         info["hvp_count"] = info.pop("matvecs") * per_matvec + extra
         info["damping"] = jnp.asarray(damping)
+        info["lambda_max"] = lam
         return x, info
 
 
@@ -112,10 +150,12 @@ class MINRES(Method):
 
     For the symmetric indefinite Hessians of networks: one HVP an iteration (CG on the normal
     equations takes two) and no breakdown on negative curvature. With ``damping=0`` on a singular
-    H it converges to the solution on H's range, like ``dense``.
+    H it converges to the solution on H's range, like ``dense``. Input: ``x0`` (warm start).
     """
 
     name: ClassVar[str] = "minres"
+    exact: ClassVar[bool] = True
+    inputs: ClassVar[tuple[str, ...]] = ("x0",)
 
     damping: float = 0.0
     tol: float = 1e-6
@@ -126,8 +166,11 @@ class MINRES(Method):
         self._number("tol", minimum=0.0)
         self._number("maxiter", integer=True, minimum=0)
 
-    def estimate(self, problem: Problem):
-        x, info = minres(damped(problem.hvp(), self.damping), problem.outer_grad(), tol=self.tol, maxiter=self.maxiter)
+    def estimate(self, problem: Problem, x0=None):
+        if x0 is not None:
+            check_like(x0, problem.params, "x0")
+        x, info = minres(damped(problem.hvp(), self.damping), problem.outer_grad(), x0, tol=self.tol,
+                         maxiter=self.maxiter)
         info = dict(info)
         info["hvp_count"] = info.pop("matvecs")
         info["damping"] = jnp.asarray(self.damping)
@@ -148,6 +191,7 @@ class Dense(Method):
     """
 
     name: ClassVar[str] = "dense"
+    exact: ClassVar[bool] = True
 
     operator: str = "plain"
     damping: float = 0.0

@@ -178,8 +178,8 @@ def alpha_hypergradient(
 
     already_traced = any(is_tracer(x) for x in jax.tree_util.tree_leaves((params, a, dynamic)))
     # Called eagerly, compile the whole estimate once rather than dispatch it op by op.
-    value, info = (run if already_traced else jax.jit(run))(params, a, dynamic)
-    return HypergradResult(value=value, info=info, method=spec.name)
+    value, info, solution = (run if already_traced else jax.jit(run))(params, a, dynamic)
+    return HypergradResult(value=value, info=info, method=spec.name, solution=solution)
 
 
 def _estimate(problem: Problem, method: Method, inputs: dict, report_residual: bool):
@@ -189,6 +189,7 @@ def _estimate(problem: Problem, method: Method, inputs: dict, report_residual: b
         "converged": jnp.asarray(True),
         "breakdown": jnp.asarray(False),
     }
+    v = None
     if method.solves:
         v, method_info = method.estimate(problem, **inputs)
         value = implicit_hypergradient(problem.cls_loss, problem.mm_loss, problem.params, problem.a, v, problem.cross_mode)
@@ -207,4 +208,4 @@ def _estimate(problem: Problem, method: Method, inputs: dict, report_residual: b
     info["finite"] = finite & jnp.all(jnp.isfinite(value))
     info["hvp_forward_over_reverse"] = jnp.asarray(problem.hvp_mode == "forward_over_reverse")
     info["cross_forward_over_reverse"] = jnp.asarray(problem.cross_mode == "forward_over_reverse")
-    return value, {k: jnp.asarray(v) for k, v in info.items()}
+    return value, {k: jnp.asarray(x) for k, x in info.items()}, v

@@ -41,13 +41,15 @@ class HypergradResult:
 
     ``info`` always holds ``iterations``, ``residual`` (relative residual of the linear system
     the method solved; NaN where it solves none), ``hvp_count``, ``converged``, ``breakdown``
-    and ``finite``, plus method-specific entries. It is a pytree of arrays, so a result
-    passes through ``jax.jit``.
+    and ``finite``, plus method-specific entries. ``solution``: the ``v ~ H^{-1} grad L_outer``
+    the value was formed from (the methods that build one; None otherwise), what a warm start
+    passes to the next solve. It is a pytree of arrays, so a result passes through ``jax.jit``.
     """
 
     value: jax.Array
     info: dict[str, jax.Array]
     method: str = struct.field(pytree_node=False)
+    solution: Any = None
 
     @property
     def ok(self) -> jax.Array:
@@ -73,7 +75,8 @@ class Method:
 
     Class attributes: ``name`` (what configs and :func:`~dyngap_jax.hypergrad.alpha_hypergradient`
     call it); ``solves`` (True: :meth:`estimate` returns ``v ~ H^{-1} grad L_outer`` and the value
-    comes from Eq. 3; False: it returns the value itself); ``inputs`` (call-time arguments such as
+    comes from Eq. 3; False: it returns the value itself); ``exact`` (it solves a stated linear
+    system to a tolerance, and says whether it got there); ``inputs`` (call-time arguments such as
     ``x0``, ``key`` or ``sampler``: arrays and callables, never config options).
 
     Options are checked when the object is made (an :class:`OptionError` names the option); a
@@ -82,6 +85,7 @@ class Method:
 
     name: ClassVar[str] = ""
     solves: ClassVar[bool] = True
+    exact: ClassVar[bool] = False  # solves a stated system to a tolerance (training applies only converged solves)
     inputs: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self):

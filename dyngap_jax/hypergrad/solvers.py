@@ -130,6 +130,7 @@ def _cg_run(matvec, b, x0, tol, atol, maxiter):
 def minres(
     matvec: Callable[[PyTree], PyTree],
     b: PyTree,
+    x0: PyTree | None = None,
     *,
     tol: float = 1e-6,
     maxiter: int = 100,
@@ -143,22 +144,30 @@ def minres(
     system converges to a solution on the range of ``A``. The written form follows the unpreconditioned
     recurrence of SciPy's ``scipy.sparse.linalg.minres``, on pytrees.
 
+    ``x0`` warm-starts it: MINRES runs on the residual ``b - A x0`` and stops at the same absolute
+    threshold ``tol |b|``, so a start at the solution takes no iteration.
+
     Returns ``x`` and a dict like :func:`conjugate_gradient`'s: ``iterations``, ``residual`` (the
-    true relative residual, recomputed), ``converged``, ``breakdown`` (a non-finite value),
-    ``negative_curvature`` (always False: not a failure here), ``matvecs``.
+    true relative residual ``|b - A x| / |b|``, recomputed), ``converged``, ``breakdown`` (a
+    non-finite value), ``negative_curvature`` (always False: not a failure here), ``matvecs``.
     """
     zeros = otu.tree_zeros_like(b)
     b_norm = otu.tree_norm(b)
+    if x0 is None:
+        x_start, r0, initial_matvecs = zeros, b, 0
+    else:
+        x_start, r0, initial_matvecs = x0, otu.tree_sub(b, matvec(x0)), 1
+    r0_norm = otu.tree_norm(r0)
     tiny = jnp.finfo(b_norm.dtype).eps
     dt = b_norm.dtype
     f = lambda v: jnp.asarray(v, dt)
     # carry: k, x, r1, r2, y, beta, oldb, dbar, epsln, phibar, cs, sn, w, w2, broke
-    init = (jnp.zeros((), jnp.int32), zeros, b, b, b, b_norm, f(0.0), f(0.0), f(0.0), b_norm, f(-1.0), f(0.0),
-            zeros, zeros, ~jnp.isfinite(b_norm))
+    init = (jnp.zeros((), jnp.int32), x_start, r0, r0, r0, r0_norm, f(0.0), f(0.0), f(0.0), r0_norm, f(-1.0), f(0.0),
+            zeros, zeros, ~jnp.isfinite(r0_norm))
 
     def cond(c):
         k, phibar, broke = c[0], c[9], c[14]
-        return (k < maxiter) & (phibar > tol * b_norm) & ~broke & (b_norm > 0)
+        return (k < maxiter) & (phibar > tol * b_norm) & ~broke & (r0_norm > 0)
 
     def body(c):
         k, x, r1, r2, y, beta, oldb, dbar, epsln, phibar, cs, sn, w, w2, _ = c
@@ -182,7 +191,7 @@ def minres(
         w = otu.tree_scale(1.0 / gamma, otu.tree_sub(otu.tree_sub(v, otu.tree_scale(oldeps, w1)), otu.tree_scale(delta, w2)))
         x = otu.tree_add_scale(x, phi, w)
         # beta = 0: the Krylov space is exhausted and x is exact; the next division must not run
-        done = beta <= tiny * b_norm
+        done = beta <= tiny * r0_norm
         phibar = jnp.where(done, 0.0, phibar)
         broke = ~jnp.isfinite(phibar) | ~jnp.isfinite(alfa)
         return (k + 1, x, r1, r2, y, jnp.where(done, 1.0, beta), oldb, dbar, epsln, phibar, cs, sn, w, w2, broke)
@@ -193,7 +202,7 @@ def minres(
     rel = jnp.where(b_norm > 0, r_norm / jnp.where(b_norm > 0, b_norm, 1.0), r_norm)
     converged = ~broke & jnp.isfinite(rel) & (rel <= tol * (1.0 + 1e-3))
     info = {"iterations": k, "residual": rel, "converged": converged & tree_finite(x), "breakdown": broke,
-            "negative_curvature": jnp.zeros((), bool), "matvecs": k + 1}
+            "negative_curvature": jnp.zeros((), bool), "matvecs": k + 1 + initial_matvecs}
     return x, info
 
 

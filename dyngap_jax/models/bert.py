@@ -6,7 +6,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dyngap_jax.models.common import check_input
+from dyngap_jax.models.common import Dropout, check_input
 from dyngap_jax.models.transformer import SelfAttention, activation, attention_bias
 
 
@@ -40,7 +40,7 @@ class BertLayer(nn.Module):
     @nn.compact
     def __call__(self, x, bias, train: bool):
         c = self.config
-        drop = lambda t: nn.Dropout(c.hidden_dropout_prob, deterministic=not train)(t)
+        drop = lambda t: Dropout(c.hidden_dropout_prob, deterministic=not train)(t)
         a = SelfAttention(c.hidden_size, c.num_attention_heads, c.attention_probs_dropout_prob, self.dtype,
                           name="attention")(x, bias, train)
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="attention_norm")(x + drop(a))
@@ -91,7 +91,7 @@ class Bert(nn.Module):
              + embed(c.max_position_embeddings, "position_embeddings")(jnp.arange(length)[None])
              + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids))
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="embeddings_norm")(x)
-        x = nn.Dropout(c.hidden_dropout_prob, deterministic=not train)(x)
+        x = Dropout(c.hidden_dropout_prob, deterministic=not train)(x)
         bias = attention_bias(mask, None, self.dtype)
         for i in range(c.num_hidden_layers):
             x = BertLayer(c, self.dtype, name=f"layer_{i}")(x, bias, train)

@@ -1,7 +1,13 @@
-"""Shared checks for the encoders."""
+"""Shared pieces of the encoders: input checks, a dtype-independent Dropout, ``with_dtype``."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 def check_input(x, expected: Sequence[int | None], modality: str) -> None:
@@ -10,6 +16,35 @@ def check_input(x, expected: Sequence[int | None], modality: str) -> None:
     want = "[batch, " + ", ".join("*" if d is None else str(d) for d in expected) + "]"
     if len(shape) != len(expected) + 1 or any(e is not None and s != e for s, e in zip(shape[1:], expected)):
         raise ValueError(f"modality {modality!r}: expected input of shape {want}, got {list(shape)}")
+
+
+class Dropout(nn.Dropout):
+    """Flax's ``Dropout`` with the mask drawn at float32 whatever the computation dtype.
+
+    ``jax.random.bernoulli`` with a Python-float probability draws float64 uniforms when x64 is
+    on, so flax's own layer gives another mask (18 % of entries differ at rate 0.1) to a float64 run
+    of the same key: a float64 reference would then differentiate another function than the float32
+    step it checks. Here the mask depends on the key alone; in float32 it is flax's mask bit for bit.
+    """
+
+    @nn.compact
+    def __call__(self, inputs, deterministic: bool | None = None, rng=None):
+        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+        if self.rate == 0.0 or deterministic:
+            return inputs
+        if self.rate == 1.0:
+            return jnp.zeros_like(inputs)
+        keep_prob = 1.0 - self.rate
+        rng = self.make_rng(self.rng_collection) if rng is None else rng
+        shape = list(inputs.shape)
+        for dim in self.broadcast_dims:
+            shape[dim] = 1
+        # jax.random.bernoulli at float32 is `uniform < p` with uniform = (bits >> 9) * 2^-23: the same test in
+        # integers, so no float32 value enters a float64 computation
+        bits = jax.random.bits(rng, tuple(shape), jnp.uint32)
+        threshold = math.ceil(float(np.float32(keep_prob)) * 2**23)
+        mask = jnp.broadcast_to(jax.lax.shift_right_logical(bits, jnp.uint32(9)) < jnp.uint32(threshold), inputs.shape)
+        return jax.lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
 
 
 def with_dtype(module, dtype):

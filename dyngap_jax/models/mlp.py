@@ -6,7 +6,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dyngap_jax.models.common import check_input
+from dyngap_jax.models.common import Dropout, check_input
 
 
 class MLPEncoder(nn.Module):
@@ -37,5 +37,5 @@ class MLPEncoder(nn.Module):
             if self.layer_norm:
                 x = nn.LayerNorm(dtype=self.dtype, name=f"norm_{i}")(x)
             x = nn.relu(x)
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+            x = Dropout(self.dropout, deterministic=not train)(x)
         return nn.Dense(self.out_features, dtype=self.dtype, name="out")(x)

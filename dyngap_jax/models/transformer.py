@@ -5,6 +5,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dyngap_jax.models.common import Dropout
+
 ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
     "gelu_new": lambda x: nn.gelu(x, approximate=True),
@@ -53,6 +55,6 @@ class SelfAttention(nn.Module):
         if bias is not None:
             scores = scores + bias
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-        probs = nn.Dropout(self.dropout, deterministic=not train)(probs)
+        probs = Dropout(self.dropout, deterministic=not train)(probs)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape[:2] + (self.hidden_size,))
         return nn.Dense(self.hidden_size, dtype=self.dtype, name="out")(out)

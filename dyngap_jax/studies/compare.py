@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,14 @@ from dyngap_jax.train.steps import alpha_losses
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
-    """The CG solve every estimate is compared with. ``damping=None`` takes the config's (1e-4 if it has none)."""
+    """The CG solve every estimate is compared with.
+
+    ``damping=None``: the system the config's method states on each batch pair. For the config's CG
+    that is its own operator with the absolute damping it reports on the pair (a relative damping
+    is ``rho |lambda|_max`` of that pair's Hessian), so the reference is the same system solved to
+    ``tol`` in ``dtype``; for another method, CG's ``operator`` with the method's damping (1e-4 if it
+    has none). A number is an absolute damping for every pair.
+    """
 
     operator: str = "normal"
     damping: float | None = None
@@ -45,9 +52,20 @@ class Reference:
     restarts: int = 3
     dtype: str = "float64"
 
-    def options(self, config_damping: float) -> dict:
-        d = (config_damping or 1e-4) if self.damping is None else self.damping
-        return {"operator": self.operator, "damping": float(d), "tol": self.tol, "maxiter": self.maxiter}
+    def system(self, method: hypergrad.Method) -> str:
+        return method.operator if isinstance(method, hypergrad.CG) and method.operator != "gauss_newton" else self.operator
+
+    def damping_on(self, method: hypergrad.Method, info: Mapping[str, Any]) -> float:
+        """The absolute damping of the reference's system on a pair whose config-method run gave ``info``."""
+        if self.damping is not None:
+            return float(self.damping)
+        if isinstance(method, hypergrad.CG) and "damping" in info:
+            return float(info["damping"])
+        return config_damping(method) or 1e-4
+
+    def options(self, method: hypergrad.Method) -> dict:
+        return {"operator": self.system(method), "damping_mode": "absolute", "tol": self.tol, "maxiter": self.maxiter,
+                "restarts": self.restarts}
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -70,7 +88,7 @@ def markdown_table(rows: list[dict]) -> str:
 SWEEP_BUDGETS = {"cg": (1, 3, 10, 30, 100, 300), "minres": (3, 10, 30, 100, 300, 600), "neumann": (1, 5, 20, 50, 200), "unrolled": (1, 5, 20, 50)}
 
 
-APPROXIMATIONS = ("cg (config)", "minres 30", "cg damped 1.0", "identity", "neumann K=20", "ghadimi_wang b=20", "lfm_code (cross)",
+APPROXIMATIONS = ("cg (config)", "cg truncated (the default until issue 13: d 1e-4, 30 iterations)", "minres 30", "cg damped 1.0", "identity", "neumann K=20", "ghadimi_wang b=20", "lfm_code (cross)",
                   "lfm_code (authors)", "unrolled K=10")
 
 
@@ -84,14 +102,20 @@ def config_damping(method: hypergrad.Method) -> float:
     return float(getattr(method, "damping_value", getattr(method, "damping", 0.0)) or 0.0)
 
 
+PREVIOUS_DEFAULT = {"operator": "normal", "damping": 1e-4, "damping_mode": "absolute", "tol": 1e-3, "maxiter": 30}
+
+
 def approximations(run: Run, pool) -> dict:
     """The estimators compared with the reference: name -> (method, options, dtype)."""
     lr = run.cfg["train"]["learning_rate"]
     method = config_method(run)
+    config_dtype = "float64" if run.cfg["alpha"]["hypergrad"]["precision"] == "float64" else None
     return {
-        "cg (config)": (method.name, method.options(), None),
-        "minres 30": ("minres", {"damping": config_damping(method), "tol": 1e-3, "maxiter": 30}, None),
-        "cg damped 1.0": ("cg", {"operator": "damped", "damping": 1.0, "tol": 1e-6, "maxiter": 200}, None),
+        "cg (config)": (method.name, method.options(), config_dtype),
+        "cg truncated (the default until issue 13: d 1e-4, 30 iterations)": ("cg", PREVIOUS_DEFAULT, None),
+        "minres 30": ("minres", {"damping": 0.0, "tol": 1e-3, "maxiter": 30}, None),
+        "cg damped 1.0": ("cg", {"operator": "damped", "damping": 1.0, "damping_mode": "absolute", "tol": 1e-6,
+                                   "maxiter": 200}, None),
         "identity": ("identity", {}, None),
         "neumann K=20": ("neumann", {"num_terms": 20}, None),
         "ghadimi_wang b=20": ("ghadimi_wang", {"num_terms": 20, "sampler": pool, "key": jax.random.PRNGKey(0)}, None),
@@ -141,27 +165,39 @@ def compare_at(run: Run, state, *, batches: int = 3, reference: Reference = Refe
     models up to ``dense_max_params`` parameters, the two ``dense`` rows always run.
     """
     model, mm = run.model, run.mm_loss
+    precision = run.cfg["alpha"]["hypergrad"]["precision"]
     pairs = _batches(run, batches)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     known = approximations(run, _pool(model, mm, state, pairs))
-    ref_opts = reference.options(config_damping(config_method(run)))
-    ref_est = Estimator(model, mm, state, "cg", {**ref_opts, "restarts": reference.restarts}, reference.dtype)
-    refs = [ref_est(i, o) for i, o in pairs]
-    ref_name = f"reference: cg {reference.operator}, damping {ref_opts['damping']:g}, tol {reference.tol:g} ({reference.dtype})"
-    rows = [_row(ref_name, refs, refs)]
     unknown = sorted(set(methods or ()) - set(known))
     if unknown:
         raise ValueError(f"compare: unknown methods {unknown}; known: {sorted(known)}")
-    methods = {k: v for k, v in known.items() if methods is None or k in methods}
-    checks = {"n_params": int(n_params), "reference": ref_opts, "reference_converged": [r["ok"] for r in refs]}
+    method = config_method(run)
+    estimator = lambda spec: Estimator(model, mm, state, spec[0], spec[1], spec[2], precision)
+    # the config's method first: the system it states on each pair is what the reference solves
+    config_runs = [estimator(known["cg (config)"])(i, o, repeats=2) for i, o in pairs]
+    dampings = [reference.damping_on(method, r["info"]) for r in config_runs]
+    ref_est = Estimator(model, mm, state, "cg", reference.options(method), reference.dtype)
+    refs = [ref_est(i, o, dynamic={"damping": d}) for (i, o), d in zip(pairs, dampings)]
+    span = f"{min(dampings):.3g}" if max(dampings) == min(dampings) else f"{min(dampings):.3g} to {max(dampings):.3g}"
+    ref_name = (f"reference: cg {reference.system(method)}, damping {span}, tol {reference.tol:g} ({reference.dtype})")
+    rows = [_row(ref_name, refs, refs)]
+    selected = {k: v for k, v in known.items() if methods is None or k in methods}
+    checks = {"n_params": int(n_params), "reference": {**reference.options(method), "damping": dampings},
+              "reference_converged": [r["ok"] for r in refs]}
+    if "cg (config)" in selected:
+        rows.append(_row("cg (config)", config_runs, refs))
+        del selected["cg (config)"]
     if n_params <= dense_max_params:
         # the same system as the reference, solved directly (checks CG), and the exact undamped solve
-        dense_same = {"operator": reference.operator, "damping": ref_opts["damping"], "max_params": dense_max_params}
-        methods = {"dense (reference's system)": ("dense", dense_same, reference.dtype),
-                   "dense (exact H^-1, undamped)": ("dense", {"max_params": dense_max_params}, reference.dtype),
-                   **methods}
-    for name, (method, options, dtype) in methods.items():
-        est = Estimator(model, mm, state, method, options, dtype)
+        same = Estimator(model, mm, state, "dense", {"operator": reference.system(method), "max_params": dense_max_params},
+                         reference.dtype)
+        rows.insert(1, _row("dense (reference's system)", [same(i, o, dynamic={"damping": d})
+                                                          for (i, o), d in zip(pairs, dampings)], refs))
+        selected = {"dense (exact H^-1, undamped)": ("dense", {"max_params": dense_max_params}, reference.dtype),
+                    **selected}
+    for name, spec in selected.items():
+        est = estimator(spec)
         rows.append(_row(name, [est(i, o, repeats=2) for i, o in pairs], refs))
     by_name = {r["name"]: r for r in rows}
     if "dense (reference's system)" in by_name:
@@ -174,20 +210,21 @@ def compare_at(run: Run, state, *, batches: int = 3, reference: Reference = Refe
         i, o = pairs[0]
         sweep = {}
         lr = run.cfg["train"]["learning_rate"]
-        for label, method, key, extra in (
-            ("CG (normal, config damping)", "cg", "maxiter", {"operator": "normal", "tol": 1e-12, "damping": ref_opts["damping"]}),
-            ("MINRES (config damping)", "minres", "maxiter", {"tol": 1e-12, "damping": ref_opts["damping"]}),
+        for label, name, key, extra in (
+            ("CG (the reference's system)", "cg", "maxiter", {**reference.options(method), "tol": 1e-12,
+                                                               "damping": dampings[0], "restarts": 0}),
+            ("MINRES (H + d I, d the reference's damping)", "minres", "maxiter", {"tol": 1e-12, "damping": dampings[0]}),
             ("Neumann", "neumann", "num_terms", {}),
             ("unrolled", "unrolled", "num_steps", {"inner_lr": lr}),
         ):
             pts = []
             # CG's and MINRES's iteration budget is a traced bound of its while loop: one compilation for the whole sweep
-            shared = Estimator(model, mm, state, method, extra) if method in ("cg", "minres") else None
-            for v in sweep_budgets.get(method, ()):
+            shared = Estimator(model, mm, state, name, extra, None, precision) if name in ("cg", "minres") else None
+            for v in sweep_budgets.get(name, ()):
                 if shared is not None:
                     r = shared(i, o, dynamic={key: np.int32(v)})
                 else:
-                    r = measure(model, mm, state, i, o, method, {**extra, key: v}, repeats=1)
+                    r = measure(model, mm, state, i, o, name, {**extra, key: v}, repeats=1, precision=precision)
                 hvps = r["info"].get("hvp_count", 0) or v
                 pts.append((float(hvps), relative_error(r["value"], refs[0]["value"]), r["run_s"]))
             sweep[label] = pts
@@ -267,7 +304,7 @@ def run_comparison(config, workdir: str, out_dir: str, points, *, batches: int =
                        f"{c['reference_vs_dense']:.2e}. The exact undamped `H^-1 g` differs from the reference by "
                        f"{c['undamped_vs_reference']:.2e} (relative); the Hessian's smallest |eigenvalue| is "
                        f"{c['min_abs_eigenvalue']:.2e}, and directions with |eigenvalue| below sqrt(damping) = "
-                       f"{np.sqrt(c['reference']['damping']):.1e} are what the damping filters.", ""]
+                       f"{np.sqrt(c['reference']['damping'][0]):.1e} are what the damping filters.", ""]
         if res["sweep"]:
             report += [f"![error against cost](sweep_step{step}.png)", ""]
         results[str(step)] = {"rows": [{k: v for k, v in r.items() if k != "value"} | {"value": np.asarray(r["value"]).tolist()}

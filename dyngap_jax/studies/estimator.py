@@ -35,15 +35,19 @@ class Estimator:
     ``dtype="float64"`` runs it with the model's computation dtype, parameters, BN statistics,
     batches and alpha in float64 (under ``jax.enable_x64``); the traced loss is checked to hold no
     lower-precision floating-point value, so a "float64" result never carries float32 rounding.
+    ``precision``: every matmul's and convolution's (``jax.default_matmul_precision``; "highest" in
+    float64), as the training alpha step sets it.
     """
 
-    def __init__(self, model, mm_loss, state, method: str, options: Mapping[str, Any], dtype: str | None = None):
+    def __init__(self, model, mm_loss, state, method: str, options: Mapping[str, Any], dtype: str | None = None,
+                 precision: str = "highest"):
         name, fields = _split(method, options)
         hypergrad.make_method(name, **fields)  # an unknown method or a bad option fails here
         if dtype is not None:
             model = models.with_dtype(model, jnp.dtype(dtype))
         self.model, self.mm_loss, self.method, self.options = model, mm_loss, method, dict(options)
         self.dtype = dtype
+        self.precision = "highest" if dtype == "float64" else precision
         self.state = state
         self._compiled = None
         self._cast_state = None
@@ -65,8 +69,10 @@ class Estimator:
 
     def _fn(self, state):
         def fn(params, a, inner, outer, dynamic):
-            c, m, o = alpha_losses(self.model, self.mm_loss, state.replace(params=params), inner, outer)
-            return hypergrad.alpha_hypergradient(c, m, o, params, a, self.method, **{**self.options, **dynamic})
+            with jax.default_matmul_precision(self.precision):
+                c, m, o = alpha_losses(self.model, self.mm_loss, state.replace(params=params), inner, outer)
+                res = hypergrad.alpha_hypergradient(c, m, o, params, a, self.method, **{**self.options, **dynamic})
+            return res.replace(solution=None)
 
         return fn
 
@@ -120,9 +126,9 @@ def _float_dtypes(jaxpr) -> set:
 
 
 def measure(model, mm_loss, state, inner, outer, method: str, options: Mapping[str, Any], repeats: int = 2,
-            dtype: str | None = None) -> dict:
+            dtype: str | None = None, precision: str = "highest") -> dict:
     """One estimator on one batch pair: value, info, compile and run time (s), XLA's memory estimate (bytes)."""
-    return Estimator(model, mm_loss, state, method, options, dtype)(inner, outer, repeats)
+    return Estimator(model, mm_loss, state, method, options, dtype, precision)(inner, outer, repeats)
 
 
 def relative_error(value, reference) -> float:

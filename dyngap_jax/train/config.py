@@ -36,6 +36,11 @@ ALPHA_SCHEDULES = ("constant", "authors")
 MM_LOSSES = ("infonce", "js", "none")
 OUTER_SPLITS = ("validation", "train")
 SELECT_METRICS = ("acc", "map", "f1")
+# matmul / convolution precisions (jax.default_matmul_precision): "default" is the backend's (TF32 for float32 on
+# NVIDIA GPUs), "highest" full float32; the 3-pass dot algorithms reach about 1e-5 on matmuls but leave
+# convolutions at the default; the alpha step may also run its model and solve in "float64"
+MATMUL_PRECISIONS = ("default", "high", "highest", "BF16_BF16_F32_X3", "TF32_TF32_F32_X3")
+HYPERGRAD_PRECISIONS = MATMUL_PRECISIONS + ("float64",)
 SECTIONS = ("dataset", "data_dir", "seed", "progress", "method", "data", "loss", "parallel", "alpha", "model", "train")
 
 
@@ -52,7 +57,10 @@ def base_config(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
     c.seed = 0
     c.progress = True
     c.method = ""
-    c.data = ml_collections.ConfigDict({"standardize": False, "frames": {}, "masks": [], "worker_count": 0})
+    # train_fraction < 1: a low-data run on a seeded random subset of the training split (the same subset in
+    # every run; validation and test stay whole)
+    c.data = ml_collections.ConfigDict({"standardize": False, "frames": {}, "masks": [], "worker_count": 0,
+                                        "train_fraction": 1.0})
     c.loss = ml_collections.ConfigDict({"mm": "infonce", "temperature": 0.1})
     # devices: `data` splits every batch (default: all devices); `model` > 1 with shard_params splits large
     # weight matrices too; `distributed` starts JAX's multi-host runtime (see README)
@@ -71,9 +79,14 @@ def base_config(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
         "batch_size": placeholder(int),
         "learned": {"init": learned.init, "learning_rate": learned.learning_rate, "schedule": "constant",
                     "clip": tuple(learned.clip), "optimizer": learned.optimizer, "per_pair": False},
-        # `method` and the options that are set (None: the method's default; see dyngap_jax.hypergrad)
+        # `method` and the options that are set (None: the method's default; see dyngap_jax.hypergrad).
+        # "Exact" (cg, minres, dense) means the method's stated system solved to its tolerance: a solve that
+        # stops short is counted and, by default (require_converged None: the method's `exact`), not applied.
+        # `precision`: of every matmul and convolution in the alpha step (HVPs, solve), whatever the backend's
+        # default; "float64" runs the alpha step's model and solve in float64. `warm_start`: the last solution
+        # (kept in the train state, checkpointed) starts the next solve.
         "hypergrad": {"method": "cg", "options": {k: placeholder(t) for k, t in hypergrad.option_types().items()},
-                      "require_converged": False},
+                      "require_converged": placeholder(bool), "precision": "highest", "warm_start": True},
     })
     c.model = ml_collections.ConfigDict()
     c.train = ml_collections.ConfigDict({
@@ -82,6 +95,7 @@ def base_config(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
         "schedule": "plateau", "plateau_factor": 0.1, "plateau_patience": 10,
         "step_every_epochs": placeholder(int), "step_factor": 0.1,
         "checkpoint_every_steps": 0, "keep_checkpoints": 2, "select_metric": "acc",
+        "matmul_precision": "default",  # the train and evaluation steps' (see MATMUL_PRECISIONS)
     })
     return c
 
@@ -214,8 +228,9 @@ def validate(config) -> tuple[dict, list[str]]:
 
 
 def _validate_data(cfg):
-    _known_keys(cfg, "data", ("standardize", "frames", "masks", "worker_count"))
+    _known_keys(cfg, "data", ("standardize", "frames", "masks", "worker_count", "train_fraction"))
     _bool(cfg, "data.standardize")
+    _num(cfg, "data.train_fraction", low=0.0, high=1.0, low_open=True)
     _int(cfg, "data.worker_count", minimum=0)
     for m, spec in (_get(cfg, "data.frames") or {}).items():
         _known_keys(cfg, f"data.frames.{m}", ("size", "normalize"))
@@ -257,6 +272,7 @@ def _validate_train(cfg):
     _int(cfg, "train.checkpoint_every_steps", minimum=0)
     _int(cfg, "train.keep_checkpoints", minimum=1)
     _choice(cfg, "train.select_metric", SELECT_METRICS)
+    _choice(cfg, "train.matmul_precision", MATMUL_PRECISIONS)
 
 
 def _validate_parallel(cfg):
@@ -291,8 +307,11 @@ def _validate_alpha(cfg):
     except ValueError as e:  # LearnedAlpha names its argument: `init`, `learning_rate`, `clip`, `optimizer`
         field = next((f for f in ("init", "learning_rate", "clip", "optimizer") if f"`{f}`" in str(e)), "")
         raise ConfigError(f"config.alpha.learned.{field}: {e}") from None
-    _known_keys(cfg, "alpha.hypergrad", ("method", "options", "require_converged"))
-    _bool(cfg, "alpha.hypergrad.require_converged")
+    _known_keys(cfg, "alpha.hypergrad", ("method", "options", "require_converged", "precision", "warm_start"))
+    if _get(cfg, "alpha.hypergrad.require_converged", required=False) is not None:
+        _bool(cfg, "alpha.hypergrad.require_converged")
+    _choice(cfg, "alpha.hypergrad.precision", HYPERGRAD_PRECISIONS)
+    _bool(cfg, "alpha.hypergrad.warm_start")
     hypergrad.method_from_config(cfg["alpha"]["hypergrad"])  # raises naming config.alpha.hypergrad.<field>
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from dyngap_jax import metrics, parallel
 from dyngap_jax.train.checkpoint import Checkpointer
 from dyngap_jax.train.setup import Run, setup
-from dyngap_jax.train.steps import TrainState, make_eval_step
+from dyngap_jax.train.steps import TrainState
 from dyngap_jax.train.workdir import recorded_config
 
 
@@ -104,14 +104,14 @@ def evaluate_checkpoint(config, workdir: str, split: str, which: str | int = "be
     """``(step, metrics)`` of the ``best`` (on validation) or ``latest`` checkpoint of ``workdir`` on ``split``."""
     run, state, step = load_run_state(config, workdir, which)
     state = jax.device_put(state, run.shardings(state)[0])
-    return step, evaluate(state, make_eval_step(run.model, run.shardings(state)), run, split)
+    return step, evaluate(state, run.eval_step(state), run, split)
 
 
 def predict_checkpoint(config, workdir: str, split: str, which: str | int = "best"):
     """``(logits, modality_logits, features, labels)`` of a checkpoint on every example of ``split``."""
     run, state, _ = load_run_state(config, workdir, which)
     state = jax.device_put(state, run.shardings(state)[0])
-    return predict(state, make_eval_step(run.model, run.shardings(state)), run, split)
+    return predict(state, run.eval_step(state), run, split)
 
 
 # --------------------------------------------------------------------------- the table
@@ -140,4 +140,9 @@ def summary_table(summary: Mapping, modalities: Sequence[str]) -> str:
     lines = [f"best epoch {best['epoch']} by {best['metric']} (test never used for selection)", "",
              metrics_table({s: best.get(s) for s in ("validation", "test")}, modalities), "",
              f"final alpha: {np.array2string(np.asarray(summary['final_alpha']), precision=4)}"]
+    a = summary.get("alpha_steps") or {}
+    if a.get("count"):
+        residual = "n/a" if a["max_residual"] is None else f"{a['max_residual']:.2e}"
+        lines.append(f"alpha steps: {a['count']} ({a['converged']} converged, {a['skipped']} skipped), "
+                     f"{a['mean_iterations']:.0f} iterations on average, max residual {residual}, {a['hvps']:,.0f} HVPs")
     return "\n".join(lines)

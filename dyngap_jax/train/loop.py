@@ -1,8 +1,8 @@
 """Algorithm 1 end to end: ``train(config, workdir)`` runs (or resumes) a run.
 
 Per epoch (:func:`_train_epoch`): ``steps_per_epoch`` train steps on L_total with the current alpha;
-for the learned strategy an alpha step (:func:`dyngap_jax.train.steps.make_alpha_step`) every
-``config.alpha.inner_iters`` train steps (0: once per epoch, after its last step). Then
+for the learned strategy an alpha step (:func:`dyngap_jax.train.steps.make_alpha_step`) after every
+``config.alpha.inner_iters`` train steps, counted over the run (0: once per epoch, after its last step). Then
 (:func:`_end_epoch`) every metric on validation and test, the best epoch chosen on validation (never
 on test), the epoch's checkpoint and plots. Everything the run is made of comes from
 :func:`dyngap_jax.train.setup.setup`, before anything is written.
@@ -106,7 +106,7 @@ def _train_epoch(run: Run, steps: _Steps, state: TrainState, extra: dict, folder
     train_it = iter(run.loader("train", train=True, epoch=epoch))
     start = extra["step_in_epoch"]
     _set_iter_state(train_it, extra["train_iter"] if start else None)
-    inner_iters = cfg["alpha"]["inner_iters"] or run.steps_per_epoch
+    inner_iters = cfg["alpha"]["inner_iters"]
     # a resumed epoch continues the epoch's running sums from the checkpoint
     partial = extra.get("partial") if start else None
     sums, count, hyper_log = (dict(partial["sums"]), partial["count"], list(partial["hyper_log"])) if partial else ({}, 0, [])
@@ -129,7 +129,9 @@ def _train_epoch(run: Run, steps: _Steps, state: TrainState, extra: dict, folder
             for k in ("loss", "l_cls", "l_mm"):
                 sums[k] = sums.get(k, 0.0) + float(m[k])
             count += 1
-            if steps.alpha is not None and (i + 1) % inner_iters == 0:
+            # Algorithm 1: an alpha step after every inner_iters train steps (counted over the run), or once an epoch
+            due = int(state.step) % inner_iters == 0 if inner_iters else i + 1 == run.steps_per_epoch
+            if steps.alpha is not None and due:
                 state = _alpha_step(run, steps, state, local_np, batch, hyper_log)
             bar.set_postfix(loss=f"{m['loss']:.4f}", alpha=np.array2string(np.asarray(state.alpha.value), precision=3),
                             rate=f"{(count - count0) / max(time.time() - t0, 1e-9):.1f}/s")
@@ -146,13 +148,44 @@ def _train_epoch(run: Run, steps: _Steps, state: TrainState, extra: dict, folder
               "alpha": np.asarray(state.alpha.value).tolist(), "alpha_mean": float(np.mean(state.alpha.value)),
               "alpha_skipped": int(state.alpha.skipped), **{k: v / max(count, 1) for k, v in sums.items()},
               "steps_per_s": (count - count0) / max(time.time() - t0, 1e-9)}
-    if hyper_log:
-        for k in ("iterations", "residual", "hvp_count", "hypergradient"):
-            vals = [h[k] for h in hyper_log if k in h]
-            if vals:
-                record[f"hypergrad_{k}"] = float(np.mean(vals))
-        record["hypergrad_skipped"] = sum(not h["applied"] for h in hyper_log)
+    record.update(alpha_diagnostics(hyper_log))
     return state, record
+
+
+def alpha_diagnostics(hyper_log: list[dict]) -> dict:
+    """An epoch's alpha steps: how many, converged, skipped; iterations, HVPs, residuals, damping."""
+    if not hyper_log:
+        return {}
+    finite = lambda k: [h[k] for h in hyper_log if k in h and np.isfinite(h[k])]
+    out = {"alpha_steps": len(hyper_log), "alpha_converged": sum(bool(h["converged"]) for h in hyper_log),
+           "hypergrad_skipped": sum(not h["applied"] for h in hyper_log),
+           "hypergrad_iterations": float(np.mean([h["iterations"] for h in hyper_log])),
+           "hypergrad_iterations_max": float(np.max([h["iterations"] for h in hyper_log])),
+           "hypergrad_hvps": float(np.sum([h["hvp_count"] for h in hyper_log])),
+           "hypergrad_hypergradient": float(np.mean([h["hypergradient"] for h in hyper_log]))}
+    residuals = finite("residual")
+    if residuals:
+        out.update(hypergrad_residual=float(np.mean(residuals)), hypergrad_residual_max=float(np.max(residuals)))
+    if finite("damping"):
+        out["hypergrad_damping"] = float(np.mean(finite("damping")))
+    return out
+
+
+ALPHA_KEYS = ("alpha_steps", "alpha_converged", "hypergrad_skipped", "hypergrad_iterations", "hypergrad_iterations_max",
+              "hypergrad_hvps", "hypergrad_residual", "hypergrad_residual_max", "hypergrad_damping")
+
+
+def alpha_summary(history: list[dict]) -> dict:
+    """The run's alpha steps from the epochs' diagnostics: ``count``, ``converged``, ``skipped``,
+    ``max_residual``, ``mean_iterations``, ``hvps`` (all 0 for a fixed strategy)."""
+    eps = [h for h in history if h.get("alpha_steps")]
+    count = sum(h["alpha_steps"] for h in eps)
+    residuals = [h["hypergrad_residual_max"] for h in eps if "hypergrad_residual_max" in h]
+    return {"count": count, "converged": sum(h["alpha_converged"] for h in eps),
+            "skipped": sum(h["hypergrad_skipped"] for h in eps),
+            "max_residual": max(residuals) if residuals else None,
+            "mean_iterations": sum(h["hypergrad_iterations"] * h["alpha_steps"] for h in eps) / count if count else 0.0,
+            "hvps": sum(h["hypergrad_hvps"] for h in eps)}
 
 
 def _end_epoch(run: Run, steps: _Steps, state: TrainState, extra: dict, record: dict, folder: _Folder) -> None:
@@ -166,7 +199,15 @@ def _end_epoch(run: Run, steps: _Steps, state: TrainState, extra: dict, record: 
             folder.log.write({"epoch": t_epoch, "split": split, "step": step, **evals[split]}, step)
     extra["history"].append({"epoch": t_epoch, "alpha": record["alpha"], "train_loss": record.get("loss"),
                              "alpha_skipped": record["alpha_skipped"],
+                             **{k: record[k] for k in ALPHA_KEYS if k in record},
                              **{f"{s}/{k}": v for s, e in evals.items() for k, v in e.items()}})
+    if record.get("alpha_steps"):
+        logging.info("epoch %d: %d alpha steps, %d converged, %d skipped; %.0f iterations (max %.0f), %.0f HVPs, "
+                     "residual mean %.2e max %.2e, damping %.2e", t_epoch, record["alpha_steps"],
+                     record["alpha_converged"], record["hypergrad_skipped"], record["hypergrad_iterations"],
+                     record["hypergrad_iterations_max"], record["hypergrad_hvps"],
+                     record.get("hypergrad_residual", float("nan")), record.get("hypergrad_residual_max", float("nan")),
+                     record.get("hypergrad_damping", float("nan")))
     select = run.cfg["train"]["select_metric"]
     score = evals["validation"][select]
     if extra["best"] is None or score > extra["best"]["score"]:
@@ -217,7 +258,7 @@ def train(config, workdir: str, max_steps: int | None = None) -> dict:
             summary = {"stopped_at": int(state.step), "best": extra["best"], "history": extra["history"]}
         else:
             summary = {"best": extra["best"], "final_alpha": np.asarray(state.alpha.value).tolist(),
-                       "history": extra["history"]}
+                       "alpha_steps": alpha_summary(extra["history"]), "history": extra["history"]}
             if jax.process_index() == 0:
                 write_json(os.path.join(workdir, "summary.json"), summary)
     return summary

@@ -60,6 +60,8 @@ class Strategy:
     learned: alpha_lib.LearnedAlpha | None = None
     method: hypergrad.Method | None = None
     require_converged: bool = False
+    precision: str = "highest"
+    warm_start: bool = False  # the method takes a warm start and the config asks for one
 
     def value(self, epoch: int, num_epochs: int):
         """The fixed strategy's alpha at ``epoch`` (counted from 1, as the paper's t)."""
@@ -112,7 +114,7 @@ class Run:
             num_epochs=None if infinite else 1,
             modalities=self.modalities + [f"{m}_mask" for m in cfg["data"]["masks"]],
             frames=frames, standardize=cfg["data"]["standardize"], worker_count=cfg["data"]["worker_count"],
-            expect=_expect(cfg))
+            expect=_expect(cfg), fraction=cfg["data"]["train_fraction"] if split == "train" else 1.0)
 
     def example_batch(self) -> dict:
         """The training split's first two examples (unshuffled): what the model is initialised on."""
@@ -137,23 +139,31 @@ class Run:
             except hypergrad.OptionError as e:
                 raise ConfigError(f"config.alpha.hypergrad.options.max_params: {e}") from None
         learned = self.strategy.learned or alpha_lib.LearnedAlpha(init=0.0)
+        solution = jax.tree_util.tree_map(jnp.zeros_like, params) if self.strategy.warm_start else None
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
-                          opt_state=self.tx.init(params), alpha=learned.create(), rng=jax.random.fold_in(key, 1))
+                          opt_state=self.tx.init(params), alpha=learned.create(), rng=jax.random.fold_in(key, 1),
+                          alpha_solution=solution)
 
     def shardings(self, state: TrainState):
         """``(state, batch, replicated)`` shardings on the run's mesh."""
         state_sh = parallel.state_shardings(state, self.mesh, self.cfg["parallel"]["shard_params"])
         return state_sh, parallel.batch_sharding(self.mesh), parallel.replicated(self.mesh)
 
+    def eval_step(self, state: TrainState):
+        """The jitted evaluation step on the run's mesh, at ``config.train.matmul_precision``."""
+        return make_eval_step(self.model, self.shardings(state), self.cfg["train"]["matmul_precision"])
+
     def compile_steps(self, state: TrainState):
         """``(train_step, eval_step, alpha_step or None)`` jitted with the run's shardings."""
         sh = self.shardings(state)
-        train_step = make_train_step(self.model, self.tx, self.mm_loss, sh)
-        eval_step = make_eval_step(self.model, sh)
+        precision = self.cfg["train"]["matmul_precision"]
+        train_step = make_train_step(self.model, self.tx, self.mm_loss, sh, precision)
+        eval_step = self.eval_step(state)
         alpha_step = None
         if self.strategy.learned is not None:
-            alpha_step = make_alpha_step(self.model, self.mm_loss, self.strategy.learned, self.strategy.method,
-                                         self.strategy.require_converged, sh)
+            s = self.strategy
+            alpha_step = make_alpha_step(self.model, self.mm_loss, s.learned, s.method, s.require_converged, sh,
+                                         s.precision, s.warm_start)
         return train_step, eval_step, alpha_step
 
 
@@ -204,7 +214,8 @@ def setup(config, *, data: bool = True, steps_per_epoch: int | None = None) -> R
         if "validation" not in manifest.splits:
             raise ConfigError(f"config.data_dir: {cfg['data_dir']} has no validation split to select the best "
                               "epoch on (never on test)")
-        n_train = manifest.splits["train"]["num_examples"]
+        n_train = len(data_loader.subset_indices(manifest.splits["train"]["num_examples"],
+                                                 cfg["data"]["train_fraction"]))
     batch = _batch_sizes(cfg, mesh, n_train)
     if steps_per_epoch is None:
         steps_per_epoch = (n_train // jax.process_count()) // batch.local_train if data else 1
@@ -225,8 +236,11 @@ def setup(config, *, data: bool = True, steps_per_epoch: int | None = None) -> R
         if missing:
             raise ConfigError(f"config.alpha.hypergrad: method {method.name!r} with these options needs {missing}, "
                               "which the training loop does not provide")
+        hcfg = acfg["hypergrad"]
+        require = hcfg["require_converged"]
         strategy = Strategy("learned", learned=learned, method=method,
-                            require_converged=acfg["hypergrad"]["require_converged"])
+                            require_converged=method.exact if require is None else require,
+                            precision=hcfg["precision"], warm_start=hcfg["warm_start"] and "x0" in method.inputs)
     else:
         strategy = Strategy(acfg["strategy"], fixed=alpha_lib.fixed_strategy(acfg["strategy"]))
     for w in warnings:

@@ -10,6 +10,7 @@ train steps (0: once per epoch, after the epoch's last step).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from dyngap_jax import hypergrad, losses
+from dyngap_jax import hypergrad, losses, models
 from dyngap_jax.alpha import AlphaState, LearnedAlpha
 
 PyTree = Any
@@ -29,6 +30,8 @@ class TrainState:
 
     ``model_state``: the non-parameter collections (``batch_stats``). ``alpha``: alpha's state; for
     the fixed strategies only ``alpha.value`` is used, set by the loop each epoch.
+    ``alpha_solution``: the last alpha step's ``v ~ H^{-1} grad L_outer`` (the structure of
+    ``params``), which warm-starts the next solve; None when nothing is warm-started.
     """
 
     step: jax.Array
@@ -37,6 +40,7 @@ class TrainState:
     opt_state: optax.OptState
     alpha: AlphaState
     rng: jax.Array
+    alpha_solution: PyTree = None
 
 
 def mm_loss_fn(kind: str, modalities: Sequence[str], temperature: float, per_pair: bool) -> Callable:
@@ -52,6 +56,21 @@ def mm_loss_fn(kind: str, modalities: Sequence[str], temperature: float, per_pai
     raise ValueError(f"config.loss.mm: unknown modality-matching loss {kind!r}; known: infonce, js, none")
 
 
+def with_precision(precision: str):
+    """Trace the decorated function under ``jax.default_matmul_precision(precision)``: every dot and
+    convolution in it carries that precision, whatever the backend's default (TF32 on NVIDIA GPUs)."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def traced(*args, **kwargs):
+            with jax.default_matmul_precision(precision):
+                return fn(*args, **kwargs)
+
+        return traced
+
+    return wrap
+
+
 def forward(model, params, model_state, batch, rng, train: bool):
     """``(outputs, new_model_state)``; in training mode BatchNorm uses and updates batch statistics."""
     variables = {"params": params, **model_state}
@@ -61,12 +80,15 @@ def forward(model, params, model_state, batch, rng, train: bool):
     return model.apply(variables, batch, train=False), model_state
 
 
-def make_train_step(model, tx: optax.GradientTransformation, mm_loss: Callable, shardings=None):
+def make_train_step(model, tx: optax.GradientTransformation, mm_loss: Callable, shardings=None,
+                    precision: str = "default"):
     """``train_step(state, batch, alpha) -> (state, metrics)``: one SGD step on Eq. 1 with ``alpha`` as an argument.
 
     ``shardings = (state, batch, replicated)`` compiles it for a mesh with those explicit shardings.
+    ``precision`` (``config.train.matmul_precision``) is every matmul's and convolution's.
     """
 
+    @with_precision(precision)
     def train_step(state: TrainState, batch, alpha):
         rng = jax.random.fold_in(state.rng, state.step)
 
@@ -90,9 +112,10 @@ def make_train_step(model, tx: optax.GradientTransformation, mm_loss: Callable, 
     return jax.jit(train_step, in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl))
 
 
-def make_eval_step(model, shardings=None):
+def make_eval_step(model, shardings=None, precision: str = "default"):
     """``eval_step(state, batch) -> {logits, modality_logits, features}`` in evaluation mode."""
 
+    @with_precision(precision)
     def eval_step(state: TrainState, batch):
         out, _ = forward(model, state.params, state.model_state, batch, None, False)
         return {"logits": out["logits"], "modality_logits": out["modality_logits"], "features": out["features"]}
@@ -141,34 +164,83 @@ def subbatch_sampler(model, mm_loss: Callable, state: TrainState, batch, size: i
     return sampler
 
 
+def _cast(tree, dtype):
+    """Every floating leaf of ``tree`` as ``dtype`` (labels, token ids and keys kept)."""
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _finite_or_zero(tree):
+    ok = hypergrad.tree_finite(tree)
+    return jax.tree_util.tree_map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), tree)
+
+
 def make_alpha_step(model, mm_loss: Callable, learned: LearnedAlpha, method: hypergrad.Method,
-                    require_converged: bool = False, shardings=None):
+                    require_converged: bool = False, shardings=None, precision: str = "highest",
+                    warm_start: bool = False):
     """``alpha_step(state, inner_batch, outer_batch) -> (state, result, applied)``: Algorithm 1's alpha update.
 
-    ``method`` is a validated :class:`~dyngap_jax.hypergrad.Method` (``hypergrad.method_from_config``).
-    The closures are :func:`alpha_losses`'s. A non-finite or broken-down (CG breakdown, diverging
-    series) hypergradient skips the update and is counted in ``alpha.skipped``; a solve stopped at
-    ``maxiter`` (truncated, as iMAML uses) is applied unless ``require_converged``.
-    """
+    Forms the hypergradient from the inner batch (L_CLS and L_MM, whose L_total's Hessian H is) and
+    the outer batch (L_CLS, the upper-level objective) with :func:`alpha_losses`, estimates
+    ``d L_outer / d alpha`` with ``method`` (a validated :class:`~dyngap_jax.hypergrad.Method`; for the
+    exact ones Eq. 3 with ``v = H^{-1} grad L_outer`` from a Krylov solve on HVPs), and applies
+    ``alpha <- clip(alpha - eta * hypergradient)`` (:meth:`LearnedAlpha.update`). The loop calls it
+    every ``config.alpha.inner_iters`` train steps (0: once per epoch).
 
+    The update is skipped (and counted in ``alpha.skipped``) when the estimate is non-finite or broke
+    down, and, with ``require_converged``, when the solve did not reach its tolerance.
+    ``precision``: every matmul and convolution of the step (``"float64"``: the model, batches,
+    parameters and solve in float64; call the step under ``jax.enable_x64(True)``, as
+    :class:`~dyngap_jax.train.setup.Run` does). ``warm_start``: start the solve from
+    ``state.alpha_solution`` (the last solution, non-finite entries replaced by 0) and keep the new one.
+    """
+    float64 = precision == "float64"
+    run_model = models.with_dtype(model, jnp.float64) if float64 else model
+
+    @with_precision("highest" if float64 else precision)
     def alpha_step(state: TrainState, inner, outer):
-        cls_loss, inner_mm, outer_loss = alpha_losses(model, mm_loss, state, inner, outer)
+        work = state
+        if float64:
+            work = state.replace(params=_cast(state.params, jnp.float64),
+                                 model_state=_cast(state.model_state, jnp.float64))
+            inner, outer = _cast(inner, jnp.float64), _cast(outer, jnp.float64)
+        a = work.alpha.value.astype(jnp.float64) if float64 else work.alpha.value
+        cls_loss, inner_mm, outer_loss = alpha_losses(run_model, mm_loss, work, inner, outer)
         inputs = {}
         if "sampler" in method.required_inputs():
             size = max(1, inner["label"].shape[0] // 2)
-            inputs["sampler"] = subbatch_sampler(model, mm_loss, state, inner, size)
+            inputs["sampler"] = subbatch_sampler(run_model, mm_loss, work, inner, size)
         if "key" in method.required_inputs():
             inputs["key"] = jax.random.fold_in(alpha_key(state), 2)
-        res = hypergrad.alpha_hypergradient(cls_loss, inner_mm, outer_loss, state.params, state.alpha.value, method,
-                                            **inputs)
+        if warm_start:
+            inputs["x0"] = _cast(_finite_or_zero(state.alpha_solution), a.dtype)
+        res = hypergrad.alpha_hypergradient(cls_loss, inner_mm, outer_loss, work.params, a, method, **inputs)
         usable = res.ok if require_converged else res.info["finite"] & ~res.info["breakdown"]
         g = jnp.where(usable, res.value, jnp.nan)
-        return state.replace(alpha=learned.update(state.alpha, g)), res, usable
+        new = state.replace(alpha=learned.update(state.alpha, g))
+        if warm_start:
+            new = new.replace(alpha_solution=_cast(_finite_or_zero(res.solution), jnp.float32))
+        return new, res.replace(solution=None), usable
 
     if shardings is None:
-        return jax.jit(alpha_step)
-    state_sh, batch_sh, repl = shardings
-    return jax.jit(alpha_step, in_shardings=(state_sh, batch_sh, batch_sh), out_shardings=(state_sh, repl, repl))
+        step = jax.jit(alpha_step)
+    else:
+        state_sh, batch_sh, repl = shardings
+        step = jax.jit(alpha_step, in_shardings=(state_sh, batch_sh, batch_sh), out_shardings=(state_sh, repl, repl))
+    if not float64:
+        return step
+
+    @functools.wraps(alpha_step)
+    def in_x64(*args):
+        with jax.enable_x64(True):
+            return step(*args)
+
+    in_x64.lower = lambda *args: _lower_x64(step, *args)
+    return in_x64
+
+
+def _lower_x64(step, *args):
+    with jax.enable_x64(True):
+        return step.lower(*args)
 
 
 # the call-time inputs the training loop can give a method
