@@ -4,7 +4,7 @@
     python -m scripts.bench_alpha_overhead --cases=cremad --av_size=224 --av_batch=64    # on a GPU: the paper's shapes
 
 For each case the config's ``ours_lb`` (the training default: CG on the normal equations damped by
-``(1e-2 |lambda|_max)^2``, solved to the 1e-3 relative residual, warm-started) runs on synthetic
+``(1e-2 |lambda|_max)^2``, solved to the 1e-3 relative residual, warm start available) runs on synthetic
 batches with a class signal, at initialisation and after ``--trained_steps`` train steps:
 
 * the train step's time (batch ``B``), and the alpha step's on 8 + 8 examples (the authors' setting)
@@ -18,7 +18,8 @@ batches with a class signal, at initialisation and after ``--trained_steps`` tra
 
 ``--frontier`` adds, for mfeat, the iteration budget against the relative error to the float64
 reference of the same system (and the overhead it costs), with the default and the pre-issue-13
-truncated default on it. Targets on a GPU: <= 1.15x the heuristic's epoch at CREMA-D shapes once an
+truncated default on it, and the relative damping rho of the stated system against the iterations
+it takes and the value it gives. Targets on a GPU: <= 1.15x the heuristic's epoch at CREMA-D shapes once an
 epoch, compiling in under 30 s.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from configs import cremad, mfeat
 from dyngap_jax.studies.estimator import Estimator, relative_error
@@ -38,6 +39,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["mfeat", "cremad"], "mfeat (fou+pix MLPs) and/or cremad (ResNet18 audio + video).")
 flags.DEFINE_integer("trained_steps", 40, "Train steps before the 'after training' point.")
 flags.DEFINE_integer("repeats", 2, "Timed train steps and alpha steps per measurement (after a warm-up).")
+flags.DEFINE_integer("alpha_repeats", 1, "Timed alpha steps per measurement (after a warm-up).")
 flags.DEFINE_integer("av_size", 64, "CREMA-D case: spectrogram and frame height/width (the paper: 257x299, 224).")
 flags.DEFINE_integer("av_batch", 8, "CREMA-D case: the train batch (the paper: 64; CPU: keep small).")
 flags.DEFINE_bool("frontier", True, "mfeat: error against the float64 reference over iteration budgets.")
@@ -76,6 +78,8 @@ def timed(fn, repeats):
 
 def measure(name: str) -> list[dict]:
     cfg, batch = case(name)
+    with cfg.unlocked():
+        cfg.alpha.hypergrad.warm_start = True  # measured against cold starts below
     run = setup(cfg, data=False, steps_per_epoch=STEPS_PER_EPOCH[name])
     B = run.batch.train
     state = run.create_train_state(batch(2, 0), jax.random.PRNGKey(0))
@@ -85,26 +89,35 @@ def measure(name: str) -> list[dict]:
     k_default = run.steps_per_epoch // inner_iters if inner_iters else 1
     rows, seed = [], 100
     compile_s = {}
+    earlier = None
     for point in ("initialisation", "after training"):
         if point == "after training":
             for i in range(FLAGS.trained_steps):
+                if i == FLAGS.trained_steps - 7:
+                    earlier = state  # 7 train steps before: where the alpha step before this one ran (mfeat)
                 state, _ = train_step(state, batch(B, i), state.alpha.value)
         t_train, _ = timed(lambda: train_step(state, batch(B, 0), state.alpha.value), FLAGS.repeats)
-        for n, label in ((8, "8 + 8"), (run.batch.alpha, f"{run.batch.alpha} + {run.batch.alpha} (config)")):
+        sizes = [(8, "8 + 8")] + ([(run.batch.alpha, f"{run.batch.alpha} + {run.batch.alpha} (config)")]
+                                  if run.batch.alpha != 8 else [])
+        for n, label in sizes:
             if n not in compile_s:
                 t0 = time.perf_counter()
                 alpha_step.lower(state, batch(n, 1), batch(n, 2)).compile()
                 compile_s[n] = time.perf_counter() - t0
-            cold_state = state.replace(alpha_solution=jax.tree_util.tree_map(np.zeros_like, state.alpha_solution))
+            zeros = jax.tree_util.tree_map(np.zeros_like, state.alpha_solution)
+            cold_state = state.replace(alpha_solution=zeros)
             # warm: from the solution of the alpha step before, on other batches (what training passes on)
             prev, _, _ = alpha_step(cold_state, batch(n, seed + 1), batch(n, seed + 2))
-            warm_state = state.replace(alpha_solution=prev.alpha_solution)
             seed += 10
-            for start, st in (("cold", cold_state), ("warm", warm_state)):
-                inner, outer = batch(n, seed), batch(n, seed + 1)
-                t_alpha, (_, res, applied) = timed(lambda: alpha_step(st, inner, outer), FLAGS.repeats)
+            inner, outer = batch(n, seed), batch(n, seed + 1)
+            starts = [("cold", cold_state), ("warm", state.replace(alpha_solution=prev.alpha_solution))]
+            if earlier is not None:  # warm, same batches 7 train steps before (a fixed alpha batch, as the authors')
+                same, _, _ = alpha_step(earlier.replace(alpha_solution=zeros), inner, outer)
+                starts.append(("warm, same batches", state.replace(alpha_solution=same.alpha_solution)))
+            for start, st in starts:
+                t_alpha, (_, res, applied) = timed(lambda: alpha_step(st, inner, outer), FLAGS.alpha_repeats)
                 info = jax.device_get(res.info)
-                k = 1 if n == 8 else k_default
+                k = k_default if n == run.batch.alpha else 1
                 rows.append({"case": name, "point": point, "alpha batch": label, "start": start,
                              "converged": bool(info["converged"]), "iterations": int(info["iterations"]),
                              "HVPs": int(info["hvp_count"]), "residual": float(info["residual"]),
@@ -136,6 +149,13 @@ def frontier(run, state, batch, t_train) -> list[dict]:
                 "residual": config["info"]["residual"], "HVPs": int(config["info"]["hvp_count"]),
                 "rel. error": relative_error(config["value"], reference["value"]),
                 "epoch ratio": 1 + config["run_s"] / (run.steps_per_epoch * t_train)})
+    # the system: the relative damping rho, d = (rho |lambda|_max)^2, each solved to 1e-3 and in float64
+    for rho in (0.1, 0.03, 0.01, 0.003):
+        r = Estimator(run.model, run.mm_loss, state, "cg", {**method.options(), "damping": rho})(inner, outer)
+        rho_ref = ref(inner, outer, dynamic={"damping": r["info"]["damping"]})
+        out.append({"case": "mfeat damping", "rho": rho, "iterations": int(r["info"]["iterations"]),
+                    "converged": r["ok"], "rel. error": relative_error(r["value"], rho_ref["value"]),
+                    "value": float(np.mean(rho_ref["value"])), "reference iterations": int(rho_ref["info"]["iterations"])})
     old = Estimator(run.model, run.mm_loss, state, "cg", {"operator": "normal", "damping": 1e-4,
                                                           "damping_mode": "absolute", "tol": 1e-3, "maxiter": 30})
     o = old(inner, outer, repeats=FLAGS.repeats)
@@ -155,14 +175,21 @@ def main(argv):
     dev = jax.devices()[0]
     print(f"\n{dev.platform} ({dev.device_kind}); CREMA-D case at {FLAGS.av_size} px, batch {FLAGS.av_batch}; "
           f"epoch ratio = (S train steps + k alpha steps) / S train steps, S = {STEPS_PER_EPOCH}")
-    head = (f"{'case':<7} {'point':<15} {'alpha batch':<16} {'start':<5} {'conv.':<5} {'iter.':>6} {'HVPs':>6} "
+    head = (f"{'case':<7} {'point':<15} {'alpha batch':<16} {'start':<18} {'conv.':<5} {'iter.':>6} {'HVPs':>6} "
             f"{'residual':>9} {'alpha s':>8} {'x train step':>12} {'k':>3} {'epoch ratio':>11} {'compile s':>9}")
     print(head + "\n" + "-" * len(head))
     for r in rows:
         if "point" in r:
-            print(f"{r['case']:<7} {r['point']:<15} {r['alpha batch']:<16} {r['start']:<5} {str(r['converged']):<5} "
+            print(f"{r['case']:<7} {r['point']:<15} {r['alpha batch']:<16} {r['start']:<18} {str(r['converged']):<5} "
                   f"{r['iterations']:>6} {r['HVPs']:>6} {r['residual']:>9.2e} {r['alpha step s']:>8.3f} "
                   f"{r['train steps']:>12.1f} {r['k']:>3} {r['epoch ratio']:>11.2f} {r['compile s']:>9.1f}")
+    damping = [r for r in rows if r["case"] == "mfeat damping"]
+    if damping:
+        print("\nmfeat, 8 + 8 examples after training: the relative damping rho of the stated system, each solved to 1e-3 "
+              "(float32) and to 1e-10 (float64)")
+        for r in damping:
+            print(f"  rho {r['rho']:<6g} iterations {r['iterations']:>5}  converged {str(r['converged']):<5}  rel. error to "
+                  f"float64 {r['rel. error']:>9.2e}  value {r['value']:+.5f}  (float64: {r['reference iterations']} iterations)")
     front = [r for r in rows if r["case"] == "mfeat frontier"]
     if front:
         print("\nmfeat, 8 + 8 examples after training: iteration budget against the error to the float64 solution of "

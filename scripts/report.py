@@ -71,9 +71,10 @@ def main(argv):
     probe = make("concat")
     grid = report.grid(list(probe.model.modalities))
     methods = FLAGS.methods or grid
-    unknown = [m for m in methods if m not in grid]
+    unknown = [m for m in methods if m not in report.allowed(list(probe.model.modalities))]
     if unknown:
-        raise app.UsageError(f"--methods: not in the grid: {unknown}; the grid is {grid}")
+        raise app.UsageError(f"--methods: not in the grid: {unknown}; the grid is {grid}, and {list(report.EXTRA)} "
+                             "may be added")
     results = report.run_grid(make, seeds, FLAGS.workdir, methods)
     command = "python -m scripts.report " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     title = FLAGS.title or f"{probe.dataset}: {', '.join(probe.model.modalities)}"

@@ -88,7 +88,9 @@ def test_the_train_step_has_its_own_precision(lowered):
 
 
 def test_a_float64_alpha_step_updates_a_float32_state():
-    run = setup(image_config("float64", conv=False), data=False)
+    cfg = image_config("float64", conv=False)
+    cfg.alpha.hypergrad.warm_start = True  # the kept solution goes back to float32
+    run = setup(cfg, data=False)
     state = run.create_train_state(batch(2, False), jax.random.PRNGKey(0))
     _, _, alpha_step = run.compile_steps(state)
     new, res, applied = alpha_step(state, batch(4, False), batch(4, False))

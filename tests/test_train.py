@@ -90,6 +90,8 @@ def test_every_method_trains_and_restores(tiny_records, tmp_path, method):
 
 def test_interrupt_and_resume_equals_uninterrupted(tiny_records, tmp_path):
     cfg = tiny_config(tiny_records, "ours_lb")
+    with cfg.unlocked():
+        cfg.alpha.hypergrad.warm_start = True  # the last solution is part of the state to resume
     full = train(cfg, str(tmp_path / "full"))
     part = train(cfg, str(tmp_path / "resumed"), max_steps=4)  # 3 steps an epoch: stops inside epoch 2
     assert part["stopped_at"] == 4

@@ -136,7 +136,7 @@ class CG(Method):
         else:
             matvec = damped(base, damping)
         x, info = conjugate_gradient(matvec, b, x0, tol=self.tol, atol=self.atol, maxiter=self.maxiter,
-                                     restarts=self.restarts)
+                                     restarts=self.restarts, scale_x0=True)
         info = dict(info)
         info["hvp_count"] = info.pop("matvecs") * per_matvec + extra
         info["damping"] = jnp.asarray(damping)

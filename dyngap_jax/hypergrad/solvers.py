@@ -16,6 +16,12 @@ import optax.tree_utils as otu
 PyTree = Any
 
 
+# The recursive residual a Krylov method stops on drifts from the true one by rounding (~0.1 % seen in
+# float32); iterating to MARGIN x the threshold lets the recomputed residual, which decides `converged`,
+# land inside the tolerance instead of just outside it.
+MARGIN = 0.95
+
+
 def tree_finite(tree: PyTree) -> jax.Array:
     """True when every leaf of ``tree`` is finite (a traced boolean)."""
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
@@ -30,17 +36,22 @@ def conjugate_gradient(
     atol: float = 0.0,
     maxiter: int = 100,
     restarts: int = 0,
+    scale_x0: bool = False,
 ) -> tuple[PyTree, dict[str, jax.Array]]:
     """Solve ``A x = b`` by conjugate gradient; ``A`` (given as ``matvec``) should be symmetric positive definite.
+
+    ``scale_x0``: start from ``c x0`` with ``c`` minimising ``|b - c A x0|`` (for a warm start from a
+    neighbouring system's solution: never a worse initial residual than a cold start).
 
     ``restarts``: when the solve stopped unconverged without breaking down (the recursive residual
     drifted from the true one ``b - A x`` by rounding, common on ill-conditioned systems, or
     ``maxiter`` ran out), start again from ``x`` with the true residual, up to this many times (each
     restart may take ``maxiter`` more iterations).
 
-    Stops when ``|r| <= max(tol |b|, atol)``, after ``maxiter`` iterations, or on breakdown:
-    a search direction with ``p^T A p <= 0`` (the operator is not positive definite there) or a
-    non-finite value. On breakdown the last good iterate is kept and ``breakdown`` is set.
+    Stops when the recursive ``|r| <= MARGIN max(tol |b|, atol)`` (see :data:`MARGIN`), after
+    ``maxiter`` iterations, or on breakdown: a search direction with ``p^T A p <= 0`` (the operator
+    is not positive definite there) or a non-finite value. On breakdown the last good iterate is
+    kept and ``breakdown`` is set.
 
     Returns ``x`` and a dict: ``iterations``; ``residual``, the relative residual
     ``|b - A x| / |b|`` recomputed from ``x`` (not the recursive estimate); ``converged``
@@ -49,7 +60,7 @@ def conjugate_gradient(
     """
     if restarts < 0:
         raise ValueError(f"conjugate_gradient: `restarts` must be >= 0, got {restarts}")
-    x, info = _cg_run(matvec, b, x0, tol, atol, maxiter)
+    x, info = _cg_run(matvec, b, x0, tol, atol, maxiter, scale_x0)
     if restarts == 0:
         return x, info
 
@@ -69,7 +80,7 @@ def conjugate_gradient(
     return x, info
 
 
-def _cg_run(matvec, b, x0, tol, atol, maxiter):
+def _cg_run(matvec, b, x0, tol, atol, maxiter, scale_x0=False):
     b_norm = otu.tree_norm(b)
     threshold = jnp.maximum(tol * b_norm, atol)
     if x0 is None:
@@ -77,13 +88,18 @@ def _cg_run(matvec, b, x0, tol, atol, maxiter):
         r0 = b
         initial_matvecs = 0
     else:
-        r0 = otu.tree_sub(b, matvec(x0))
+        ax0 = matvec(x0)
+        if scale_x0:  # c x0 with c = argmin |b - c A x0|: a start never worse than 0 in residual
+            aa = otu.tree_vdot(ax0, ax0)
+            c = jnp.where((aa > 0) & jnp.isfinite(aa), otu.tree_vdot(b, ax0) / jnp.where(aa > 0, aa, 1.0), 0.0)
+            x0, ax0 = otu.tree_scale(c, x0), otu.tree_scale(c, ax0)
+        r0 = otu.tree_sub(b, ax0)
         initial_matvecs = 1
     rr0 = otu.tree_vdot(r0, r0)
 
     def cond(carry):
         k, _, _, _, rr, broke, _ = carry
-        return (k < maxiter) & (jnp.sqrt(rr) > threshold) & ~broke
+        return (k < maxiter) & (jnp.sqrt(rr) > MARGIN * threshold) & ~broke
 
     def body(carry):
         k, x, r, p, rr, _, _ = carry
@@ -167,7 +183,7 @@ def minres(
 
     def cond(c):
         k, phibar, broke = c[0], c[9], c[14]
-        return (k < maxiter) & (phibar > tol * b_norm) & ~broke & (r0_norm > 0)
+        return (k < maxiter) & (phibar > MARGIN * tol * b_norm) & ~broke & (r0_norm > 0)
 
     def body(c):
         k, x, r1, r2, y, beta, oldb, dbar, epsln, phibar, cs, sn, w, w2, _ = c

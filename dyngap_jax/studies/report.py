@@ -42,16 +42,26 @@ TABLE3 = (("concat", "no", "no"), ("constant:0.5", "yes", "no"), ("ours_h", "yes
 METRIC_NAMES = {"acc": "ACC", "map": "mAP", "f1": "macro-F1"}
 
 
+# methods a report may add to the paper's grid (--methods): the authors' code's recipe, one alpha per pair
+EXTRA = ("lfm_code", "ours_lb_vector")
+
+
 def grid(modalities: Sequence[str]) -> list[str]:
     """The methods the paper compares: each modality alone, then :data:`FIXED`."""
     return [f"unimodal:{m}" for m in modalities] + list(FIXED)
+
+
+def allowed(modalities: Sequence[str]) -> list[str]:
+    """What ``--methods`` may name: the grid and :data:`EXTRA`."""
+    return grid(modalities) + list(EXTRA)
 
 
 def label(method: str) -> str:
     name, _, value = method.partition(":")
     return {"unimodal": f"{value} only", "concat": "concat (alpha = 0)", "constant": f"constant alpha = {value}",
             "stepwise": f"stepwise h({value})", "ours_h": "Ours-H (1 - exp(-1/t))",
-            "ours_lb": "Ours-LB (learned)"}.get(name, method)
+            "ours_lb": "Ours-LB (learned)", "lfm_code": "the authors' code (H g, JS alignment)",
+            "ours_lb_vector": "Ours-LB, one alpha per pair"}.get(name, method)
 
 
 def _safe(method: str) -> str:

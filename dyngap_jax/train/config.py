@@ -84,9 +84,10 @@ def base_config(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
         # stops short is counted and, by default (require_converged None: the method's `exact`), not applied.
         # `precision`: of every matmul and convolution in the alpha step (HVPs, solve), whatever the backend's
         # default; "float64" runs the alpha step's model and solve in float64. `warm_start`: the last solution
-        # (kept in the train state, checkpointed) starts the next solve.
+        # (kept in the train state, checkpointed) starts the next solve; off by default: measured neutral when
+        # every alpha step sees new batches (docs/benchmarks.md)
         "hypergrad": {"method": "cg", "options": {k: placeholder(t) for k, t in hypergrad.option_types().items()},
-                      "require_converged": placeholder(bool), "precision": "highest", "warm_start": True},
+                      "require_converged": placeholder(bool), "precision": "highest", "warm_start": False},
     })
     c.model = ml_collections.ConfigDict()
     c.train = ml_collections.ConfigDict({
