@@ -1,6 +1,8 @@
 """What the exact alpha step costs: its time in train steps and the epoch time it adds, cold and warm.
 
-    python -m scripts.bench_alpha_overhead                                   # CPU: mfeat, CREMA-D architecture at 64 px
+    python -m scripts.bench_alpha_overhead --cases=mfeat                     # CPU: mfeat (~10 min)
+    python -m scripts.bench_alpha_overhead --cases=cremad --av_size=16 --alpha_repeats=0 --trained_steps=100
+                                             # CPU: does the default converge at the CREMA-D architecture (~1 h)
     python -m scripts.bench_alpha_overhead --cases=cremad --av_size=224 --av_batch=64    # on a GPU: the paper's shapes
 
 For each case the config's ``ours_lb`` (the training default: CG on the normal equations damped by
@@ -39,7 +41,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["mfeat", "cremad"], "mfeat (fou+pix MLPs) and/or cremad (ResNet18 audio + video).")
 flags.DEFINE_integer("trained_steps", 40, "Train steps before the 'after training' point.")
 flags.DEFINE_integer("repeats", 2, "Timed train steps and alpha steps per measurement (after a warm-up).")
-flags.DEFINE_integer("alpha_repeats", 1, "Timed alpha steps per measurement (after a warm-up).")
+flags.DEFINE_integer("alpha_repeats", 1, "Timed alpha steps per measurement (after a warm-up); 0: one call, "
+                     "no warm-up (the alpha step is compiled ahead; for convergence at CREMA-D shapes on a CPU).")
 flags.DEFINE_integer("av_size", 64, "CREMA-D case: spectrogram and frame height/width (the paper: 257x299, 224).")
 flags.DEFINE_integer("av_batch", 8, "CREMA-D case: the train batch (the paper: 64; CPU: keep small).")
 flags.DEFINE_bool("frontier", True, "mfeat: error against the float64 reference over iteration budgets.")
@@ -69,6 +72,11 @@ def case(name: str):
 
 
 def timed(fn, repeats):
+    """``(seconds a call, output)``: the mean of ``repeats`` calls after a warm-up; ``repeats=0``: one call, timed."""
+    if repeats == 0:
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        return time.perf_counter() - t0, out
     out = jax.block_until_ready(fn())
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -183,21 +191,24 @@ def main(argv):
             print(f"{r['case']:<7} {r['point']:<15} {r['alpha batch']:<16} {r['start']:<18} {str(r['converged']):<5} "
                   f"{r['iterations']:>6} {r['HVPs']:>6} {r['residual']:>9.2e} {r['alpha step s']:>8.3f} "
                   f"{r['train steps']:>12.1f} {r['k']:>3} {r['epoch ratio']:>11.2f} {r['compile s']:>9.1f}")
-    damping = [r for r in rows if r["case"] == "mfeat damping"]
-    if damping:
-        print("\nmfeat, 8 + 8 examples after training: the relative damping rho of the stated system, each solved to 1e-3 "
-              "(float32) and to 1e-10 (float64)")
-        for r in damping:
-            print(f"  rho {r['rho']:<6g} iterations {r['iterations']:>5}  converged {str(r['converged']):<5}  rel. error to "
-                  f"float64 {r['rel. error']:>9.2e}  value {r['value']:+.5f}  (float64: {r['reference iterations']} iterations)")
-    front = [r for r in rows if r["case"] == "mfeat frontier"]
-    if front:
-        print("\nmfeat, 8 + 8 examples after training: iteration budget against the error to the float64 solution of "
-              "the same system (epoch ratio once an epoch)")
-        for r in front:
-            print(f"  {r['budget']:<46} residual {r['residual']:>9.2e}  HVPs {r['HVPs']:>6}  rel. error "
-                  f"{r['rel. error']:>9.2e}  epoch ratio {r['epoch ratio']:.2f}")
+    section(rows, "mfeat damping", "mfeat, 8 + 8 examples after training: the relative damping rho of the stated "
+            "system, each solved to 1e-3 (float32) and to 1e-10 (float64)",
+            lambda r: f"rho {r['rho']:<6g} iterations {r['iterations']:>5}  converged {str(r['converged']):<5}  rel. "
+                      f"error to float64 {r['rel. error']:>9.2e}  value {r['value']:+.5f}  "
+                      f"(float64: {r['reference iterations']} iterations)")
+    section(rows, "mfeat frontier", "mfeat, 8 + 8 examples after training: iteration budget against the error to the "
+            "float64 solution of the same system (epoch ratio once an epoch)",
+            lambda r: f"{r['budget']:<46} residual {r['residual']:>9.2e}  HVPs {r['HVPs']:>6}  rel. error "
+                      f"{r['rel. error']:>9.2e}  epoch ratio {r['epoch ratio']:.2f}")
 
+
+def section(rows, case_name, title, line):
+    """Print the rows of ``case_name`` under ``title``, one ``line(row)`` each (nothing when there are none)."""
+    chosen = [r for r in rows if r["case"] == case_name]
+    if chosen:
+        print("\n" + title)
+        for r in chosen:
+            print("  " + line(r))
 
 if __name__ == "__main__":
     common.run(main)
