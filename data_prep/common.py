@@ -14,9 +14,14 @@ A converter lists its examples per split as picklable items and gives a module-l
 from __future__ import annotations
 
 import concurrent.futures as futures
+import ctypes
+import hashlib
 import json
 import math
 import os
+import pickle
+import signal
+import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,6 +35,7 @@ from dyngap_jax.data.records import (
     Manifest,
     RecordError,
     load_manifest,
+    sha256_file,
     shard_names,
     write_shard,
 )
@@ -123,7 +129,11 @@ def convert(
             f"{out_dir}/{MANIFEST}: holds {done.name} v{done.converter_version} with other parameters; "
             "use a new --out_dir (or delete this one)"
         )
-    pool = futures.ProcessPoolExecutor(workers) if workers > 0 else None
+    _remove_stale_temporaries(out_dir)
+    # what a finished shard's note must match to be reused: this conversion and this shard's items
+    identity = _digest({"name": name, "version": version, "params": params,
+                        "features": {k: [v.dtype, list(v.shape)] for k, v in features.items()}})
+    pool = futures.ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) if workers > 0 else None
     skipped: list[dict] = []
     split_info: dict[str, dict] = {}
     start, total = time.time(), 0
@@ -139,14 +149,13 @@ def convert(
             for i, file in enumerate(shard_names(split, n_shards)):
                 chunk = items[i * per:(i + 1) * per]
                 path, note = os.path.join(out_dir, file), os.path.join(out_dir, file + ".done")
-                if os.path.isfile(path) and os.path.isfile(note):
-                    with open(note) as f:
-                        finished = json.load(f)
-                    if finished.get("items") == len(chunk):
-                        shards.append(finished["shard"])
-                        skipped.extend(finished["skipped"])
-                        bar.update(len(chunk))
-                        continue
+                chunk_digest = _digest(chunk)
+                finished = _finished_shard(path, note, identity, chunk_digest)
+                if finished is not None:
+                    shards.append(finished["shard"])
+                    skipped.extend(finished["skipped"])
+                    bar.update(len(chunk))
+                    continue
                 if pool is not None:
                     results = list(pool.map(_load_checked, [load] * len(chunk), [features] * len(chunk), chunk,
                                             chunksize=max(1, len(chunk) // (4 * workers))))
@@ -157,11 +166,12 @@ def convert(
                     raise BadInput(bad[0]["file"], bad[0]["reason"] + " (rerun with --skip_bad to leave such inputs out)")
                 count, digest = write_shard(path, (ex for ex, b in results if b is None))
                 shard = {"file": file, "num_examples": count, "sha256": digest}
-                atomic_write_text(note, json.dumps({"items": len(chunk), "shard": shard, "skipped": bad}))
+                atomic_write_text(note, json.dumps({"items": len(chunk), "identity": identity, "chunk": chunk_digest,
+                                                    "shard": shard, "skipped": bad}))
                 shards.append(shard)
                 skipped.extend(bad)
                 bar.update(len(chunk))
-                total += len(chunk)
+                total += count
             bar.close()
             split_info[split] = {"num_examples": sum(s["num_examples"] for s in shards), "shards": shards}
             if split_info[split]["num_examples"] == 0:
@@ -189,6 +199,66 @@ def convert(
     print(msg)
     logging.info(msg)
     return manifest
+
+
+def _digest(obj) -> str:
+    """SHA-256 of ``obj`` pickled (items are picklable by contract; the same items give the same digest)."""
+    return hashlib.sha256(pickle.dumps(obj, protocol=4)).hexdigest()
+
+
+def _finished_shard(path: str, note: str, identity: str, chunk_digest: str) -> dict | None:
+    """The ``.done`` note of a shard a killed run finished, if it may be reused: written by a conversion
+    with the same name, version, parameters and features, from the same items, and the file still
+    hashing to what was written. Otherwise None (the shard is converted again; the reason is logged)."""
+    if not (os.path.isfile(path) and os.path.isfile(note)):
+        return None
+    try:
+        with open(note) as f:
+            finished = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        finished = {}
+    if finished.get("identity") != identity:
+        reason = "written by a conversion with other parameters"
+    elif finished.get("chunk") != chunk_digest:
+        reason = "written from other inputs"
+    elif sha256_file(path) != finished["shard"]["sha256"]:
+        reason = "the file changed after it was written"
+    else:
+        return finished
+    logging.warning("%s: not reused (%s); converting it again", path, reason)
+    print(f"{path}: not reused ({reason}); converting it again")
+    return None
+
+
+def _remove_stale_temporaries(out_dir: str) -> None:
+    """Delete the ``.tmp-<pid>-*`` shards that killed conversions left (their process is gone)."""
+    for name in os.listdir(out_dir):
+        if not name.startswith(".tmp-"):
+            continue
+        pid = name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            os.unlink(os.path.join(out_dir, name))
+            logging.info("removed %s, left by a killed conversion", name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initialiser: on Linux, the kernel kills this worker when the converter dies (even by SIGKILL),
+    so no decoding process outlives a killed conversion."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the call
+            os._exit(1)
 
 
 def stratified_split(labels: np.ndarray, fractions: Mapping[str, float], seed: int) -> dict[str, np.ndarray]:

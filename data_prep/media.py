@@ -118,6 +118,8 @@ def read_video(path: str, *, fps: float | None = 1.0, stream: str = "video"):
             for frame in container.decode(video=0):
                 frames.append(frame.to_ndarray(format="rgb24"))
                 times.append(float(frame.time) if frame.time is not None else len(times))
+            if frames:
+                _check_complete(path, container, times)
     except BadInput:
         raise
     except Exception as e:  # av.error.* and friends
@@ -131,6 +133,24 @@ def read_video(path: str, *, fps: float | None = 1.0, stream: str = "video"):
         idx = np.unique(np.clip(np.searchsorted(times, grid), 0, len(frames) - 1))
         frames = frames[idx]
     return frames
+
+
+def _check_complete(path: str, container, times: list[float]) -> None:
+    """A video that decodes to much less than its declared duration is truncated (a cut download):
+    frames sampled from the part that decodes would be labelled with the whole clip's class."""
+    vs = container.streams.video[0]
+    if vs.duration is not None and vs.time_base is not None:
+        declared = float(vs.duration * vs.time_base)
+    elif container.duration is not None:
+        declared = container.duration / 1e6  # microseconds (av.time_base)
+    else:
+        return
+    rate = float(vs.average_rate or vs.guessed_rate or 0) or None
+    frame = 1.0 / rate if rate else 0.0
+    decoded = times[-1] - times[0] + frame
+    if decoded < declared - max(0.1 * declared, 2 * frame):
+        raise BadInput(path, f"decodes {decoded:.2f} s of the {declared:.2f} s the container declares "
+                             "(truncated file?)")
 
 
 def sample_uniform(frames: np.ndarray, num: int, where: str) -> np.ndarray:

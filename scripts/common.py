@@ -55,10 +55,32 @@ def override_errors(argv: Sequence[str], name: str = "config") -> list[str]:
     return errors
 
 
+def _user_errors() -> tuple[type, ...]:
+    """The library's errors that describe bad input or a refused start; their message says it all."""
+    from dyngap_jax.data.records import RecordError
+    from dyngap_jax.train import CheckpointError, ConfigError, TrainingDiverged, WorkdirBusy
+
+    return ConfigError, RecordError, CheckpointError, TrainingDiverged, WorkdirBusy
+
+
 def run(main: Callable, config_flag: str = "config") -> None:
-    """``absl.app.run(main)`` after :func:`override_errors` (exit status 2 naming the flag on a bad field)."""
+    """``absl.app.run(main)`` after :func:`override_errors` (exit status 2 naming the flag on a bad field).
+
+    A bad config value (:class:`~dyngap_jax.train.ConfigError`) exits with status 2, bad or damaged
+    records and checkpoints, a diverged run and a busy workdir with status 1, each as one line
+    ``error: <message>`` (the message names the file, field or step) instead of a traceback.
+    """
     errors = override_errors(sys.argv[1:], config_flag)
     if errors:
         sys.stderr.write("\n".join(f"FATAL Flags parsing error: {e}" for e in errors) + "\n")
         sys.exit(2)
-    app.run(main)
+
+    def guarded(argv):
+        known = _user_errors()
+        try:
+            return main(argv)
+        except known as e:
+            sys.stderr.write(f"error: {e}\n")
+            sys.exit(2 if isinstance(e, known[0]) else 1)
+
+    app.run(guarded)

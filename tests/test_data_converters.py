@@ -146,6 +146,11 @@ def test_cremad_bad_inputs(tmp_path):
     m = cremad.run(str(root), str(tmp_path / "o4"), skip_bad=True, **kw)
     assert sum(s["num_examples"] for s in m.splits.values()) == 17
     assert [b["file"] for b in m.skipped] == [str(flv)]
+    # cut in half (a broken download): the part that decodes is not the clip its label belongs to
+    write_video(flv, num_frames=40, fps=4)
+    flv.write_bytes(flv.read_bytes()[:flv.stat().st_size // 2])
+    with pytest.raises(BadInput, match=rf"{victim}.flv: decodes [\d.]+ s of the 10.00 s the container declares"):
+        cremad.run(str(root), str(tmp_path / "o3b"), **kw)
     write_video(flv, num_frames=6, fps=4)
 
     train_csv = root / "splits" / "train.csv"

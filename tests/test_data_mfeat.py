@@ -1,6 +1,10 @@
 """mfeat converter (on files written here in the wheel's layout), the conversion driver, and the grain loader."""
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 
 import numpy as np
@@ -8,6 +12,8 @@ import pytest
 
 from data_prep import common, mfeat
 from dyngap_jax.data import loader, records
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RNG = np.random.default_rng(0)
 LABELS = np.repeat(np.arange(10), 200)
@@ -198,3 +204,104 @@ def test_standardize_uses_train_statistics(records_dir):
     assert set(batch) == {"pix", "label"}
     np.testing.assert_allclose(batch["pix"].mean(0), 0, atol=1e-4)
     np.testing.assert_allclose(batch["pix"].std(0), 1, atol=1e-3)
+
+
+def _toy_kw(out, params):
+    features = {"x": records.FeatureSpec("float32", [3]), "label": records.FeatureSpec("int32", [])}
+    return dict(name="toy", version="1", out_dir=out, splits={"train": list(range(25))}, features=features,
+                class_names=["a", "b"], params=params, examples_per_shard=10)
+
+
+def _toy_load(i, scale=1.0, fail_at=None):
+    if i == fail_at:
+        raise KeyboardInterrupt
+    return {"x": np.full(3, i * scale, np.float32), "label": np.int32(i % 2)}
+
+
+def _first_shard(out):
+    return os.path.join(out, "train-00000-of-00003.array_record")
+
+
+@pytest.mark.parametrize("change", ["params", "damaged shard", "other items"])
+def test_a_resumed_conversion_reuses_only_what_this_conversion_would_write(tmp_path, change, capsys):
+    out = str(tmp_path / "out")
+    with pytest.raises(KeyboardInterrupt):  # killed in the second shard, with scale 2 (say --frame_size 64)
+        common.convert(load=lambda i: _toy_load(i, 2.0, fail_at=15), **_toy_kw(out, {"scale": 2.0}))
+    kw = _toy_kw(out, {"scale": 2.0})
+    load = lambda i: _toy_load(i, 2.0)
+    if change == "params":  # rerun with other parameters (say --frame_size 32)
+        kw, load = _toy_kw(out, {"scale": 1.0}), _toy_load
+    elif change == "damaged shard":  # the finished shard corrupted between the runs
+        data = bytearray(open(_first_shard(out), "rb").read())
+        data[len(data) // 2] ^= 0x01
+        open(_first_shard(out), "wb").write(bytes(data))
+    else:
+        kw["splits"] = {"train": list(range(100, 125))}
+        load = lambda i: _toy_load(i, 2.0)
+    m = common.convert(load=load, **kw)
+    assert "train-00000-of-00003.array_record: not reused" in capsys.readouterr().out
+    xs = np.concatenate([b["x"][:, 0] for b in loader.make_loader(out, "train", batch_size=7, train=False)])
+    items = kw["splits"]["train"]
+    scale = m.params["scale"]
+    np.testing.assert_array_equal(xs, np.asarray(items, np.float32) * scale)
+
+
+def test_stale_temporary_shards_are_removed_and_skip_bad_counts_what_was_written(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = out / f".tmp-{dead.pid}-train-00000-of-00003.array_record"  # left by a killed conversion
+    stale.write_bytes(b"partial")
+    mine = out / f".tmp-{os.getpid()}-other"  # a live process's: kept
+    mine.write_bytes(b"x")
+
+    def load(i):
+        if i == 3:
+            raise common.BadInput(f"item{i}", "unreadable")
+        return _toy_load(i)
+
+    m = common.convert(load=load, skip_bad=True, **_toy_kw(str(out), {}))
+    assert not stale.exists() and mine.exists()
+    assert m.splits["train"]["num_examples"] == 24
+    assert "toy: wrote 24 examples" in capsys.readouterr().out
+
+
+def _sleepy_load(item):
+    folder, i = item
+    with open(os.path.join(folder, f"worker-{os.getpid()}"), "w"):
+        pass
+    time.sleep(60)
+    return _toy_load(i)
+
+
+def test_decoding_workers_die_with_a_killed_converter(tmp_path):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    code = ("import test_data_mfeat as t; from data_prep import common; "
+            "kw = t._toy_kw({out!r}, {{}}); kw['splits'] = {{'train': [({pids!r}, i) for i in range(4)]}}; "
+            "common.convert(load=t._sleepy_load, workers=2, **kw)").format(
+        out=str(tmp_path / "out"), pids=str(pids))
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
+    deadline = time.time() + 120
+    while len(os.listdir(pids)) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    workers = [int(name.split("-")[1]) for name in os.listdir(pids)]
+    assert len(workers) == 2, "the workers did not start"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while any(map(running, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(running, workers)), "a decoding worker outlived the killed converter"
+
+
+def running(pid):
+    """The process exists and is not a zombie (an exited child nobody has reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -149,13 +150,22 @@ def test_best_epoch_is_chosen_on_validation_only(tiny_records, tmp_path):
         assert res[k] == pytest.approx(summary["best"]["test"][k], abs=1e-6), k
 
 
-def test_nan_loss_stops_naming_the_step(tiny_records, tmp_path):
+@pytest.mark.parametrize("lr, decay, what", [(1e30, 0.0, "loss or gradients"),
+                                             (3e38, 10.0, "parameters after the update")])
+def test_divergence_stops_naming_the_step_and_a_good_checkpoint(tiny_records, tmp_path, lr, decay, what):
     cfg = tiny_config(tiny_records, "concat")
     with cfg.unlocked():
-        cfg.train.learning_rate = 1e30
+        # 3e38 x (g + 10 theta): a finite loss and gradient step to infinite parameters
+        cfg.train.learning_rate, cfg.train.weight_decay = lr, decay
         cfg.train.checkpoint_every_steps = 1
-    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step \d+ \(epoch 1, batch \d\)"):
+    with pytest.raises(TrainingDiverged, match=rf"non-finite {what} at step \d+ \(epoch 1, batch \d\)") as e:
         train(cfg, str(tmp_path))
+    named = re.search(r"the last good checkpoint is step (\d+)", str(e.value))
+    if named:  # the checkpoint the message calls good is: every parameter finite
+        _, state, _ = load_run_state(cfg, str(tmp_path), int(named.group(1)))
+        assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state.params))
+    else:
+        assert "no checkpoint yet" in str(e.value)
 
 
 def test_config_errors_name_the_field(tiny_records, tmp_path):

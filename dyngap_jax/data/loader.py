@@ -17,7 +17,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from dyngap_jax.data.records import Manifest, RecordError, decode_example, load_manifest
+from dyngap_jax.data.records import Manifest, RecordError, decode_example, load_manifest, verify_shards
 
 IN_MEMORY_MAX_BYTES = 256 << 20
 
@@ -240,7 +240,7 @@ class InMemoryLoader:
         self.num_epochs, self.drop_remainder = num_epochs, drop_remainder
         n = len(arrays["label"])
         index, count = shard
-        if train:  # equal parts of a per-epoch global permutation, as grain's sharding does
+        if train:  # this process's rows of each global batch of a per-epoch permutation (as one process would batch)
             self.part = (index, count, n // count)
         else:
             self.part = (index, count, None)
@@ -250,9 +250,14 @@ class InMemoryLoader:
         n = len(self.arrays["label"])
         if not self.train:
             return np.arange(self.start, self.end)
-        index, count, per = self.part
+        index, count, _ = self.part
         perm = np.random.default_rng([self.seed, epoch]).permutation(n)
-        return perm[index * per:(index + 1) * per]
+        if count == 1:
+            return perm
+        # global batch j is perm[j G:(j + 1) G] with G = count x the local batch, process p's share of it the
+        # p-th local batch: the processes together train on exactly the batches one process would
+        local, whole = self.batch_size, self.batch_size * count
+        return perm[:(n // whole) * whole].reshape(-1, count, local)[:, index].ravel()
 
     def __iter__(self):
         return _InMemoryIterator(self)
@@ -284,8 +289,19 @@ class _InMemoryIterator:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def open_split(folder: str, split: str, **expect) -> tuple[grain.sources.ArrayRecordDataSource, Manifest]:
-    """The ArrayRecord source of one split and the manifest, after :func:`check_manifest`."""
+# (folder, split, the manifest's shard hashes) already checked by this process: a split is hashed once
+_VERIFIED: set[tuple[str, str, tuple[str, ...]]] = set()
+
+
+def open_split(folder: str, split: str, verify: bool = True,
+               **expect) -> tuple[grain.sources.ArrayRecordDataSource, Manifest]:
+    """The ArrayRecord source of one split and the manifest, after :func:`check_manifest`.
+
+    ``verify``: the first time this process opens the split, every shard's SHA-256 is recomputed
+    against the manifest (a flipped byte, a truncated or swapped shard fails here naming the file,
+    not later inside the reader or, worse, not at all); about a second a GB. ``False`` skips it
+    (``config.data.verify_checksums``, for very large data).
+    """
     manifest = load_manifest(folder)
     check_manifest(manifest, folder=folder, split=split, **expect)
     shards = manifest.splits[split]["shards"]
@@ -293,6 +309,10 @@ def open_split(folder: str, split: str, **expect) -> tuple[grain.sources.ArrayRe
     for p in paths:
         if not os.path.isfile(p):
             raise RecordError(f"{p}: listed in manifest.json but missing")
+    key = (os.path.abspath(folder), split, tuple(s["sha256"] for s in shards))
+    if verify and key not in _VERIFIED:
+        verify_shards(folder, manifest, split)
+        _VERIFIED.add(key)
     source = grain.sources.ArrayRecordDataSource(paths)
     if len(source) != manifest.splits[split]["num_examples"]:
         raise RecordError(f"{folder}: split {split!r} holds {len(source)} records, manifest.json says "
@@ -319,6 +339,7 @@ def make_loader(
     expect: Mapping[str, Any] | None = None,
     fraction: float = 1.0,
     fraction_seed: int = 0,
+    verify: bool = True,
 ) -> grain.DataLoader | InMemoryLoader:
     """A grain ``DataLoader`` of batch dicts for ``split`` of the records in ``folder``.
 
@@ -330,12 +351,13 @@ def make_loader(
     without frame modalities under ``IN_MEMORY_MAX_BYTES``) decodes the split once and serves
     batches from arrays (:class:`InMemoryLoader`, same contract). ``fraction`` < 1 serves a seeded
     random subset of the split (:func:`subset_indices` with ``fraction_seed``; the same records in every
-    run and process), before the per-process sharding.
+    run and process), before the per-process sharding. ``verify``: check the shards' SHA-256 the
+    first time this process opens the split (:func:`open_split`).
     """
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
     _mark_flags_parsed()
-    source, manifest = open_split(folder, split, **(expect or {}))
+    source, manifest = open_split(folder, split, verify=verify, **(expect or {}))
     if fraction != 1.0:
         source = _SubsetSource(source, subset_indices(len(source), fraction, fraction_seed))
     ops: list = [Decode(modalities)]

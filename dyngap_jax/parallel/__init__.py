@@ -9,7 +9,6 @@ on one device, and so does the alpha step (its HVPs and CG are global computatio
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 import jax
@@ -28,16 +27,14 @@ __all__ = [
     "pad_to_multiple",
 ]
 
-_CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
-
-
 def initialize(cfg: Mapping[str, Any] | None = None) -> bool:
-    """Start JAX's multi-host runtime when a config or the environment asks for it; returns whether it did.
+    """Start JAX's multi-host runtime when the config asks for it; returns whether it did.
 
     ``cfg``: ``{"coordinator_address": "host:port", "num_processes": N, "process_id": i}`` (all three),
-    or ``{"auto": True}`` to let JAX read the cluster's variables (SLURM, Open MPI, ...). Without a
-    config, a cluster environment with more than one task triggers the automatic start. Call it
-    before anything else touches JAX.
+    or ``{"auto": True}`` to let JAX read the cluster's variables (SLURM, Open MPI, ...). Nothing
+    else starts it: a job step inside a SLURM allocation of several tasks (say, a one-GPU
+    evaluation) stays a single process unless its config says ``auto``. Call it before anything
+    else touches JAX.
     """
     cfg = dict(cfg or {})
     if cfg.get("coordinator_address"):
@@ -47,8 +44,7 @@ def initialize(cfg: Mapping[str, Any] | None = None) -> bool:
         jax.distributed.initialize(coordinator_address=cfg["coordinator_address"], num_processes=int(cfg["num_processes"]),
                                    process_id=int(cfg["process_id"]))
         return True
-    multi_task = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-    if cfg.get("auto") or (multi_task and any(v in os.environ for v in _CLUSTER_ENV)) or "JAX_COORDINATOR_ADDRESS" in os.environ:
+    if cfg.get("auto"):
         jax.distributed.initialize()
         return True
     return False

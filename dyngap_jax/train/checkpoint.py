@@ -1,9 +1,43 @@
-"""Orbax checkpoints of the train state plus the loop's JSON (epoch, data iterator states, history)."""
+"""Orbax checkpoints of the train state plus the loop's JSON (epoch, data iterator states, history).
+
+Every checkpoint carries a content hash: after orbax has written and renamed step ``S``, the
+SHA-256 of its files goes to ``<directory>/S.sha256`` (written atomically). :meth:`Checkpointer.restore`
+checks it, and :meth:`Checkpointer.restore_latest` falls back from a damaged or unreadable latest
+checkpoint to the newest good one, moving the bad one to ``<directory>.damaged/`` with a warning
+that names it (so that the resumed run can write that step again).
+"""
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 
+import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+from dyngap_jax import faults
+from dyngap_jax.io import atomic_write_text
+
+HASH_SUFFIX = ".sha256"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint whose files do not match the hash written with it, or that orbax cannot read."""
+
+
+def content_hash(step_dir: str) -> str:
+    """SHA-256 over the relative paths and bytes of every file below ``step_dir`` (sorted)."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(step_dir):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            h.update(os.path.relpath(path, step_dir).encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
 
 
 class Checkpointer:
@@ -14,10 +48,26 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra"))
 
-    def save(self, step: int, state, extra: dict) -> None:
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _hash_file(self, step: int) -> str:
+        return os.path.join(self.directory, f"{step}{HASH_SUFFIX}")
+
+    def save(self, step: int, state, extra: dict, replace: bool = False) -> None:
+        """Write checkpoint ``step`` and its hash; ``replace``: a checkpoint already at ``step`` (a killed run's) is deleted first."""
+        if replace and step in self.manager.all_steps():
+            self.manager.delete(step)
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),
                           force=True)
+        faults.point("checkpoint_writing")
         self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            atomic_write_text(self._hash_file(step), content_hash(self._step_dir(step)) + "\n")
+            kept = {str(s) for s in self.manager.all_steps()}
+            for name in os.listdir(self.directory):  # hashes of checkpoints orbax has since deleted
+                if name.endswith(HASH_SUFFIX) and name[:-len(HASH_SUFFIX)] not in kept:
+                    os.remove(os.path.join(self.directory, name))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -25,18 +75,67 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def verify(self, step: int) -> None:
+        """Raise :class:`CheckpointError` naming the folder when step ``step``'s files differ from its hash.
+
+        A checkpoint without a hash file (written before hashes were kept, or killed between orbax's
+        rename and the hash's write) is not checked here; orbax's own reading still is.
+        """
+        path = self._hash_file(step)
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            want = f.read().strip()
+        if content_hash(self._step_dir(step)) != want:
+            raise CheckpointError(f"{self._step_dir(step)}: the files differ from the hash written with them "
+                                  f"({path}); the checkpoint was changed or damaged after it was saved")
+
     def restore(self, step: int, like_state):
-        r = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like_state),
-                                                               extra=ocp.args.JsonRestore()))
+        self.verify(step)
+        try:
+            r = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like_state),
+                                                                   extra=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many types for unreadable files; name the folder
+            raise CheckpointError(f"{self._step_dir(step)}: cannot be restored ({type(e).__name__}: {e})") from e
         return r.state, r.extra
 
     def restore_extra(self, step: int) -> dict:
         """Only the loop's JSON of a checkpoint (epoch, iterator states, history)."""
+        self.verify(step)
         return self.manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
 
     def restore_latest(self, like_state):
-        step = self.latest_step()
-        return None if step is None else self.restore(step, like_state)
+        """The newest checkpoint that verifies and restores, or None when there is none at all.
+
+        A damaged or unreadable newer one is moved to ``<directory>.damaged/<step>`` with a warning;
+        when every checkpoint is bad, :class:`CheckpointError` names them rather than starting over.
+        """
+        bad = []
+        for step in reversed(self.all_steps()):
+            try:
+                restored = self.restore(step, like_state)
+            except CheckpointError as e:
+                bad.append((step, str(e)))
+                continue
+            for bad_step, message in bad:
+                self._set_aside(bad_step, message)
+            return restored
+        if bad:
+            raise CheckpointError(f"no checkpoint in {self.directory} can be restored:\n  "
+                                  + "\n  ".join(m for _, m in bad))
+        return None
+
+    def _set_aside(self, step: int, message: str) -> None:
+        target = os.path.join(self.directory + ".damaged", str(step))
+        logging.warning("%s; resuming from an older checkpoint, the damaged one moved to %s", message, target)
+        print(f"warning: {message}; moved to {target}, resuming from an older checkpoint")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(self._step_dir(step), target)
+            if os.path.exists(self._hash_file(step)):
+                os.replace(self._hash_file(step), target + HASH_SUFFIX)
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.close()

@@ -59,8 +59,9 @@ def base_config(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
     c.method = ""
     # train_fraction < 1: a low-data run on a seeded random subset of the training split (the same subset in
     # every run; validation and test stay whole)
+    # verify_checksums: each split's shards are hashed against the manifest when the run first opens it
     c.data = ml_collections.ConfigDict({"standardize": False, "frames": {}, "masks": [], "worker_count": 0,
-                                        "train_fraction": 1.0})
+                                        "train_fraction": 1.0, "verify_checksums": True})
     c.loss = ml_collections.ConfigDict({"mm": "infonce", "temperature": 0.1})
     # devices: `data` splits every batch (default: all devices); `model` > 1 with shard_params splits large
     # weight matrices too; `distributed` starts JAX's multi-host runtime (see README)
@@ -229,8 +230,9 @@ def validate(config) -> tuple[dict, list[str]]:
 
 
 def _validate_data(cfg):
-    _known_keys(cfg, "data", ("standardize", "frames", "masks", "worker_count", "train_fraction"))
+    _known_keys(cfg, "data", ("standardize", "frames", "masks", "worker_count", "train_fraction", "verify_checksums"))
     _bool(cfg, "data.standardize")
+    _bool(cfg, "data.verify_checksums")
     _num(cfg, "data.train_fraction", low=0.0, high=1.0, low_open=True)
     _int(cfg, "data.worker_count", minimum=0)
     for m, spec in (_get(cfg, "data.frames") or {}).items():

@@ -14,33 +14,50 @@ from dyngap_jax.train.steps import TrainState
 from dyngap_jax.train.workdir import recorded_config
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def predict(state: TrainState, eval_step, run: Run, split: str):
     """``(logits, modality_logits, features, labels)`` on every example of ``split`` once, as NumPy.
 
-    On the run's mesh each batch is padded (last example repeated) to divide over the data axis
-    and the padding is dropped from the outputs; with several processes the outputs are gathered.
+    Every batch is padded (last example repeated) to one fixed size that divides over this
+    process's devices, with a mask of the real rows; the padding is dropped from the outputs.
+    With several processes, each reads its own contiguous part of the split (parts differ by at
+    most one example), all run the same number of batches (a process whose part is used up feeds
+    padding only), and the outputs and masks are gathered and put back in split order, so every
+    process returns the whole split.
     """
-    logits, per, feats, labels = [], {}, {}, []
-    mesh = run.mesh
-    for batch in run.loader(split, train=False, batch_size=run.batch.eval):
+    mesh, processes = run.mesh, jax.process_count()
+    local_devices = mesh.shape["data"] // processes
+    size = _ceil_div(run.batch.local_eval, local_devices) * local_devices
+    steps = _ceil_div(_ceil_div(run.manifest.splits[split]["num_examples"], processes), size)
+    it, template = iter(run.loader(split, train=False, batch_size=size * processes)), None
+    rows = [[] for _ in range(processes)]  # per process, per batch: (outputs, labels) of the real rows
+    for _ in range(steps):
+        batch = next(it, None)
+        if batch is None:  # this process's part is used up; the others still have batches
+            batch = {k: v[:0] for k, v in (template or run.example_batch()).items()}
+        template = template or batch
         n = len(batch["label"])
-        padded, _ = parallel.pad_to_multiple(batch, mesh.shape["data"] // jax.process_count())
+        padded = ({k: np.concatenate([v, np.repeat(v[-1:] if n else template[k][:1], size - n, axis=0)])
+                   for k, v in batch.items()} if n < size else dict(batch))
         out = eval_step(state, parallel.shard_batch(padded, mesh))
-        if jax.process_count() > 1:
+        gathered = (out, padded["label"], np.arange(size) < n)
+        if processes > 1:
             from jax.experimental import multihost_utils
 
-            out = multihost_utils.process_allgather(out, tiled=True)
-            batch = multihost_utils.process_allgather(padded, tiled=True)
-            n = len(batch["label"])
-        out = jax.tree_util.tree_map(lambda x: np.asarray(x)[:n], jax.device_get(out))
-        logits.append(out["logits"])
-        labels.append(np.asarray(batch["label"])[:n])
-        for m, v in out["modality_logits"].items():
-            per.setdefault(m, []).append(v)
-        for m, v in out["features"].items():
-            feats.setdefault(m, []).append(v)
-    return (np.concatenate(logits), {m: np.concatenate(v) for m, v in per.items()},
-            {m: np.concatenate(v) for m, v in feats.items()}, np.concatenate(labels))
+            gathered = multihost_utils.process_allgather(gathered, tiled=True)
+        out, label, valid = jax.tree_util.tree_map(np.asarray, jax.device_get(gathered))
+        for p in range(processes):  # the gathered rows are process 0's batch, then process 1's, ...
+            keep = np.zeros_like(valid)
+            keep[p * size:(p + 1) * size] = valid[p * size:(p + 1) * size]
+            rows[p].append((jax.tree_util.tree_map(lambda x: x[keep], out), label[keep]))
+    ordered = [r for part in rows for r in part]
+    cat = lambda get: np.concatenate([get(o, y) for o, y in ordered])
+    modalities = ordered[0][0]["modality_logits"].keys()
+    return (cat(lambda o, y: o["logits"]), {m: cat(lambda o, y: o["modality_logits"][m]) for m in modalities},
+            {m: cat(lambda o, y: o["features"][m]) for m in ordered[0][0]["features"]}, cat(lambda o, y: y))
 
 
 def _log_softmax_at(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -78,7 +95,8 @@ def load_run_state(config, workdir: str, which: str | int = "latest") -> tuple[R
     """``(run, state, step)`` of a run's ``latest`` checkpoint, its ``best`` (on validation) one, or step ``which``.
 
     ``config=None`` reads the config the run recorded (``config.json``). The state to restore into
-    comes from :meth:`Run.create_train_state`, the same tree training saved.
+    comes from :meth:`Run.create_train_state`, the same tree training saved, placed with the run's
+    shardings first, so that every process restores its own shards (as training does).
     """
     if which not in ("latest", "best") and not isinstance(which, (int, np.integer)):
         raise ValueError(f"load_run_state: `which` must be 'latest', 'best' or a step, got {which!r}")
@@ -94,7 +112,8 @@ def load_run_state(config, workdir: str, which: str | int = "latest") -> tuple[R
             step = ckpt.latest_step()
         if step is None:
             raise FileNotFoundError(f"{folder}: no checkpoint (has the run in {workdir} saved one?)")
-        state, _ = ckpt.restore(step, run.create_train_state())
+        like = run.create_train_state()
+        state, _ = ckpt.restore(step, jax.device_put(like, run.shardings(like)[0]))
     finally:
         ckpt.close()
     return run, state, step
@@ -103,14 +122,12 @@ def load_run_state(config, workdir: str, which: str | int = "latest") -> tuple[R
 def evaluate_checkpoint(config, workdir: str, split: str, which: str | int = "best"):
     """``(step, metrics)`` of the ``best`` (on validation) or ``latest`` checkpoint of ``workdir`` on ``split``."""
     run, state, step = load_run_state(config, workdir, which)
-    state = jax.device_put(state, run.shardings(state)[0])
     return step, evaluate(state, run.eval_step(state), run, split)
 
 
 def predict_checkpoint(config, workdir: str, split: str, which: str | int = "best"):
     """``(logits, modality_logits, features, labels)`` of a checkpoint on every example of ``split``."""
     run, state, _ = load_run_state(config, workdir, which)
-    state = jax.device_put(state, run.shardings(state)[0])
     return predict(state, run.eval_step(state), run, split)
 
 

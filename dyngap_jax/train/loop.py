@@ -21,14 +21,14 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from dyngap_jax import parallel
+from dyngap_jax import faults, parallel
 from dyngap_jax.io import write_json
 from dyngap_jax.train import plots
 from dyngap_jax.train.checkpoint import Checkpointer
 from dyngap_jax.train.evaluation import evaluate
 from dyngap_jax.train.setup import Run, setup
 from dyngap_jax.train.steps import TrainState
-from dyngap_jax.train.workdir import MetricsLogger, check_config, record_config
+from dyngap_jax.train.workdir import MetricsLogger, check_config, record_config, workdir_lock
 
 
 class TrainingDiverged(RuntimeError):
@@ -120,9 +120,10 @@ def _train_epoch(run: Run, steps: _Steps, state: TrainState, extra: dict, folder
             batch = parallel.shard_batch(local_np, run.mesh)
             new_state, m = steps.train(state, batch, state.alpha.value)
             m = jax.device_get(m)
-            if not m["finite"]:
+            if not (m["finite"] and m["params_finite"]):
                 last = folder.ckpt.latest_step()
-                where = f"non-finite loss at step {int(state.step) + 1} (epoch {t_epoch}, batch {i + 1}); "
+                what = "loss or gradients" if not m["finite"] else "parameters after the update"
+                where = f"non-finite {what} at step {int(state.step) + 1} (epoch {t_epoch}, batch {i + 1}); "
                 raise TrainingDiverged(where + (f"the last good checkpoint is step {last} in {folder.ckpt.directory}"
                                                 if last is not None else "no checkpoint yet"))
             state = new_state
@@ -208,15 +209,19 @@ def _end_epoch(run: Run, steps: _Steps, state: TrainState, extra: dict, record: 
                      record["hypergrad_iterations_max"], record["hypergrad_hvps"],
                      record.get("hypergrad_residual", float("nan")), record.get("hypergrad_residual_max", float("nan")),
                      record.get("hypergrad_damping", float("nan")))
+    faults.point("metrics_written")
     select = run.cfg["train"]["select_metric"]
     score = evals["validation"][select]
     if extra["best"] is None or score > extra["best"]["score"]:
         extra["best"] = {"epoch": t_epoch, "score": score, "metric": f"validation/{select}",
                          "validation": evals["validation"], "test": evals.get("test")}
-        folder.best.save(step, state, {"epoch": t_epoch})
+        # a run killed after this save and before the checkpoint's retrains the epoch to this same step
+        folder.best.save(step, state, {"epoch": t_epoch}, replace=True)
+        faults.point("best_saved")
     extra.update(epoch=t_epoch, step_in_epoch=0, train_iter=None, partial=None,
                  outer_iter=_iter_state(steps.outer_it) if steps.outer_it is not None else None)
     folder.ckpt.save(step, state, extra)
+    faults.point("checkpoint_saved")
     if jax.process_index() == 0:
         plots.write_all(folder.workdir, extra["history"], run.modalities, run.cfg["train"]["num_epochs"])
 
@@ -230,11 +235,15 @@ def train(config, workdir: str, max_steps: int | None = None) -> dict:
     later call resumes exactly; the summary then has ``"stopped_at"``.
     """
     run = setup(config)
+    with workdir_lock(workdir):  # one run at a time in a folder
+        return _train(run, workdir, max_steps)
+
+
+def _train(run: Run, workdir: str, max_steps: int | None) -> dict:
     check_config(run.cfg, workdir)  # refuse another run's folder before any work
     state = run.create_train_state()
     state = jax.device_put(state, run.shardings(state)[0])
     train_step, eval_step, alpha_step = run.compile_steps(state)
-    os.makedirs(workdir, exist_ok=True)
     with _open_folder(run, workdir) as folder:
         extra = {"epoch": 0, "step_in_epoch": 0, "train_iter": None, "outer_iter": None, "history": [], "best": None}
         restored = folder.ckpt.restore_latest(state)
@@ -242,6 +251,8 @@ def train(config, workdir: str, max_steps: int | None = None) -> dict:
             state, extra = restored
             logging.info("resumed from step %d (epoch %d)", int(state.step), extra["epoch"] + 1)
             print(f"resuming {workdir} at step {int(state.step)} (epoch {extra['epoch'] + 1})")
+        # what a killed run logged after its last checkpoint is logged again by this one
+        folder.log.rewind(int(state.step))
         outer_it = None
         if alpha_step is not None:
             outer_split = run.cfg["alpha"]["outer"]

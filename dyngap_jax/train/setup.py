@@ -114,7 +114,8 @@ class Run:
             num_epochs=None if infinite else 1,
             modalities=self.modalities + [f"{m}_mask" for m in cfg["data"]["masks"]],
             frames=frames, standardize=cfg["data"]["standardize"], worker_count=cfg["data"]["worker_count"],
-            expect=_expect(cfg), fraction=cfg["data"]["train_fraction"] if split == "train" else 1.0)
+            expect=_expect(cfg), fraction=cfg["data"]["train_fraction"] if split == "train" else 1.0,
+            verify=cfg["data"]["verify_checksums"])
 
     def example_batch(self) -> dict:
         """The training split's first two examples (unshuffled): what the model is initialised on."""
@@ -216,6 +217,10 @@ def setup(config, *, data: bool = True, steps_per_epoch: int | None = None) -> R
                               "epoch on (never on test)")
         n_train = len(data_loader.subset_indices(manifest.splits["train"]["num_examples"],
                                                  cfg["data"]["train_fraction"]))
+        # every split the run reads, checked (and hashed, once a process) before anything is written
+        for split in ("train", "validation", "test"):
+            if split in manifest.splits:
+                data_loader.open_split(cfg["data_dir"], split, verify=cfg["data"]["verify_checksums"], **_expect(cfg))
     batch = _batch_sizes(cfg, mesh, n_train)
     if steps_per_epoch is None:
         steps_per_epoch = (n_train // jax.process_count()) // batch.local_train if data else 1

@@ -103,7 +103,9 @@ def make_train_step(model, tx: optax.GradientTransformation, mm_loss: Callable, 
         new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             model_state=new_model_state, opt_state=opt_state)
         metrics = {"loss": loss, "l_cls": l_cls, "l_mm": l_mm, "grad_norm": optax.global_norm(grads),
-                   "finite": jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))}
+                   "finite": jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)),
+                   # a finite loss and gradient can still step to non-finite parameters (an overflowing update)
+                   "params_finite": hypergrad.tree_finite((new.params, new.model_state))}
         return new, metrics
 
     if shardings is None:

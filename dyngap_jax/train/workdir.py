@@ -1,17 +1,21 @@
 """A run's folder: the recorded config (``config.json``) and the metrics log (JSONL + TensorBoard)."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
 
 import jax
 import ml_collections
 
-from dyngap_jax.io import write_json
+from dyngap_jax.io import atomic_write_text, write_json
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
 # fields that may change between a run and its resumption (display, input workers, device layout)
-RESUMABLE_CHANGES = ("progress", "data.worker_count", "parallel")
+RESUMABLE_CHANGES = ("progress", "data.worker_count", "data.verify_checksums", "parallel")
 
 
 def comparable_config(cfg: dict) -> dict:
@@ -62,6 +66,50 @@ def record_config(cfg: dict, workdir: str) -> None:
         write_json(path, cfg)
 
 
+class WorkdirBusy(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Hold an exclusive lock on ``workdir`` (its ``.lock`` file, ``flock``) for the block; process 0 takes it.
+
+    A second run into the same folder (another seed started with the same ``--workdir``, the same
+    command twice) fails at once with :class:`WorkdirBusy` naming the holder, instead of both
+    writing checkpoints and ``metrics.jsonl``. The kernel drops the lock when its process dies, so a
+    killed run never leaves the folder locked. (``flock`` on network file systems is only as good
+    as their locking.)
+    """
+    if jax.process_index() != 0:
+        yield
+        return
+    created = not os.path.exists(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOCK_FILE)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown process"
+        f.close()
+        raise WorkdirBusy(f"{workdir} is in use by another run ({holder}); wait for it to end, or use "
+                          "another --workdir") from None
+    try:
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    except BaseException:
+        if created and os.listdir(workdir) == [LOCK_FILE]:  # a start that failed leaves no folder behind
+            os.remove(path)
+            os.rmdir(workdir)
+        raise
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
 def recorded_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run in ``workdir`` was trained with (its ``config.json``)."""
     path = os.path.join(workdir, CONFIG_FILE)
@@ -77,11 +125,42 @@ class MetricsLogger:
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb_dir = os.path.join(workdir, "tensorboard")
         self.tb = None
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.tb = SummaryWriter(self.tb_dir)
+
+    def rewind(self, step: int) -> None:
+        """Forget what was logged after ``step`` (the checkpoint a run resumes from): a killed run may
+        have logged an epoch whose checkpoint it never wrote, and the resumed run logs it again.
+
+        ``metrics.jsonl`` keeps its records with ``step <= step`` (a line cut short by the kill is
+        dropped; rewritten atomically); TensorBoard is reopened with ``purge_step = step + 1``, which
+        hides the older events past it.
+        """
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        kept, dropped = [], 0
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    keep = json.loads(line).get("step", 0) <= step
+                except json.JSONDecodeError:
+                    keep = False
+                if keep:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+                else:
+                    dropped += 1
+        if not dropped:  # write() puts the line before the events: no line past step, no event past it
+            return
+        atomic_write_text(self.path, "".join(kept))
+        if self.tb is not None:
+            from tensorboardX import SummaryWriter
+
+            self.tb.close()
+            self.tb = SummaryWriter(self.tb_dir, purge_step=step + 1)
 
     def write(self, record: dict, step: int) -> None:
         if not self.enabled:

@@ -1,0 +1,117 @@
+"""Kill a training run again and again, then check that it ends exactly as an uninterrupted run.
+
+    python -m scripts.chaos --kills=6 --out_dir=runs/chaos -- \\
+        python -m scripts.train --config configs/mfeat.py:ours_lb --config.progress=False
+
+The command after ``--`` is a training run; this script appends ``--workdir <dir>`` to it. It runs
+the command once uninterrupted (``<out_dir>/reference``), then in ``<out_dir>/chaos`` starts it
+``--kills`` times and kills each start with SIGKILL: alternately at a random moment of the
+reference run's duration and at a random named place of :mod:`dyngap_jax.faults` (during a
+checkpoint write, between the best and the latest checkpoint, between the metrics and the
+checkpoint; the N-th time it is reached), each start resuming what the previous ones left. A last
+start runs to the end. The final ``summary.json`` must equal the reference's (every number within
+``--rtol``) and ``metrics.jsonl`` must hold the same records; exits 1 otherwise. Prints a line per
+kill and the tally.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from absl import app, flags, logging
+
+from dyngap_jax import faults
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("kills", 6, "How many starts to kill before the one that runs to the end.")
+flags.DEFINE_string("out_dir", None, "(required) Where the reference and the killed run go (emptied first).")
+flags.DEFINE_integer("seed", 0, "Seed of the kill moments and places.")
+flags.DEFINE_float("rtol", 1e-6, "Relative tolerance of the summaries' numbers.")
+flags.DEFINE_integer("timeout", 3600, "Seconds one start may take.")
+flags.mark_flag_as_required("out_dir")
+
+
+def run(command: list[str], workdir: str, fault: str | None = None, kill_after: float | None = None) -> tuple[int, float]:
+    """Run ``command --workdir workdir``; ``(exit status, seconds)``; negative status: killed by that signal."""
+    env = {k: v for k, v in os.environ.items() if k != faults.ENV}
+    if fault:
+        env[faults.ENV] = fault
+    t0 = time.time()
+    proc = subprocess.Popen(command + ["--workdir", workdir], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        proc.wait(timeout=kill_after if kill_after is not None else FLAGS.timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    if proc.returncode not in (0, -signal.SIGKILL):
+        sys.stderr.write(proc.stderr.read().decode()[-4000:])
+        raise SystemExit(f"{' '.join(command)} --workdir {workdir} failed with status {proc.returncode}")
+    proc.stderr.close()
+    return proc.returncode, time.time() - t0
+
+
+def differences(a, b, rtol: float, path: str = "") -> list[str]:
+    """Where two JSON values differ (numbers within ``rtol``)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = [f"{path}.{k}: only in one" for k in set(a) ^ set(b)]
+        return out + [d for k in sorted(set(a) & set(b)) for d in differences(a[k], b[k], rtol, f"{path}.{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: {len(a)} against {len(b)} entries"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, rtol, f"{path}[{i}]")]
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        ok = a == b or abs(a - b) <= rtol * max(abs(a), abs(b))
+        return [] if ok else [f"{path}: {a} against {b}"]
+    return [] if a == b else [f"{path}: {a!r} against {b!r}"]
+
+
+def records(workdir: str) -> list[tuple]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [(r["epoch"], r["split"], r["step"]) for r in map(json.loads, f)]
+
+
+def main(argv):
+    command = argv[1:]
+    if not command:
+        raise app.UsageError("give the training command after `--`")
+    shutil.rmtree(FLAGS.out_dir, ignore_errors=True)
+    reference, chaos = os.path.join(FLAGS.out_dir, "reference"), os.path.join(FLAGS.out_dir, "chaos")
+    _, duration = run(command, reference)
+    print(f"reference: {duration:.1f} s")
+    rng = random.Random(FLAGS.seed)
+    places = [p for p in faults.POINTS]
+    killed = 0
+    for k in range(FLAGS.kills):
+        if k % 2 == 0:
+            after = rng.uniform(0.2, 1.0) * duration
+            status, took = run(command, chaos, kill_after=after)
+            how = f"at {after:.1f} s"
+        else:
+            fault = f"{rng.choice(places)}@{rng.randint(1, 3)}"
+            status, took = run(command, chaos, fault=fault)
+            how = f"at {fault}"
+        killed += status == -signal.SIGKILL
+        print(f"start {k + 1}: {'killed ' + how if status else 'finished before the kill ' + how} ({took:.1f} s)")
+        logging.info("start %d: status %d (%s)", k + 1, status, how)
+    status, took = run(command, chaos)
+    with open(os.path.join(reference, "summary.json")) as f:
+        want = json.load(f)
+    with open(os.path.join(chaos, "summary.json")) as f:
+        got = json.load(f)
+    diff = differences(got, want, FLAGS.rtol)
+    if records(chaos) != records(reference):
+        diff.append(f"metrics.jsonl: {records(chaos)} against {records(reference)}")
+    print(f"last start: finished ({took:.1f} s); {killed} of {FLAGS.kills} starts killed; "
+          f"{'summary equal to the uninterrupted run' if not diff else 'DIFFERS: ' + '; '.join(diff[:10])}")
+    if diff:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,159 @@
+"""A run killed (SIGKILL, in a subprocess) at the named places of ``dyngap_jax.faults`` resumes to the uninterrupted result."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tiny_data import make_tiny_records, tiny_config
+
+from dyngap_jax import faults
+from dyngap_jax.train import CheckpointError, Checkpointer, WorkdirBusy, train, workdir_lock
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_records(tmp_path_factory):
+    return make_tiny_records(str(tmp_path_factory.mktemp("tiny") / "rec"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_records, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("full"))
+    train(tiny_config(tiny_records, "ours_h", epochs=EPOCHS), workdir)
+    return workdir
+
+
+def run_training(data_dir: str, workdir: str, fault: str | None = None) -> int:
+    """Train the tiny config in a new process (killed at ``fault`` when given); its exit status."""
+    code = ("from tiny_data import tiny_config; from dyngap_jax.train import train; "
+            "train(tiny_config({data!r}, 'ours_h', epochs={epochs}), {workdir!r})"
+            ).format(data=data_dir, epochs=EPOCHS, workdir=workdir)
+    env = {k: v for k, v in os.environ.items() if k != faults.ENV}
+    env["PYTHONPATH"] = os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])
+    if fault:
+        env[faults.ENV] = fault
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, timeout=600).returncode
+
+
+def summary(workdir):
+    with open(os.path.join(workdir, "summary.json")) as f:
+        return json.load(f)
+
+
+def records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_run(workdir, reference):
+    a, b = summary(workdir), summary(reference)
+    assert a.keys() == b.keys() and a["best"]["epoch"] == b["best"]["epoch"]
+    assert len(a["history"]) == len(b["history"]) == EPOCHS
+    for ha, hb in zip(a["history"], b["history"]):
+        assert ha.keys() == hb.keys()
+        for k in ha:
+            np.testing.assert_allclose(ha[k], hb[k], rtol=1e-6, err_msg=k)
+    # one record per epoch and split, in order, as the uninterrupted run logged them
+    key = lambda r: (r["epoch"], r["split"], r["step"])
+    assert [key(r) for r in records(workdir)] == [key(r) for r in records(reference)]
+
+
+@pytest.mark.parametrize("fault", [
+    "best_saved",  # epoch 1's best checkpoint written, its latest checkpoint not: the rerun used to fail on the best save
+    "metrics_written@2",  # epoch 2 logged, not checkpointed: the rerun used to log it twice
+    "checkpoint_saved@2",
+])
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_records, uninterrupted, tmp_path, fault):
+    workdir = str(tmp_path / "run")
+    assert run_training(tiny_records, workdir, fault) == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+    assert run_training(tiny_records, workdir) == 0
+    assert_same_run(workdir, uninterrupted)
+    best = Checkpointer(os.path.join(workdir, "best"))
+    assert best.all_steps() == [3 * summary(workdir)["best"]["epoch"]]
+
+
+def test_a_cut_metrics_line_is_dropped_on_resume(tiny_records, uninterrupted, tmp_path):
+    workdir = str(tmp_path / "run")
+    assert run_training(tiny_records, workdir, "metrics_written@2") == -signal.SIGKILL
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write('{"epoch": 2, "split": "te')  # a kill in the middle of a write
+    train(tiny_config(tiny_records, "ours_h", epochs=EPOCHS), workdir)
+    assert_same_run(workdir, uninterrupted)
+
+
+def test_an_unknown_fault_place_is_named(monkeypatch):
+    monkeypatch.setenv(faults.ENV, "nowhere")
+    with pytest.raises(ValueError, match="DYNGAP_FAULT='nowhere': unknown place 'nowhere'"):
+        faults.point("best_saved")
+
+
+def largest_file(folder):
+    files = [os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+def flip_byte(path):
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(path, "wb").write(bytes(data))
+
+
+def remove_metadata(path):
+    for root, _, files in os.walk(path):
+        for f in files:
+            if f.endswith("_METADATA") or f == "manifest.ocdbt":
+                os.remove(os.path.join(root, f))
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "unreadable"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_good_one(tiny_records, uninterrupted, tmp_path, damage):
+    cfg = tiny_config(tiny_records, "ours_h", epochs=EPOCHS)
+    workdir = str(tmp_path / "run")
+    assert train(cfg, workdir, max_steps=5)["stopped_at"] == 5  # checkpoints at 3 (epoch 1) and 5 (inside epoch 2)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    assert ckpt.all_steps()[-2:] == [3, 5]
+    step_dir = os.path.join(workdir, "checkpoints", "5")
+    if damage == "flipped byte":
+        flip_byte(largest_file(step_dir))
+        with pytest.raises(CheckpointError, match=r"checkpoints/5: the files differ from the hash"):
+            ckpt.restore(5, None)
+    else:
+        remove_metadata(step_dir)
+        os.remove(os.path.join(workdir, "checkpoints", "5.sha256"))  # nothing to compare: orbax's read fails
+    ckpt.close()
+    train(cfg, workdir)  # resumes from step 3, with a warning naming checkpoints/5
+    assert os.path.isdir(os.path.join(workdir, "checkpoints.damaged", "5"))
+    assert_same_run(workdir, uninterrupted)
+
+
+def test_every_checkpoint_damaged_is_an_error_naming_them(tiny_records, tmp_path):
+    cfg = tiny_config(tiny_records, "ours_h", epochs=EPOCHS)
+    workdir = str(tmp_path / "run")
+    train(cfg, workdir, max_steps=3)
+    flip_byte(largest_file(os.path.join(workdir, "checkpoints", "3")))
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .*checkpoints can be restored:\n  .*checkpoints/3: "):
+        train(cfg, workdir)
+
+
+def test_a_second_run_into_a_busy_folder_fails_naming_the_holder(tiny_records, tmp_path):
+    cfg = tiny_config(tiny_records, "ours_h", epochs=1)
+    workdir = str(tmp_path / "run")
+    with workdir_lock(workdir):  # another run holds the folder (flock: per open file, so this process counts too)
+        with pytest.raises(WorkdirBusy, match=rf"{workdir} is in use by another run \(pid {os.getpid()} on "):
+            train(cfg, workdir)
+        assert not os.path.exists(os.path.join(workdir, "config.json"))
+    train(cfg, workdir)  # free again once the holder is done
+
+
+def test_a_killed_run_leaves_no_lock(tiny_records, tmp_path):
+    workdir = str(tmp_path / "run")
+    assert run_training(tiny_records, workdir, "checkpoint_saved") == -signal.SIGKILL
+    with workdir_lock(workdir):
+        pass
