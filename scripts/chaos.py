@@ -3,15 +3,16 @@
     python -m scripts.chaos --kills=6 --out_dir=runs/chaos -- \\
         python -m scripts.train --config configs/mfeat.py:ours_lb --config.progress=False
 
-The command after ``--`` is a training run; this script appends ``--workdir <dir>`` to it. It runs
-the command once uninterrupted (``<out_dir>/reference``), then in ``<out_dir>/chaos`` starts it
-``--kills`` times and kills each start with SIGKILL: alternately at a random moment of the
-reference run's duration and at a random named place of :mod:`dyngap_jax.faults` (during a
-checkpoint write, between the best and the latest checkpoint, between the metrics and the
-checkpoint; the N-th time it is reached), each start resuming what the previous ones left. A last
-start runs to the end. The final ``summary.json`` must equal the reference's (every number within
-``--rtol``) and ``metrics.jsonl`` must hold the same records; exits 1 otherwise. Prints a line per
-kill and the tally.
+The command after ``--`` is a training run; this script appends ``--workdir <dir>`` to it (its output
+goes to ``<dir>.log``). It runs the command once uninterrupted (``<out_dir>/reference``), then in
+``<out_dir>/chaos`` starts it ``--kills`` times and kills each start with SIGKILL: alternately at a
+random moment between 1/4 and 1/2 of the reference run's duration and at a random named place of
+:mod:`dyngap_jax.faults` (during a checkpoint write, between the best and the latest checkpoint,
+between the metrics and the checkpoint, after the checkpoint; the 1st to 3rd time it is reached),
+each start resuming what the previous ones left (a start that finishes before its kill is counted
+as not killed). A last start runs to the end. The final ``summary.json`` must equal the
+reference's (every number within ``--rtol``) and ``metrics.jsonl`` must hold the same records;
+exits 1 otherwise. Prints a line per start and the tally.
 """
 from __future__ import annotations
 
@@ -43,16 +44,19 @@ def run(command: list[str], workdir: str, fault: str | None = None, kill_after: 
     if fault:
         env[faults.ENV] = fault
     t0 = time.time()
-    proc = subprocess.Popen(command + ["--workdir", workdir], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        proc.wait(timeout=kill_after if kill_after is not None else FLAGS.timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    log = workdir.rstrip("/") + ".log"  # beside the run folder, appended to by every start (a pipe would fill)
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(command + ["--workdir", workdir], env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=kill_after if kill_after is not None else FLAGS.timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
     if proc.returncode not in (0, -signal.SIGKILL):
-        sys.stderr.write(proc.stderr.read().decode()[-4000:])
-        raise SystemExit(f"{' '.join(command)} --workdir {workdir} failed with status {proc.returncode}")
-    proc.stderr.close()
+        with open(log, "rb") as f:
+            sys.stderr.write(f.read()[-4000:].decode(errors="replace"))
+        raise SystemExit(f"{' '.join(command)} --workdir {workdir} failed with status {proc.returncode} (log: {log})")
     return proc.returncode, time.time() - t0
 
 
@@ -83,13 +87,13 @@ def main(argv):
     shutil.rmtree(FLAGS.out_dir, ignore_errors=True)
     reference, chaos = os.path.join(FLAGS.out_dir, "reference"), os.path.join(FLAGS.out_dir, "chaos")
     _, duration = run(command, reference)
-    print(f"reference: {duration:.1f} s")
+    print(f"reference: {duration:.1f} s", flush=True)
     rng = random.Random(FLAGS.seed)
     places = [p for p in faults.POINTS]
     killed = 0
     for k in range(FLAGS.kills):
         if k % 2 == 0:
-            after = rng.uniform(0.2, 1.0) * duration
+            after = rng.uniform(0.25, 0.5) * duration  # inside the run: each start resumes what is left
             status, took = run(command, chaos, kill_after=after)
             how = f"at {after:.1f} s"
         else:
@@ -97,7 +101,8 @@ def main(argv):
             status, took = run(command, chaos, fault=fault)
             how = f"at {fault}"
         killed += status == -signal.SIGKILL
-        print(f"start {k + 1}: {'killed ' + how if status else 'finished before the kill ' + how} ({took:.1f} s)")
+        print(f"start {k + 1}: {'killed ' + how if status else 'finished before the kill ' + how} ({took:.1f} s)",
+              flush=True)
         logging.info("start %d: status %d (%s)", k + 1, status, how)
     status, took = run(command, chaos)
     with open(os.path.join(reference, "summary.json")) as f:

@@ -11,6 +11,7 @@ import jax
 import ml_collections
 
 from dyngap_jax.io import atomic_write_text, write_json
+from dyngap_jax.train.config import ConfigError
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
@@ -54,7 +55,7 @@ def check_config(cfg: dict, workdir: str) -> None:
     with open(path) as f:
         diff = config_differences(json.load(f), cfg)
     if diff:
-        raise ValueError(f"{workdir} holds a run of another config (differs in {', '.join(diff[:8])}); "
+        raise ConfigError(f"{workdir} holds a run of another config (differs in {', '.join(diff[:8])}); "
                          "use a new --workdir, or the same config to resume")
 
 
