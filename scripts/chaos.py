@@ -89,7 +89,6 @@ def main(argv):
     _, duration = run(command, reference)
     print(f"reference: {duration:.1f} s", flush=True)
     rng = random.Random(FLAGS.seed)
-    places = [p for p in faults.POINTS]
     killed = 0
     for k in range(FLAGS.kills):
         if k % 2 == 0:
@@ -97,7 +96,7 @@ def main(argv):
             status, took = run(command, chaos, kill_after=after)
             how = f"at {after:.1f} s"
         else:
-            fault = f"{rng.choice(places)}@{rng.randint(1, 3)}"
+            fault = f"{rng.choice(faults.POINTS)}@{rng.randint(1, 3)}"
             status, took = run(command, chaos, fault=fault)
             how = f"at {fault}"
         killed += status == -signal.SIGKILL

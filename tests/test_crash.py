@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from tiny_data import make_tiny_records, tiny_config
+from tiny_data import flip_byte, make_tiny_records, tiny_config
 
 from dyngap_jax import faults
 from dyngap_jax.train import CheckpointError, Checkpointer, WorkdirBusy, train, workdir_lock
@@ -97,12 +97,6 @@ def test_an_unknown_fault_place_is_named(monkeypatch):
 def largest_file(folder):
     files = [os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs]
     return max(files, key=os.path.getsize)
-
-
-def flip_byte(path):
-    data = bytearray(open(path, "rb").read())
-    data[len(data) // 2] ^= 0x01
-    open(path, "wb").write(bytes(data))
 
 
 def remove_metadata(path):

@@ -9,6 +9,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from tiny_data import flip_byte
 
 from data_prep import common, mfeat
 from dyngap_jax.data import loader, records
@@ -232,12 +233,9 @@ def test_a_resumed_conversion_reuses_only_what_this_conversion_would_write(tmp_p
     if change == "params":  # rerun with other parameters (say --frame_size 32)
         kw, load = _toy_kw(out, {"scale": 1.0}), _toy_load
     elif change == "damaged shard":  # the finished shard corrupted between the runs
-        data = bytearray(open(_first_shard(out), "rb").read())
-        data[len(data) // 2] ^= 0x01
-        open(_first_shard(out), "wb").write(bytes(data))
-    else:
+        flip_byte(_first_shard(out))
+    else:  # rerun over other inputs
         kw["splits"] = {"train": list(range(100, 125))}
-        load = lambda i: _toy_load(i, 2.0)
     m = common.convert(load=load, **kw)
     assert "train-00000-of-00003.array_record: not reused" in capsys.readouterr().out
     xs = np.concatenate([b["x"][:, 0] for b in loader.make_loader(out, "train", batch_size=7, train=False)])

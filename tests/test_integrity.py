@@ -3,7 +3,7 @@ import os
 import shutil
 
 import pytest
-from tiny_data import make_tiny_records, tiny_config
+from tiny_data import flip_byte, make_tiny_records, tiny_config
 
 from dyngap_jax.data import RecordError, loader, make_loader
 from dyngap_jax.train import train
@@ -24,10 +24,7 @@ def swap(folder):
 
 
 def flip(folder):
-    path = shard(folder, "validation")
-    data = bytearray(open(path, "rb").read())
-    data[len(data) // 2] ^= 0x01
-    open(path, "wb").write(bytes(data))
+    flip_byte(shard(folder, "validation"))
 
 
 def truncate(folder):

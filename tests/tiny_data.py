@@ -46,3 +46,12 @@ def tiny_config(data_dir, method="ours_lb", epochs=2):
         if c.alpha.strategy == "learned":
             c.alpha.inner_iters = 1
     return c
+
+
+def flip_byte(path: str) -> None:
+    """Damage a file as a bad disk or copy would: one bit flipped in its middle byte."""
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    data[len(data) // 2] ^= 0x01
+    with open(path, "wb") as f:
+        f.write(bytes(data))
