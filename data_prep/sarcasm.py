@@ -19,7 +19,7 @@ import ast
 import functools
 import os
 
-from absl import app, flags
+from absl import flags
 
 from data_prep import common, text_image
 from data_prep.common import BadInput, convert, define_io_flags, require_dir
@@ -94,4 +94,4 @@ def define_flags():
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    common.run(main)

@@ -12,9 +12,9 @@ import signal
 ENV = "DYNGAP_FAULT"
 POINTS = (
     "checkpoint_writing",  # orbax has started writing a checkpoint (in the background), it has not finished
+    "checkpoint_finished",  # a checkpoint and its hash are written, older ones not yet deleted
     "metrics_written",  # an epoch's train and evaluation records are in metrics.jsonl, its checkpoint is not
-    "best_saved",  # the epoch's best checkpoint is written, the latest checkpoint is not
-    "checkpoint_saved",  # the latest checkpoint is written
+    "checkpoint_saved",  # the epoch's checkpoint is started and (the epoch's end) waited for
 )
 _reached: dict[str, int] = {}
 

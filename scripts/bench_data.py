@@ -1,13 +1,26 @@
-"""Loader throughput per data set next to what a training step consumes, measured side by side.
+"""Loader throughput per worker process, per data set, beside what a training step consumes and what the
+device's frame augmentation costs in it, measured side by side.
 
-For each data set, synthetic records with the real record shapes (what its converter writes)
-are written to a temporary folder; the grain training loader (shuffle, decode, frame
-augmentation, batching) is timed over them, and so is a jit-compiled training step of the
-paper's architecture for that data set (forward + backward of L_total = (1-a) CE + a InfoNCE and
-an SGD update) on the same machine. The ratio loader / step is the headroom (target >= 5x).
+For each data set, synthetic records of the real record shapes (what its converter writes) go to a
+temporary folder. Timed there:
 
-    python -m scripts.bench_data                      # every data set
-    python -m scripts.bench_data --datasets=cremad,mfeat --workers=2
+* the training loader (grain: shuffle, decode, draw each example's crop box and flip, batch), with
+  ``--workers`` worker processes (0: in the training process), as examples/s and examples/s per
+  process;
+* the same loader with the host path it replaced (PIL's random resized crop, example by example and
+  channel by channel, then normalisation: what ``dyngap_jax/data/loader.py`` did before the
+  augmentation moved to the device), for the ratio new / old;
+* the jit-compiled training step of the data set's architecture (forward + backward of Eq. 1 and an
+  SGD update) on the loader's batches, and the same step on batches prepared beforehand: the
+  difference is the share of the step that the crop, resize, flip and normalisation take on the
+  device ("augment in step"; target < 10 %), beside the preparation compiled and timed alone
+  ("augment alone", over the step's time).
+
+    python -m scripts.bench_data                                   # every data set
+    python -m scripts.bench_data --datasets=cremad,kinetics_sounds --workers=0,2
+
+Targets (issue 15): per process >= 5x the old host path for CREMA-D and Kinetics-Sounds, and enough
+that 16 processes feed twice an H100's train step (1,627 ex/s CREMA-D, 781 Kinetics-Sounds, batch 64).
 """
 from __future__ import annotations
 
@@ -15,30 +28,34 @@ import os
 import tempfile
 import time
 
+import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from absl import app, flags
+from absl import flags
 
-from dyngap_jax import losses, models
-from dyngap_jax.data import loader, records
+from dyngap_jax.data import augment, loader, records
+from dyngap_jax.train import base_config, make_train_step, setup
+from scripts import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("datasets", ["mfeat", "cremad", "kinetics_sounds", "sarcasm", "twitter2015", "nvgesture"], "Which.")
-flags.DEFINE_integer("examples", 96, "Synthetic records per data set.")
-flags.DEFINE_integer("workers", 0, "grain worker processes for the loader.")
+flags.DEFINE_integer("examples", 192, "Synthetic records per data set.")
+flags.DEFINE_list("workers", ["0"], "grain worker processes of the loader (each value timed).")
+flags.DEFINE_integer("loader_batch", 64, "Loader batch size (the H100 figures are at 64).")
+flags.DEFINE_float("seconds", 3.0, "Seconds each loader is timed for.")
 flags.DEFINE_integer("step_batch", 4, "Batch size of the timed training step (CPU: keep small).")
 flags.DEFINE_integer("steps", 3, "Timed training steps after compilation.")
+flags.DEFINE_bool("legacy", True, "Also time the old host path (PIL crops in the loader).")
 
 BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+H100_STEP = {"cremad": 1627, "kinetics_sounds": 781}  # ex/s of the train step at batch 64 (the issue's figures)
 
 
 def spec(dataset):
-    """(record features, frame modalities, model config, loader batch) per data set, as the converters write them."""
+    """(record features, frame modalities, model config) per data set, as the converters write them."""
     av = lambda audio_frames: (
         {"audio": ("float32", [257, audio_frames, 1]), "video": ("uint8", [3, 224, 224, 3])},
-        {"video": loader.FrameAugment(size=(224, 224))},
+        {"video": augment.FrameAugment(size=(224, 224))},
         {"num_classes": 31 if audio_frames == 1004 else 6, "modalities": ["audio", "video"],
          "encoders": {"audio": {"name": "resnet18", "num_channels": 1},
                       "video": {"name": "video_resnet18", "num_frames": 3}},
@@ -46,24 +63,24 @@ def spec(dataset):
     )
     ti = lambda classes: (
         {"image": ("uint8", [224, 224, 3]), "text": ("int32", [128]), "text_mask": ("int32", [128])},
-        {"image": loader.FrameAugment(size=(224, 224))},
+        {"image": augment.FrameAugment(size=(224, 224))},
         {"num_classes": classes, "modalities": ["image", "text"], "projection_dim": 256,
          "encoders": {"image": {"name": "resnet50"}, "text": {"name": "bert", "max_length": 128, **BERT_BASE}},
          "fusion": {"name": "concat"}},
     )
+    views = (("fou", 76), ("fac", 216), ("kar", 64), ("pix", 240), ("zer", 47), ("mor", 6))
     table = {
-        "mfeat": ({v: ("float32", [d]) for v, d in (("fou", 76), ("fac", 216), ("kar", 64), ("pix", 240), ("zer", 47), ("mor", 6))},
-                  {}, {"num_classes": 10, "modalities": ["fou", "fac", "kar", "pix", "zer", "mor"],
-                       "encoders": {v: {"name": "mlp", "hidden": [256], "out_features": 128}
-                                    for v in ("fou", "fac", "kar", "pix", "zer", "mor")},
-                       "fusion": {"name": "concat"}}),
+        "mfeat": ({v: ("float32", [d]) for v, d in views}, {},
+                  {"num_classes": 10, "modalities": [v for v, _ in views],
+                   "encoders": {v: {"name": "mlp", "hidden": [256], "out_features": 128, "in_features": d} for v, d in views},
+                   "fusion": {"name": "concat"}}),
         "cremad": av(299),
         "kinetics_sounds": av(1004),
         "sarcasm": ti(2),
         "twitter2015": ti(3),
         "nvgesture": ({"rgb": ("uint8", [8, 112, 112, 3]), "depth": ("uint8", [8, 112, 112, 1]),
                        "flow": ("float32", [8, 112, 112, 2])},
-                      {m: loader.FrameAugment(size=(112, 112), normalize=(m == "rgb")) for m in ("rgb", "depth", "flow")},
+                      {m: augment.FrameAugment(size=(112, 112), normalize=(m == "rgb")) for m in ("rgb", "depth", "flow")},
                       {"num_classes": 25, "modalities": ["rgb", "depth", "flow"],
                        "encoders": {m: {"name": "video_resnet18", "num_frames": 8, "num_channels": c}
                                     for m, c in (("rgb", 3), ("depth", 1), ("flow", 2))},
@@ -72,23 +89,26 @@ def spec(dataset):
     return table[dataset]
 
 
+def synthetic_example(feats, rng, label):
+    ex = {}
+    for k, (dtype, shape) in feats.items():
+        if k.endswith("_mask"):
+            ex[k] = np.ones(shape, np.int32)
+        elif dtype == "uint8":
+            ex[k] = rng.integers(0, 256, shape, np.uint8)
+        elif dtype == "int32":
+            ex[k] = rng.integers(1, 1000, shape).astype(np.int32)
+        else:
+            ex[k] = rng.standard_normal(shape).astype(np.float32)
+    ex["label"] = np.int32(label)
+    return ex
+
+
 def write_synthetic(folder, name, feats, n, num_classes):
     rng = np.random.default_rng(0)
-
-    def example(i):
-        ex = {}
-        for k, (dtype, shape) in feats.items():
-            if dtype == "uint8":
-                ex[k] = rng.integers(0, 256, shape, np.uint8)
-            elif dtype == "int32":
-                ex[k] = rng.integers(0, 1000, shape).astype(np.int32)
-            else:
-                ex[k] = rng.standard_normal(shape).astype(np.float32)
-        ex["label"] = np.int32(i % num_classes)
-        return ex
-
     file = records.shard_names("train", 1)[0]
-    count, digest = records.write_shard(os.path.join(folder, file), (example(i) for i in range(n)))
+    count, digest = records.write_shard(os.path.join(folder, file),
+                                        (synthetic_example(feats, rng, i % num_classes) for i in range(n)))
     features = {k: records.FeatureSpec(d, s) for k, (d, s) in feats.items()}
     features["label"] = records.FeatureSpec("int32", [])
     records.Manifest(name=name, converter_version="bench", features=features,
@@ -97,78 +117,114 @@ def write_synthetic(folder, name, feats, n, num_classes):
                                                                            "sha256": digest}]}}).save(folder)
 
 
-def loader_rate(folder, frames, batch, workers):
-    ld = loader.make_loader(folder, "train", batch_size=batch, train=True, seed=0, frames=frames, worker_count=workers,
-                            num_epochs=None)  # small tabular splits take the in-memory path, as in training
+class HostFrames(grain.transforms.RandomMap):
+    """The old host path: the random resized crop resized with PIL, channel by channel, then normalised."""
+
+    def __init__(self, specs):
+        self.specs = dict(specs)
+
+    def random_map(self, ex, rng):
+        ex = dict(ex)
+        for m, sp in self.specs.items():
+            clip = ex[m][None] if ex[m].ndim == 3 else ex[m]
+            h, w = clip.shape[1:3]
+            box = augment.sample_crop(rng, h, w, sp.scale, sp.ratio)
+            out = loader.host_crop_resize(clip, box, sp.size, bool(rng.random() < 0.5)).astype(np.float32)
+            out = out / 255.0 if ex[m].dtype == np.uint8 else out
+            if sp.normalize and out.shape[-1] == 3:
+                out = (out - augment.IMAGENET_MEAN) / augment.IMAGENET_STD
+            ex[m] = out[0] if ex[m].ndim == 3 else out
+        return ex
+
+
+def legacy_loader(folder, frames, batch, workers):
+    source, _ = loader.open_split(folder, "train")
+    ops = [loader.Decode(None), HostFrames(frames), grain.transforms.Batch(batch, drop_remainder=True)]
+    sampler = grain.samplers.IndexSampler(len(source), shuffle=True, num_epochs=None, seed=0)
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=ops, worker_count=workers)
+
+
+def loader_rate(ld, seconds):
     it = iter(ld)
-    next(it)  # start-up (worker spawn) is not throughput
+    next(it)  # start-up (worker spawn, the first read) is not throughput
     t0, n = time.perf_counter(), 0
-    while time.perf_counter() - t0 < 3.0:
+    while time.perf_counter() - t0 < seconds:
         n += len(next(it)["label"])
     return n / (time.perf_counter() - t0)
 
 
-def step_rate(model_cfg, feats, batch, steps):
-    model, _ = models.build_model(model_cfg)
-    rng = np.random.default_rng(0)
-    ex = {}
-    for k, (dtype, shape) in feats.items():
-        if k.endswith("_mask"):
-            ex[k] = np.ones([batch] + shape, np.int32)
-        elif dtype == "int32":
-            ex[k] = rng.integers(1, 1000, [batch] + shape).astype(np.int32)
-        else:
-            ex[k] = rng.standard_normal([batch] + shape).astype(np.float32)
-    labels = jnp.asarray(np.arange(batch) % model_cfg["num_classes"], jnp.int32)
-    variables = model.init(jax.random.PRNGKey(0), ex, train=False)
-    params, state = variables["params"], {k: v for k, v in variables.items() if k not in ("params", "perturbations")}
-    tx = optax.sgd(1e-2, momentum=0.9)
-    opt_state = tx.init(params)
-    mods = model_cfg["modalities"]
+def step_rates(name, model_cfg, feats, frames, batch_size, steps):
+    """(train step ex/s on loader batches, the share of the step the frame preparation takes inside it,
+    the share the preparation alone takes, compile s).
 
-    @jax.jit
-    def step(params, state, opt_state, batch, a):
-        def loss_fn(p):
-            out, new_state = model.apply({"params": p, **state}, batch, train=True, mutable=list(state),
-                                         rngs={"dropout": jax.random.PRNGKey(1)})
-            l_cls = losses.cross_entropy(out["logits"], labels)
-            l_mm = losses.modality_matching([out["features"][m] for m in mods], 0.1)
-            return losses.total(l_cls, l_mm, a), new_state
-
-        (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_state, opt_state, loss
-
+    The step on the loader's batches (frames prepared inside it) and the step on prepared batches
+    run alternately, ``steps`` times each; their fastest times are compared.
+    """
+    c = base_config(name, "/nonexistent")
+    c.model = model_cfg
+    c.data.frames = {m: {"size": list(sp.size), "normalize": sp.normalize} for m, sp in frames.items()}
+    c.train.update({"num_epochs": 1, "batch_size": batch_size, "learning_rate": 1e-2, "weight_decay": 1e-4,
+                    "schedule": "constant"})
+    c.alpha.strategy = "constant:0.5"
+    run = setup(c, data=False)
+    rng = np.random.default_rng(1)
+    drawn = [loader.TrainFrames(frames).random_map(synthetic_example(feats, rng, i % model_cfg["num_classes"]), rng)
+             for i in range(batch_size)]
+    raw = jax.device_put({k: np.stack([d[k] for d in drawn]) for k in drawn[0]})
+    prepare = jax.jit(run.prepare)
+    prepared = jax.block_until_ready(prepare(raw))
+    state = run.create_train_state({k: v[:2] for k, v in raw.items()}, jax.random.PRNGKey(0))
     t0 = time.perf_counter()
-    params, state, opt_state, loss = jax.block_until_ready(step(params, state, opt_state, ex, 0.5))
+    with_prep = make_train_step(run.model, run.tx, run.mm_loss, prepare=run.prepare).lower(state, raw).compile()
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        params, state, opt_state, loss = step(params, state, opt_state, ex, 0.5)
-    jax.block_until_ready(loss)
-    return steps * batch / (time.perf_counter() - t0), compile_s
+    without = make_train_step(run.model, run.tx, run.mm_loss).lower(state, prepared).compile()
+    times = {"raw": [], "prepared": [], "prepare": []}
+    for i in range(steps + 1):
+        for label, fn, batch in (("raw", with_prep, raw), ("prepared", without, prepared)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(state, batch)[1]["loss"])
+            if i:  # the first call of each warms up
+                times[label].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        jax.block_until_ready(prepare(raw))
+        times["prepare"].append(time.perf_counter() - t0)
+    t_raw, t_prep, t_alone = min(times["raw"]), min(times["prepared"]), min(times["prepare"])
+    return batch_size / t_raw, max(0.0, (t_raw - t_prep) / t_raw), t_alone / t_raw, compile_s
 
 
 def main(argv):
     del argv
+    workers = [int(w) for w in FLAGS.workers]
     rows = []
     for name in FLAGS.datasets:
         feats, frames, model_cfg = spec(name)
         with tempfile.TemporaryDirectory() as folder:
             write_synthetic(folder, name, feats, FLAGS.examples, model_cfg["num_classes"])
-            # tabular views are cheap per example: time them at a realistic batch
-            batch = 64 if name == "mfeat" else FLAGS.step_batch
-            load = loader_rate(folder, frames, max(batch, 16), FLAGS.workers)
-        consume, compile_s = step_rate(model_cfg, feats, batch, FLAGS.steps)
-        rows.append((name, load, consume, load / consume, compile_s))
+            for w in workers:
+                new = loader_rate(loader.make_loader(folder, "train", batch_size=FLAGS.loader_batch, train=True, seed=0,
+                                                     frames=frames, worker_count=w, num_epochs=None), FLAGS.seconds)
+                old = (loader_rate(legacy_loader(folder, frames, FLAGS.loader_batch, w), FLAGS.seconds)
+                       if frames and FLAGS.legacy else None)
+                rows.append([name, w, new, old])
+        consume, share, alone, compile_s = step_rates(name, model_cfg, feats, frames, FLAGS.step_batch, FLAGS.steps)
+        for r in rows:
+            if r[0] == name:
+                r += [consume, share, alone, compile_s]
         print(f"  measured {name}", flush=True)
     dev = jax.devices()[0]
-    print(f"\ndevice: {dev.platform} ({dev.device_kind}), {os.cpu_count()} CPU cores, loader workers: {FLAGS.workers}")
-    print(f"{'data set':<16} {'loader ex/s':>12} {'train step ex/s':>16} {'ratio':>8} {'step compile s':>15}")
-    for name, load, consume, ratio, compile_s in rows:
-        flag = "" if ratio >= 5 else "  < 5x target"
-        print(f"{name:<16} {load:>12.1f} {consume:>16.2f} {ratio:>8.1f} {compile_s:>15.1f}{flag}")
+    print(f"\ndevice: {dev.platform} ({dev.device_kind}), {os.cpu_count()} CPU cores; loader batch {FLAGS.loader_batch}, "
+          f"train step batch {FLAGS.step_batch}; {FLAGS.examples} synthetic records of the converters' shapes")
+    print(f"{'data set':<16} {'workers':>7} {'loader ex/s':>12} {'per process':>12} {'old host path':>14} {'new/old':>8} "
+          f"{'step ex/s':>10} {'loader/step':>12} {'augment in step':>16} {'augment alone':>14} "
+          f"{'16 procs / 2x H100 step':>24}")
+    for name, w, new, old, consume, share, alone, _ in rows:
+        per = new / max(w, 1)
+        feed = (f"{16 * per / (2 * H100_STEP[name]):.1f}x" if name in H100_STEP else "")
+        print(f"{name:<16} {w:>7} {new:>12.1f} {per:>12.1f} {old if old is None else f'{old / max(w, 1):.1f}':>14} "
+              f"{'' if old is None else f'{new / old:.1f}x':>8} {consume:>10.2f} {new / consume:>12.1f} "
+              f"{'' if not spec(name)[1] else f'{share:.1%}':>16} {'' if not spec(name)[1] else f'{alone:.1%}':>14} "
+              f"{feed:>24}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -1,26 +1,32 @@
-"""Hessian-vector product cost over one gradient's: time and XLA's memory estimate, both HVP modes, side by side.
+"""Hessian-vector product cost over one gradient's: time and XLA's memory estimate, both HVP modes and
+each rematerialisation policy, side by side.
 
     python -m scripts.bench_hvp                       # mfeat MLPs and the CREMA-D ResNet18 pair (small batch on CPU)
-    python -m scripts.bench_hvp --models=cremad --batch=32
+    python -m scripts.bench_hvp --models=cremad --batch=32 --repeats=0    # memory only (compiles, runs nothing)
 
 The function is L_total (Eq. 1: cross-entropy + InfoNCE) of the model in training mode, the same
-closure the alpha step differentiates. Targets: HVP <= 2.5x a gradient's time and <= 2x its memory.
-Memory is XLA's compiled estimate (temporaries + arguments + outputs), available on CPU and GPU.
+closure the alpha step differentiates. Rows: forward-over-reverse (the default) with
+``--remat`` policies (``config.alpha.hypergrad.remat``: none keeps every activation for the
+backward pass, dots only matrix products and convolutions, full nothing), and reverse-over-reverse.
+Targets: HVP <= 2.5x a gradient's time and <= 2x its memory. Memory is XLA's compiled estimate
+(temporaries + arguments + outputs), available on CPU and GPU.
 """
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from dyngap_jax import losses, models
 from dyngap_jax.hypergrad.hvp import hvp_forward_over_reverse, hvp_reverse_over_reverse
+from scripts import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["mfeat", "cremad"], "Which architectures.")
 flags.DEFINE_integer("batch", 8, "Batch size (CPU: keep small for cremad).")
-flags.DEFINE_integer("repeats", 5, "Timed calls after compilation.")
+flags.DEFINE_integer("repeats", 5, "Timed calls after compilation (0: memory only).")
+flags.DEFINE_list("remat", ["none", "dots", "full"], "Rematerialisation policies of the forward-over-reverse rows.")
 
 SPECS = {
     "mfeat": ({"num_classes": 10, "modalities": ["fou", "pix"], "fusion": {"name": "concat"},
@@ -38,6 +44,8 @@ def measure(fn, *args):
     compiled = jax.jit(fn).lower(*args).compile()
     mem = compiled.memory_analysis()
     bytes_ = sum(int(getattr(mem, k, 0)) for k in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes"))
+    if not FLAGS.repeats:
+        return float("nan"), bytes_
     jax.block_until_ready(compiled(*args))
     t0 = time.perf_counter()
     for _ in range(FLAGS.repeats):
@@ -49,8 +57,7 @@ def measure(fn, *args):
 def main(argv):
     del argv
     rng = np.random.default_rng(0)
-    print(f"{'model':<8} {'params':>10} {'grad ms':>9} {'fwd-rev x':>10} {'rev-rev x':>10} {'grad MiB':>9} "
-          f"{'fwd-rev mem x':>14} {'rev-rev mem x':>14}")
+    print(f"{'model':<8} {'params':>10} {'batch':>5} {'grad ms':>9} {'grad MiB':>9}  {'HVP':<26} {'time x':>7} {'memory x':>9}")
     for name in FLAGS.models:
         mcfg, shapes = SPECS[name]
         model, _ = models.build_model(mcfg)
@@ -66,14 +73,17 @@ def main(argv):
 
         v = jax.tree_util.tree_map(jnp.ones_like, params)
         t_g, m_g = measure(jax.grad(total), params)
-        t_f, m_f = measure(lambda p, v: hvp_forward_over_reverse(total, p, v), params, v)
-        t_r, m_r = measure(lambda p, v: hvp_reverse_over_reverse(total, p, v), params, v)
         n = sum(x.size for x in jax.tree_util.tree_leaves(params))
-        print(f"{name:<8} {n:>10,} {1e3 * t_g:>9.1f} {t_f / t_g:>10.2f} {t_r / t_g:>10.2f} {m_g / 2**20:>9.1f} "
-              f"{m_f / m_g:>14.2f} {m_r / m_g:>14.2f}")
+        rows = [(f"forward-over-reverse, remat {r}", lambda p, v, r=r: hvp_forward_over_reverse(total, p, v, r))
+                for r in FLAGS.remat]
+        rows.append(("reverse-over-reverse", lambda p, v: hvp_reverse_over_reverse(total, p, v)))
+        for label, fn in rows:
+            t, m = measure(fn, params, v)
+            print(f"{name:<8} {n:>10,} {FLAGS.batch:>5} {1e3 * t_g:>9.1f} {m_g / 2**20:>9.1f}  {label:<26} "
+                  f"{t / t_g:>7.2f} {m / m_g:>9.2f}", flush=True)
     dev = jax.devices()[0]
     print(f"\n{dev.platform} ({dev.device_kind}), batch {FLAGS.batch}; targets: time <= 2.5x, memory <= 2x a gradient's")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -17,12 +17,13 @@ import time  # noqa: E402  (jax reads XLA_FLAGS when it is imported)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from configs import mfeat as mfeat_config  # noqa: E402
 from dyngap_jax import parallel  # noqa: E402
 from dyngap_jax.io import new_figure, save_figure  # noqa: E402
 from dyngap_jax.train import setup  # noqa: E402
+from scripts import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("devices", None, "Device counts to measure (default 1, 2, 4 up to what there is).")
@@ -47,7 +48,7 @@ def build(n_devices):
 
     state = run.create_train_state(batch(2), jax.random.PRNGKey(0))
     state = jax.device_put(state, run.shardings(state)[0])
-    train_step, _, alpha_step = run.compile_steps(state)
+    train_step, _, alpha_step = run.compile_steps(state, donate=False)
     return run.mesh, state, (train_step, alpha_step), batch
 
 
@@ -70,7 +71,7 @@ def main(argv):
         mesh, state, (train_step, alpha_step), batch = build(n)
         for mode, size in (("strong", FLAGS.global_batch), ("weak", FLAGS.per_device_batch * n)):
             b = parallel.shard_batch(batch(size), mesh)
-            t_train = timed(lambda: train_step(state, b, state.alpha.value), FLAGS.steps)
+            t_train = timed(lambda: train_step(state, b), FLAGS.steps)
             t_alpha = timed(lambda: alpha_step(state, b, b), max(2, FLAGS.steps // 5))
             rows.append((mode, n, size, size / t_train, size / t_alpha))
     dev = jax.devices()[0]
@@ -99,4 +100,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

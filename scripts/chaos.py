@@ -28,6 +28,7 @@ import time
 from absl import app, flags, logging
 
 from dyngap_jax import faults
+from scripts import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("kills", 6, "How many starts to kill before the one that runs to the end.")
@@ -118,4 +119,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

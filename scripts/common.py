@@ -10,7 +10,15 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from absl import app
+from absl import app, flags
+
+from dyngap_jax import cli, compilation
+
+flags.DEFINE_bool("compilation_cache", True, "Keep compiled XLA executables in --compilation_cache_dir and reuse "
+                  "them in later runs (--nocompilation_cache: compile everything afresh).")
+flags.DEFINE_string("compilation_cache_dir", os.environ.get("DYNGAP_COMPILATION_CACHE", compilation.DEFAULT_CACHE_DIR),
+                    "Where the persistent compilation cache lives (default: $DYNGAP_COMPILATION_CACHE, else "
+                    "~/.cache/dyngap_jax/xla).")
 
 
 def _config_argument(argv: Sequence[str], name: str) -> str | None:
@@ -64,7 +72,9 @@ def _user_errors() -> tuple[type, ...]:
 
 
 def run(main: Callable, config_flag: str = "config") -> None:
-    """``absl.app.run(main)`` after :func:`override_errors` (exit status 2 naming the flag on a bad field).
+    """``absl.app.run(main)`` after :func:`override_errors` (exit status 2 naming the flag on a bad field),
+    with the libraries' INFO logging off (:func:`dyngap_jax.cli.quiet_libraries`) and the persistent
+    compilation cache on (``--compilation_cache_dir``; ``--nocompilation_cache`` turns it off).
 
     A bad config value (:class:`~dyngap_jax.train.ConfigError`) exits with status 2, bad or damaged
     records and checkpoints, a diverged run and a busy workdir with status 1, each as one line
@@ -76,6 +86,9 @@ def run(main: Callable, config_flag: str = "config") -> None:
         sys.exit(2)
 
     def guarded(argv):
+        cli.quiet_libraries()  # orbax's, grain's and JAX's INFO logging off unless --verbosity is given
+        if flags.FLAGS.compilation_cache and flags.FLAGS.compilation_cache_dir:
+            compilation.enable_persistent_cache(flags.FLAGS.compilation_cache_dir)
         known = _user_errors()
         try:
             return main(argv)

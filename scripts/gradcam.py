@@ -9,6 +9,7 @@ One row per (example, checkpoint); for a video modality one column per frame. Th
 The class explained is the label (``--target label``), the prediction (``predicted``) or a fixed
 index; ``--head modality`` explains the modality's own logit instead of the fused one.
 """
+import jax
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -57,7 +58,8 @@ def main(argv):
             raise app.UsageError(f"--which: best or latest, got {w!r}")
         checkpoints.append((w, w))
     target = FLAGS.target if FLAGS.target in ("label", "predicted") else int(FLAGS.target)
-    batch = next(iter(run.loader(FLAGS.split, train=False, batch_size=FLAGS.num_examples)))
+    batch = jax.device_get(run.prepare_batch(next(iter(run.loader(FLAGS.split, train=False,
+                                                                    batch_size=FLAGS.num_examples)))))
     rows = []
     for name, which in checkpoints:
         run, state, step = load_run_state(config, FLAGS.workdir, which)

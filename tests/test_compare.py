@@ -77,7 +77,7 @@ def test_comparison_measures_what_the_training_alpha_step_applies(tiny_records):
     run = setup(cfg)
     state = run.create_train_state()
     state = state.replace(step=state.step + 5)
-    _, _, alpha_step = run.compile_steps(state)
+    _, _, alpha_step = run.compile_steps(state, donate=False)
     inner = next(iter(run.loader("train", train=True, epoch=3)))
     outer = next(iter(run.loader("validation", train=True, epoch=4)))
     method = run.strategy.method

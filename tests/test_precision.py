@@ -55,10 +55,10 @@ def lowered():
         run = setup(image_config(precision, train_precision="highest" if precision == "default" else "default",
                                  conv=conv), data=False)
         state = run.create_train_state(batch(2, conv), jax.random.PRNGKey(0))
-        train_step, _, alpha_step = run.compile_steps(state)
+        train_step, _, alpha_step = run.compile_steps(state, donate=False)
         b = batch(4, conv)
         out[precision] = (ops(alpha_step.lower(state, b, b).as_text()),
-                          ops(train_step.lower(state, b, state.alpha.value).as_text()))
+                          ops(train_step.lower(state, b).as_text()))
     return out
 
 
@@ -92,10 +92,43 @@ def test_a_float64_alpha_step_updates_a_float32_state():
     cfg.alpha.hypergrad.warm_start = True  # the kept solution goes back to float32
     run = setup(cfg, data=False)
     state = run.create_train_state(batch(2, False), jax.random.PRNGKey(0))
-    _, _, alpha_step = run.compile_steps(state)
+    _, _, alpha_step = run.compile_steps(state, donate=False)
     new, res, applied = alpha_step(state, batch(4, False), batch(4, False))
     assert new.alpha.value.dtype == state.alpha.value.dtype == np.float32
     assert res.info["residual"].dtype == np.float64
     leaves = jax.tree_util.tree_leaves(new.alpha_solution)
     assert leaves and all(x.dtype == np.float32 for x in leaves)
     assert bool(res.info["converged"]) == bool(applied)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_losses_and_a_float32_alpha_step():
+    """config.train.compute_dtype=bfloat16: every matmul and convolution of the model (encoders, projections,
+    fusion head) runs in bfloat16 on float32 parameters; the state, the losses and the gradients stay
+    float32; the alpha step keeps its own (float32, highest) precision."""
+    cfg = image_config("highest")
+    cfg.train.compute_dtype = "bfloat16"
+    run = setup(cfg, data=False)
+    state = run.create_train_state(batch(2), jax.random.PRNGKey(0))
+    b = batch(4)
+    variables = {"params": state.params, **state.model_state}
+    model_ops = ops(jax.jit(lambda v, x: run.compute_model.apply(v, x, train=False)).lower(variables, b).as_text())
+    assert len(model_ops) > 20 and all("bf16" in result for _, _, result in model_ops), \
+        [o for o in model_ops if "bf16" not in o[2]][:3]
+    train_step, eval_step, alpha_step = run.compile_steps(state, donate=False)
+    train_ops = ops(train_step.lower(state, b).as_text())
+    # the only float32 products of the train step are the InfoNCE similarities of the float32 features ([B, B])
+    assert {result for _, _, result in train_ops if "bf16" not in result} <= {" tensor<4x4xf32>", " tensor<4x8xf32>"}
+    assert sum("bf16" in result for _, _, result in train_ops) > 40
+    alpha_ops = ops(alpha_step.lower(state, b, b).as_text())
+    assert alpha_ops and all("f32" in result and "bf16" not in result for _, _, result in alpha_ops)
+    new, m = train_step(state, b)
+    leaves = jax.tree_util.tree_leaves((new.params, new.opt_state, new.model_state))
+    assert leaves and all(x.dtype == np.float32 for x in leaves if np.issubdtype(x.dtype, np.floating))
+    assert m["loss"].dtype == np.float32 and bool(m["finite"]) and bool(m["params_finite"])
+    out = eval_step(state, b)
+    assert np.asarray(out["logits"]).dtype == np.float32 and np.asarray(out["features"]["img"]).dtype == np.float32
+    # the same step in float32 computes nearly the same loss (bfloat16 keeps 8 bits of mantissa)
+    run32 = setup(image_config("highest"), data=False)
+    _, m32 = run32.compile_steps(state, donate=False)[0](state, b)
+    np.testing.assert_allclose(float(m["loss"]), float(m32["loss"]), rtol=3e-2)
+    assert float(m["loss"]) != float(m32["loss"])

@@ -1,15 +1,18 @@
 """grain loaders over the converters' ArrayRecord files, giving DESIGN.md's batch dicts.
 
 A batch is a dict of numpy arrays: one per modality plus ``"label"`` (int32). Shuffling is
-seeded, each JAX process reads its own shard (``ShardByJaxProcess``), training applies the
-configured augmentation to frames (random resized crop + horizontal flip, the same crop for
-every frame of a clip) and evaluation a deterministic resize; the iterator's state can be
-saved and restored (``iterator.get_state()`` / ``set_state``), so a resumed run sees the same
+seeded, each JAX process reads its own shard (``ShardByJaxProcess``), and the iterator's state can
+be saved and restored (``iterator.get_state()`` / ``set_state``), so a resumed run sees the same
 batches. Before reading, the manifest is checked against what the caller expects.
+
+Frames leave the loader as they are stored (uint8): for training each example also carries its
+random resized crop box and flip (:class:`TrainFrames`, drawn as torchvision draws them, the same
+box for every frame of a clip), and the steps crop, resize, flip and normalise on the device
+(:func:`dyngap_jax.data.augment.prepare`); evaluation's deterministic resize runs there too. The
+host does no per-pixel work, so one process feeds a GPU's step (``python -m scripts.bench_data``).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Mapping, Sequence
 
@@ -17,13 +20,10 @@ import grain
 import numpy as np
 from PIL import Image
 
+from dyngap_jax.data.augment import BOX, FLIP, FrameAugment, sample_crop
 from dyngap_jax.data.records import Manifest, RecordError, decode_example, load_manifest, verify_shards
 
 IN_MEMORY_MAX_BYTES = 256 << 20
-
-IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
-
 
 def _mark_flags_parsed() -> None:
     # grain's worker processes read absl flags; library use (no app.run) must mark them parsed.
@@ -69,18 +69,6 @@ def check_manifest(manifest: Manifest, *, folder: str, name: str | None = None,
             )
 
 
-@dataclasses.dataclass(frozen=True)
-class FrameAugment:
-    """Frames settings for one modality: output size, ImageNet normalisation, training augmentation."""
-
-    size: tuple[int, int] | None = None  # (height, width); None keeps the stored size
-    normalize: bool = True
-    random_resized_crop: bool = True
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: bool = True
-
-
 class Decode(grain.transforms.Map):
     def __init__(self, keep: Sequence[str] | None = None):
         self.keep = None if keep is None else tuple(keep) + ("label",)
@@ -105,8 +93,11 @@ class Standardize(grain.transforms.Map):
         return ex
 
 
-def _resize_frames(frames: np.ndarray, box: tuple[int, int, int, int] | None, size, flip: bool) -> np.ndarray:
-    """Crop ``box = (top, left, h, w)`` from each frame ``[T, H, W, C]``, resize to ``size``, maybe flip."""
+def host_crop_resize(frames: np.ndarray, box: tuple[int, int, int, int] | None, size, flip: bool) -> np.ndarray:
+    """The host path, example by example with PIL (what the loader did before augmentation moved to the
+    device; kept as the reference :mod:`dyngap_jax.data.augment` is tested against): crop
+    ``box = (top, left, h, w)`` from each frame ``[T, H, W, C]``, resize each channel to ``size`` with
+    PIL's bilinear filter (uint8 frames stay uint8), maybe flip."""
     out = []
     for f in frames:
         if box is not None:
@@ -119,21 +110,13 @@ def _resize_frames(frames: np.ndarray, box: tuple[int, int, int, int] | None, si
     return np.stack(out)
 
 
-def _finish_frames(frames: np.ndarray, spec: FrameAugment) -> np.ndarray:
-    x = frames.astype(np.float32)
-    if frames.dtype == np.uint8:
-        x = x / 255.0
-    if spec.normalize and x.shape[-1] == 3:
-        x = (x - IMAGENET_MEAN) / IMAGENET_STD
-    return x
-
-
-def _as_clip(x: np.ndarray) -> tuple[np.ndarray, bool]:
-    return (x[None], True) if x.ndim == 3 else (x, False)
-
-
 class TrainFrames(grain.transforms.RandomMap):
-    """Random resized crop (one box for all frames of a clip) and horizontal flip."""
+    """Draws each example's random resized crop (one box for all frames of a clip) and flip.
+
+    The frames stay as stored; ``<modality>_box`` (int32 ``[4]``: top, left, height, width) and
+    ``<modality>_flip`` (bool) are added, and the training step crops, resizes, flips and
+    normalises on the device (:func:`dyngap_jax.data.augment.prepare`).
+    """
 
     def __init__(self, specs: Mapping[str, FrameAugment]):
         self.specs = dict(specs)
@@ -141,36 +124,10 @@ class TrainFrames(grain.transforms.RandomMap):
     def random_map(self, ex, rng: np.random.Generator):
         ex = dict(ex)
         for m, spec in self.specs.items():
-            clip, single = _as_clip(ex[m])
-            h, w = clip.shape[1:3]
-            box = None
-            if spec.random_resized_crop:
-                box = (0, 0, h, w)
-                for _ in range(10):  # torchvision's RandomResizedCrop sampling
-                    area = h * w * rng.uniform(*spec.scale)
-                    aspect = np.exp(rng.uniform(np.log(spec.ratio[0]), np.log(spec.ratio[1])))
-                    cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
-                    if 0 < cw <= w and 0 < ch <= h:
-                        box = (int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw)
-                        break
-            flip = bool(spec.flip and rng.random() < 0.5)
-            out = _finish_frames(_resize_frames(clip, box, spec.size or (h, w), flip), spec)
-            ex[m] = out[0] if single else out
-        return ex
-
-
-class EvalFrames(grain.transforms.Map):
-    """Deterministic: resize to the configured size and normalise."""
-
-    def __init__(self, specs: Mapping[str, FrameAugment]):
-        self.specs = dict(specs)
-
-    def map(self, ex):
-        ex = dict(ex)
-        for m, spec in self.specs.items():
-            clip, single = _as_clip(ex[m])
-            out = _finish_frames(_resize_frames(clip, None, spec.size, False), spec)
-            ex[m] = out[0] if single else out
+            h, w = ex[m].shape[-3:-1]
+            box = sample_crop(rng, h, w, spec.scale, spec.ratio) if spec.random_resized_crop else (0, 0, h, w)
+            ex[m + BOX] = np.asarray(box, np.int32)
+            ex[m + FLIP] = np.asarray(bool(spec.flip and rng.random() < 0.5))
         return ex
 
 
@@ -291,6 +248,8 @@ class _InMemoryIterator:
 
 # (folder, split, the manifest's shard hashes) already checked by this process: a split is hashed once
 _VERIFIED: set[tuple[str, str, tuple[str, ...]]] = set()
+# in-memory splits decoded by this process, by (folder, split, shard hashes, modalities, standardize, fraction)
+_DECODED: dict[tuple, dict[str, np.ndarray]] = {}
 
 
 def open_split(folder: str, split: str, verify: bool = True,
@@ -332,7 +291,7 @@ def make_loader(
     frames: Mapping[str, FrameAugment] | None = None,
     standardize: bool = False,
     drop_remainder: bool | None = None,
-    worker_count: int = 0,
+    worker_count: int | None = 0,
     shard_by_process: bool = True,
     shard: tuple[int, int] | None = None,
     in_memory: bool | None = None,
@@ -343,8 +302,10 @@ def make_loader(
 ) -> grain.DataLoader | InMemoryLoader:
     """A grain ``DataLoader`` of batch dicts for ``split`` of the records in ``folder``.
 
-    ``train`` shuffles (seeded), augments ``frames`` modalities randomly and drops the last
-    partial batch; evaluation keeps order and every example. ``batch_size`` is per process.
+    ``train`` shuffles (seeded), draws a crop box and flip per example for the ``frames`` modalities
+    (:class:`TrainFrames`; the pixels are left as stored for the device) and drops the last partial
+    batch; evaluation keeps order and every example. ``batch_size`` is per process.
+    ``worker_count``: grain worker processes (``None``: :func:`default_worker_count`).
     ``standardize`` applies the converter's train mean/std (tabular views). ``expect`` goes to
     :func:`check_manifest`. With ``shard_by_process`` each JAX process reads a disjoint part;
     ``shard=(index, count)`` picks a part explicitly instead. ``in_memory`` (default: splits
@@ -376,12 +337,19 @@ def make_loader(
     if in_memory:
         if frames:
             raise ValueError("in_memory loading serves fixed arrays; frame augmentation needs the grain pipeline")
-        rows = [ops_apply(ops, source[i]) for i in range(len(source))]
-        arrays = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        shards = tuple(sh["sha256"] for sh in manifest.splits[split]["shards"])
+        key = (os.path.abspath(folder), split, shards, tuple(modalities or ()), standardize, fraction, fraction_seed)
+        arrays = _DECODED.get(key)
+        if arrays is None:  # decoded once a process: a run opens its splits again every epoch
+            rows = [ops_apply(ops, source[i]) for i in range(len(source))]
+            arrays = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+            for a in arrays.values():
+                a.flags.writeable = False
+            _DECODED[key] = arrays
         return InMemoryLoader(arrays, batch_size=batch_size, train=train, seed=seed, num_epochs=num_epochs,
                               drop_remainder=drop, shard=shard or (0, 1))
-    if frames:
-        ops.append(TrainFrames(frames) if train else EvalFrames(frames))
+    if frames and train:
+        ops.append(TrainFrames(frames))
     ops.append(grain.transforms.Batch(batch_size, drop_remainder=drop))
     options = grain.sharding.NoSharding()
     if shard is not None and shard[1] > 1:
@@ -393,4 +361,21 @@ def make_loader(
         else:  # evaluation reads every example exactly once: contiguous parts, sizes differing by at most one
             source = _SliceSource(source, *_even_part(len(source), index, count))
     sampler = grain.samplers.IndexSampler(len(source), shard_options=options, shuffle=train, num_epochs=num_epochs, seed=seed)
-    return grain.DataLoader(data_source=source, sampler=sampler, operations=ops, worker_count=worker_count)
+    workers = default_worker_count() if worker_count is None else worker_count
+    # grain's default (16 reading threads, 500 records in flight) is tuned for KB-sized records on remote disks;
+    # for examples of a few MB it spends more time polling its buffer than reading (Kinetics-Sounds: 762 ex/s
+    # against 1,168 with 2 threads and two batches in flight; scripts/bench_data.py)
+    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(2 * batch_size, 16))
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=ops, worker_count=workers,
+                            read_options=read)
+
+
+def default_worker_count() -> int:
+    """grain worker processes when a config leaves ``data.worker_count`` unset: the cores this process
+    may use, less two (the training process and the device's own threads), at most 16; 0 on a
+    machine of two cores or fewer."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(16, cores - 2))

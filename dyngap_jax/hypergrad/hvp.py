@@ -10,6 +10,20 @@ import optax.tree_utils as otu
 PyTree = Any
 
 HVP_MODES = ("auto", "forward_over_reverse", "reverse_over_reverse")
+# what the forward pass under an HVP keeps for its backward pass: everything ("none": no rematerialisation),
+# only matrix products and convolutions ("dots": the elementwise work between them is recomputed), or only the
+# inputs ("full": the whole forward recomputed)
+REMAT_POLICIES = ("none", "dots", "full")
+
+
+def rematerialised(f: Callable, remat: str = "none") -> Callable:
+    """``f`` under ``jax.checkpoint`` with the policy ``remat`` names (see :data:`REMAT_POLICIES`)."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"`remat` must be one of {REMAT_POLICIES}, got {remat!r}")
+    if remat == "none":
+        return f
+    policy = jax.checkpoint_policies.dots_saveable if remat == "dots" else jax.checkpoint_policies.nothing_saveable
+    return jax.checkpoint(f, policy=policy)
 
 
 def check_like(tree: PyTree, reference: PyTree, name: str, reference_name: str = "params") -> None:
@@ -38,14 +52,15 @@ def check_params(params: PyTree, name: str = "params") -> None:
             )
 
 
-def hvp_forward_over_reverse(f: Callable, params: PyTree, v: PyTree) -> PyTree:
-    """``H v`` as the jvp of ``grad f`` (one forward pass over a gradient)."""
-    return jax.jvp(jax.grad(f), (params,), (v,))[1]
+def hvp_forward_over_reverse(f: Callable, params: PyTree, v: PyTree, remat: str = "none") -> PyTree:
+    """``H v`` as the jvp of ``grad f`` (one forward pass over a gradient); ``remat``: :func:`rematerialised`."""
+    return jax.jvp(jax.grad(rematerialised(f, remat)), (params,), (v,))[1]
 
 
-def hvp_reverse_over_reverse(f: Callable, params: PyTree, v: PyTree) -> PyTree:
+def hvp_reverse_over_reverse(f: Callable, params: PyTree, v: PyTree, remat: str = "none") -> PyTree:
     """``H v`` as the gradient of ``grad f . v`` (the fallback where a ``custom_vjp`` blocks jvp)."""
-    return jax.grad(lambda p: otu.tree_vdot(jax.grad(f)(p), v))(params)
+    g = jax.grad(rematerialised(f, remat))
+    return jax.grad(lambda p: otu.tree_vdot(g(p), v))(params)
 
 
 def _sub_jaxprs(value):
@@ -90,16 +105,19 @@ def resolve_mode(f: Callable, params: PyTree, mode: str = "auto") -> str:
     return "reverse_over_reverse" if jvp_blocked(jax.grad(f), params) else "forward_over_reverse"
 
 
-def make_hvp(f: Callable[[PyTree], jax.Array], params: PyTree, mode: str = "auto") -> tuple[Callable, str]:
+def make_hvp(f: Callable[[PyTree], jax.Array], params: PyTree, mode: str = "auto",
+             remat: str = "none") -> tuple[Callable, str]:
     """``v -> H v`` with ``H`` the Hessian of scalar ``f`` at ``params``, and the mode it uses.
 
     Forward-over-reverse (``jax.jvp`` of ``jax.grad``) costs about one extra forward pass over a
     gradient; reverse-over-reverse is the fallback for functions with ``custom_vjp``.
-    The Hessian is never materialised.
+    The Hessian is never materialised. ``remat`` trades memory for recomputation
+    (:func:`rematerialised`).
     """
     mode = resolve_mode(f, params, mode)
     impl = hvp_forward_over_reverse if mode == "forward_over_reverse" else hvp_reverse_over_reverse
-    return (lambda v: impl(f, params, v)), mode
+    rematerialised(f, remat)  # checks the name
+    return (lambda v: impl(f, params, v, remat)), mode
 
 
 def hvp(f: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree, mode: str = "auto") -> PyTree:

@@ -11,7 +11,7 @@ import numpy as np
 
 from dyngap_jax import losses
 from dyngap_jax.hypergrad.exact import CG, MINRES, Dense
-from dyngap_jax.hypergrad.hvp import check_params, jvp_blocked, resolve_mode
+from dyngap_jax.hypergrad.hvp import REMAT_POLICIES, check_params, jvp_blocked, resolve_mode
 from dyngap_jax.hypergrad.problem import (
     HypergradResult,
     Loss,
@@ -105,6 +105,7 @@ def alpha_hypergradient(
     method: str | Method = "cg",
     *,
     hvp_mode: str = "auto",
+    hvp_remat: str = "none",
     report_residual: bool = True,
     **options,
 ) -> HypergradResult:
@@ -122,6 +123,9 @@ def alpha_hypergradient(
         or a :class:`Method` object (then only its call-time inputs are keywords).
       hvp_mode: ``"auto"`` (forward-over-reverse, reverse-over-reverse where a ``custom_vjp``
         stops jvp), or either explicitly.
+      hvp_remat: what the forward pass under each HVP keeps (``"none"``: everything; ``"dots"``:
+        matrix products and convolutions; ``"full"``: nothing, all recomputed): memory against time
+        (:data:`~dyngap_jax.hypergrad.hvp.REMAT_POLICIES`; the values are the same).
       report_residual: for the methods that build ``v ~ H^{-1} grad L_outer``, also report
         ``info["hessian_residual"] = |H v - grad L_outer| / |grad L_outer|`` (one more HVP).
 
@@ -161,6 +165,8 @@ def alpha_hypergradient(
 
     total_fn = lambda p: losses.total(cls_loss(p), mm_loss(p), a)
     hvp_mode = resolve_mode(total_fn, params, hvp_mode)
+    if hvp_remat not in REMAT_POLICIES:
+        raise ValueError(f"`hvp_remat` must be one of {REMAT_POLICIES}, got {hvp_remat!r}")
     cross_mode = _resolve_cross_mode(Problem(cls_loss, mm_loss, outer_loss, params, a, hvp_mode))
 
     # Array options and inputs (x0, keys, traced budgets) are traced arguments; callables and numbers are closed over.
@@ -173,7 +179,7 @@ def alpha_hypergradient(
         missing = [k for k in m.required_inputs() if inp.get(k) is None]
         if missing:
             raise ValueError(f"{spec.name} needs the call-time input(s) {missing} (see `{spec.__name__}`'s docstring)")
-        problem = Problem(cls_loss, mm_loss, outer_loss, params, a, hvp_mode, cross_mode)
+        problem = Problem(cls_loss, mm_loss, outer_loss, params, a, hvp_mode, cross_mode, hvp_remat)
         return _estimate(problem, m, inp, report_residual)
 
     already_traced = any(is_tracer(x) for x in jax.tree_util.tree_leaves((params, a, dynamic)))

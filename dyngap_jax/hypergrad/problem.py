@@ -148,6 +148,7 @@ class Problem:
     a: jax.Array
     hvp_mode: str
     cross_mode: str = "forward_over_reverse"
+    hvp_remat: str = "none"
 
     def total(self, params: PyTree, a: jax.Array) -> jax.Array:
         return losses.total(self.cls_loss(params), self.mm_loss(params), a)
@@ -156,7 +157,7 @@ class Problem:
         return lambda p: self.total(p, a)
 
     def hvp(self) -> Callable[[PyTree], PyTree]:
-        return make_hvp(self.total_at(self.a), self.params, self.hvp_mode)[0]
+        return make_hvp(self.total_at(self.a), self.params, self.hvp_mode, self.hvp_remat)[0]
 
     def outer_grad(self) -> PyTree:
         return jax.grad(self.outer_loss)(self.params)

@@ -132,7 +132,7 @@ class GhadimiWang(_Series):
                 raise ValueError("ghadimi_wang: `sampler(key)` must return a pair (cls_loss, mm_loss)")
             cls_k, mm_k = sampled
             total_k = lambda q: losses.total(cls_k(q), mm_k(q), problem.a)
-            h_k = damped(make_hvp(total_k, problem.params, problem.hvp_mode)[0], self.damping)
+            h_k = damped(make_hvp(total_k, problem.params, problem.hvp_mode, problem.hvp_remat)[0], self.damping)
             return k + 1, otu.tree_add_scale(term, -eta, h_k(term))
 
         _, term = jax.lax.while_loop(lambda c: c[0] < p, body, (jnp.zeros((), p.dtype), g))

@@ -17,7 +17,7 @@ output with every other modality's features set to zero (the other convention in
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -33,13 +33,14 @@ def _ordered(features: dict, modalities: Sequence[str]) -> list:
 class ConcatFusion(nn.Module):
     num_classes: int
     modalities: Sequence[str]
+    dtype: Any = jnp.float32  # the computation's (parameters stay float32)
 
     @nn.compact
     def __call__(self, features: dict, train: bool = False):
-        zs = _ordered(features, self.modalities)
+        zs = [z.astype(self.dtype) for z in _ordered(features, self.modalities)]
         dims = [z.shape[-1] for z in zs]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (sum(dims), self.num_classes))
-        bias = self.param("bias", nn.initializers.zeros, (self.num_classes,))
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (sum(dims), self.num_classes)).astype(self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.num_classes,)).astype(self.dtype)
         logits = jnp.concatenate(zs, axis=-1) @ kernel + bias
         per, start = {}, 0
         for m, z, d in zip(self.modalities, zs, dims):
@@ -52,13 +53,14 @@ class SumFusion(nn.Module):
     num_classes: int
     modalities: Sequence[str]
     reduce: str = "mean"
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, features: dict, train: bool = False):
         if self.reduce not in ("mean", "sum"):
             raise ValueError(f"SumFusion: `reduce` must be 'mean' or 'sum', got {self.reduce!r}")
         zs = _ordered(features, self.modalities)
-        per = {m: nn.Dense(self.num_classes, name=f"head_{m}")(z) for m, z in zip(self.modalities, zs)}
+        per = {m: nn.Dense(self.num_classes, dtype=self.dtype, name=f"head_{m}")(z) for m, z in zip(self.modalities, zs)}
         stacked = jnp.stack(list(per.values()))
         return (jnp.mean(stacked, 0) if self.reduce == "mean" else jnp.sum(stacked, 0)), per
 
@@ -66,12 +68,13 @@ class SumFusion(nn.Module):
 class WeightedFusion(nn.Module):
     num_classes: int
     modalities: Sequence[str]
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, features: dict, train: bool = False):
         zs = _ordered(features, self.modalities)
-        per = {m: nn.Dense(self.num_classes, name=f"head_{m}")(z) for m, z in zip(self.modalities, zs)}
-        w = nn.softmax(self.param("modality_weights", nn.initializers.zeros, (len(zs),)))
+        per = {m: nn.Dense(self.num_classes, dtype=self.dtype, name=f"head_{m}")(z) for m, z in zip(self.modalities, zs)}
+        w = nn.softmax(self.param("modality_weights", nn.initializers.zeros, (len(zs),))).astype(self.dtype)
         return jnp.einsum("m,mbc->bc", w, jnp.stack(list(per.values()))), per
 
 
@@ -85,6 +88,7 @@ class FiLMFusion(nn.Module):
     num_classes: int
     modalities: Sequence[str]
     target: str | None = None  # the modulated modality; default the first
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, features: dict, train: bool = False):
@@ -93,8 +97,8 @@ class FiLMFusion(nn.Module):
             raise ValueError(f"FiLMFusion: `target` {target!r} is not one of {list(self.modalities)}")
         t = list(self.modalities).index(target)
         zs = _ordered(features, self.modalities)
-        film = nn.Dense(2 * zs[t].shape[-1], name="film")
-        out = nn.Dense(self.num_classes, name="out")
+        film = nn.Dense(2 * zs[t].shape[-1], dtype=self.dtype, name="film")
+        out = nn.Dense(self.num_classes, dtype=self.dtype, name="out")
 
         def fuse(zs):
             cond = jnp.concatenate([z for i, z in enumerate(zs) if i != t], axis=-1)
@@ -108,13 +112,14 @@ class GatedFusion(nn.Module):
     num_classes: int
     modalities: Sequence[str]
     hidden: int = 256
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, features: dict, train: bool = False):
         zs = _ordered(features, self.modalities)
-        proj = [nn.Dense(self.hidden, name=f"proj_{m}") for m in self.modalities]
-        gate = nn.Dense(len(self.modalities), name="gate")
-        out = nn.Dense(self.num_classes, name="out")
+        proj = [nn.Dense(self.hidden, dtype=self.dtype, name=f"proj_{m}") for m in self.modalities]
+        gate = nn.Dense(len(self.modalities), dtype=self.dtype, name="gate")
+        out = nn.Dense(self.num_classes, dtype=self.dtype, name="out")
 
         def fuse(zs):
             h = jnp.stack([jnp.tanh(p(z)) for p, z in zip(proj, zs)], axis=1)  # [B, m, hidden]

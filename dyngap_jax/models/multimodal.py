@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from dyngap_jax.models.common import check_input
 
@@ -22,6 +23,7 @@ class MultimodalClassifier(nn.Module):
     encoders: Mapping[str, nn.Module]
     fusion: nn.Module
     projection_dim: int | None = None
+    dtype: Any = jnp.float32  # the projections' computation dtype (each encoder and the fusion head have their own)
 
     @nn.compact
     def __call__(self, batch: Mapping[str, Any], train: bool = False):
@@ -41,7 +43,7 @@ class MultimodalClassifier(nn.Module):
             kwargs = {"mask": batch[mask_key]} if mask_key in batch else {}
             z = enc(x, train=train, **kwargs)
             if self.projection_dim:
-                z = nn.Dense(self.projection_dim, name=f"projection_{m}")(z)
+                z = nn.Dense(self.projection_dim, dtype=self.dtype, name=f"projection_{m}")(z)
             features[m] = z
         logits, modality_logits = self.fusion(features, train=train)
         return {"features": features, "logits": logits, "modality_logits": modality_logits}

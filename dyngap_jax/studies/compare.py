@@ -126,10 +126,12 @@ def approximations(run: Run, pool) -> dict:
 
 
 def _batches(run: Run, n):
-    """``n`` (inner, outer) pairs of the alpha step's batch size: train and validation batches, augmented."""
+    """``n`` (inner, outer) pairs of the alpha step's batch size: train and validation batches, augmented, as
+    the model's inputs (what the alpha step's closures see once it has prepared the loader's batches)."""
     inner = iter(run.loader("train", train=True, epoch=123, infinite=True, batch_size=run.batch.alpha))
     outer = iter(run.loader("validation", train=True, epoch=456, infinite=True, batch_size=run.batch.alpha))
-    return [(next(inner), next(outer)) for _ in range(n)]
+    ready = lambda b: jax.device_get(run.prepare_batch(b))
+    return [(ready(next(inner)), ready(next(outer))) for _ in range(n)]
 
 
 def _pool(model, mm, state, pairs):

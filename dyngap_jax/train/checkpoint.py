@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 
 import jax
 import orbax.checkpoint as ocp
@@ -41,12 +42,26 @@ def content_hash(step_dir: str) -> str:
 
 
 class Checkpointer:
-    """``save(step, state, extra)`` / ``restore_latest(like_state)``; orbax writes to a temporary name and renames."""
+    """``save(step, state, extra, keep=...)`` / ``restore_latest(like_state)``.
 
-    def __init__(self, directory: str, max_to_keep: int = 2):
+    Orbax writes each checkpoint to a temporary name and renames it when complete. Saves are
+    asynchronous: :meth:`save` returns once the arrays are on the host (so the caller may reuse
+    or donate their device buffers), orbax writes the files in the background, and a thread of
+    ours writes the content hash the moment orbax has finished. The next :meth:`save`,
+    :meth:`wait` and :meth:`close` wait for both. Retention is ours: after each finished save the
+    newest ``max_to_keep`` checkpoints are kept, and so is every step named in ``keep`` (the run's
+    best epoch), however old.
+    """
+
+    def __init__(self, directory: str, max_to_keep: int | None = 2):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        self.max_to_keep = max_to_keep
+        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=True,
+                                               preservation_policy=ocp.checkpoint_managers.preservation_policy.PreserveAll())
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra"))
+        self._pending: threading.Thread | None = None
+        self._pending_error: BaseException | None = None
+        self._keep: tuple[int, ...] = ()
 
     def _step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -54,18 +69,53 @@ class Checkpointer:
     def _hash_file(self, step: int) -> str:
         return os.path.join(self.directory, f"{step}{HASH_SUFFIX}")
 
-    def save(self, step: int, state, extra: dict, replace: bool = False) -> None:
-        """Write checkpoint ``step`` and its hash; ``replace``: a checkpoint already at ``step`` (a killed run's) is deleted first."""
-        if replace and step in self.manager.all_steps():
+    def save(self, step: int, state, extra: dict, keep=()) -> None:
+        """Start writing checkpoint ``step`` (returns when the arrays are copied to the host).
+
+        A checkpoint already at ``step`` (a killed run's) is replaced. ``keep``: steps retention must
+        not delete (besides the newest ``max_to_keep``).
+        """
+        self.wait()
+        self._keep = tuple(int(k) for k in keep)
+        if step in self.manager.all_steps():
             self.manager.delete(step)
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),
                           force=True)
         faults.point("checkpoint_writing")
-        self.manager.wait_until_finished()
+        self._pending = threading.Thread(target=self._finish, args=(step,), name=f"checkpoint-{step}", daemon=True)
+        self._pending.start()
+
+    def _finish(self, step: int) -> None:
+        try:
+            self.manager.wait_until_finished()
+            if jax.process_index() == 0:
+                atomic_write_text(self._hash_file(step), content_hash(self._step_dir(step)) + "\n")
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread by wait()
+            self._pending_error = e
+
+    def wait(self) -> None:
+        """Block until the last save is written and hashed, then apply retention; re-raise its error."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+            faults.point("checkpoint_finished")
+        if self._pending_error is not None:
+            error, self._pending_error = self._pending_error, None
+            raise CheckpointError(f"{self.directory}: writing a checkpoint failed ({type(error).__name__}: {error})") \
+                from error
+        self._retain()
+
+    def _retain(self) -> None:
+        steps = self.all_steps()
+        if self.max_to_keep is None:
+            return
+        newest = set(steps[-self.max_to_keep:])
+        for step in steps:
+            if step not in newest and step not in self._keep:
+                self.manager.delete(step)
         if jax.process_index() == 0:
-            atomic_write_text(self._hash_file(step), content_hash(self._step_dir(step)) + "\n")
             kept = {str(s) for s in self.manager.all_steps()}
-            for name in os.listdir(self.directory):  # hashes of checkpoints orbax has since deleted
+            for name in os.listdir(self.directory):  # hashes of deleted checkpoints
                 if name.endswith(HASH_SUFFIX) and name[:-len(HASH_SUFFIX)] not in kept:
                     os.remove(os.path.join(self.directory, name))
 
@@ -138,4 +188,8 @@ class Checkpointer:
         self.manager.reload()
 
     def close(self) -> None:
-        self.manager.close()
+        """Finish the pending save (its hash and retention), then close orbax's manager."""
+        try:
+            self.wait()
+        finally:
+            self.manager.close()

@@ -29,6 +29,7 @@ from ml_collections.config_dict import placeholder
 
 from dyngap_jax import alpha as alpha_lib
 from dyngap_jax import hypergrad
+from dyngap_jax.hypergrad.hvp import REMAT_POLICIES
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("plateau", "step", "constant")
@@ -41,6 +42,7 @@ SELECT_METRICS = ("acc", "map", "f1")
 # convolutions at the default; the alpha step may also run its model and solve in "float64"
 MATMUL_PRECISIONS = ("default", "high", "highest", "BF16_BF16_F32_X3", "TF32_TF32_F32_X3")
 HYPERGRAD_PRECISIONS = MATMUL_PRECISIONS + ("float64",)
+COMPUTE_DTYPES = ("float32", "bfloat16")
 SECTIONS = ("dataset", "data_dir", "seed", "progress", "method", "data", "loss", "parallel", "alpha", "model", "train")
 
 
@@ -60,7 +62,9 @@ def base_config(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
     # train_fraction < 1: a low-data run on a seeded random subset of the training split (the same subset in
     # every run; validation and test stay whole)
     # verify_checksums: each split's shards are hashed against the manifest when the run first opens it
-    c.data = ml_collections.ConfigDict({"standardize": False, "frames": {}, "masks": [], "worker_count": 0,
+    # worker_count: grain worker processes reading and batching records (None: from the machine's cores,
+    # dyngap_jax.data.loader.default_worker_count; 0: in the training process)
+    c.data = ml_collections.ConfigDict({"standardize": False, "frames": {}, "masks": [], "worker_count": placeholder(int),
                                         "train_fraction": 1.0, "verify_checksums": True})
     c.loss = ml_collections.ConfigDict({"mm": "infonce", "temperature": 0.1})
     # devices: `data` splits every batch (default: all devices); `model` > 1 with shard_params splits large
@@ -87,8 +91,11 @@ def base_config(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
         # default; "float64" runs the alpha step's model and solve in float64. `warm_start`: the last solution
         # (kept in the train state, checkpointed) starts the next solve; off by default: measured neutral when
         # every alpha step sees new batches (docs/benchmarks.md)
+        # `remat`: what the forward pass under each HVP keeps for its backward pass (none / dots / full: memory
+        # against recomputation; the value is the same), dyngap_jax.hypergrad.hvp.REMAT_POLICIES
         "hypergrad": {"method": "cg", "options": {k: placeholder(t) for k, t in hypergrad.option_types().items()},
-                      "require_converged": placeholder(bool), "precision": "highest", "warm_start": False},
+                      "require_converged": placeholder(bool), "precision": "highest", "warm_start": False,
+                      "remat": "none"},
     })
     c.model = ml_collections.ConfigDict()
     c.train = ml_collections.ConfigDict({
@@ -98,6 +105,12 @@ def base_config(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
         "step_every_epochs": placeholder(int), "step_factor": 0.1,
         "checkpoint_every_steps": 0, "keep_checkpoints": 2, "select_metric": "acc",
         "matmul_precision": "default",  # the train and evaluation steps' (see MATMUL_PRECISIONS)
+        # bfloat16: encoders and heads compute in bfloat16 (mixed precision); parameters, optimiser state, losses
+        # and metrics stay float32; the alpha step keeps config.alpha.hypergrad.precision
+        "compute_dtype": "float32",
+        # train steps between fetches of the step metrics from the device (and progress-bar updates); the
+        # epoch's end and every checkpoint fetch too. No host synchronisation in between.
+        "log_every_steps": 50,
     })
     return c
 
@@ -234,7 +247,7 @@ def _validate_data(cfg):
     _bool(cfg, "data.standardize")
     _bool(cfg, "data.verify_checksums")
     _num(cfg, "data.train_fraction", low=0.0, high=1.0, low_open=True)
-    _int(cfg, "data.worker_count", minimum=0)
+    _int(cfg, "data.worker_count", minimum=0, optional=True)
     for m, spec in (_get(cfg, "data.frames") or {}).items():
         _known_keys(cfg, f"data.frames.{m}", ("size", "normalize"))
         size = spec.get("size")
@@ -276,6 +289,8 @@ def _validate_train(cfg):
     _int(cfg, "train.keep_checkpoints", minimum=1)
     _choice(cfg, "train.select_metric", SELECT_METRICS)
     _choice(cfg, "train.matmul_precision", MATMUL_PRECISIONS)
+    _choice(cfg, "train.compute_dtype", COMPUTE_DTYPES)
+    _int(cfg, "train.log_every_steps", minimum=1)
 
 
 def _validate_parallel(cfg):
@@ -310,7 +325,8 @@ def _validate_alpha(cfg):
     except ValueError as e:  # LearnedAlpha names its argument: `init`, `learning_rate`, `clip`, `optimizer`
         field = next((f for f in ("init", "learning_rate", "clip", "optimizer") if f"`{f}`" in str(e)), "")
         raise ConfigError(f"config.alpha.learned.{field}: {e}") from None
-    _known_keys(cfg, "alpha.hypergrad", ("method", "options", "require_converged", "precision", "warm_start"))
+    _known_keys(cfg, "alpha.hypergrad", ("method", "options", "require_converged", "precision", "warm_start", "remat"))
+    _choice(cfg, "alpha.hypergrad.remat", REMAT_POLICIES)
     if _get(cfg, "alpha.hypergrad.require_converged", required=False) is not None:
         _bool(cfg, "alpha.hypergrad.require_converged")
     _choice(cfg, "alpha.hypergrad.precision", HYPERGRAD_PRECISIONS)

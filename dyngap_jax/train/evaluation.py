@@ -91,17 +91,37 @@ def epoch_checkpoints(workdir: str) -> dict[int, int]:
     return out
 
 
+def best_step(workdir: str) -> int:
+    """The step of the best-on-validation epoch's checkpoint, as the run's latest checkpoint records it."""
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        latest = ckpt.latest_step()
+        if latest is None:
+            raise FileNotFoundError(f"{ckpt.directory}: no checkpoint (has the run in {workdir} saved one?)")
+        best = ckpt.restore_extra(latest).get("best")
+    finally:
+        ckpt.close()
+    if not best or best.get("step") is None:
+        raise FileNotFoundError(f"{workdir}: no epoch has finished yet, so there is no best checkpoint")
+    return int(best["step"])
+
+
 def load_run_state(config, workdir: str, which: str | int = "latest") -> tuple[Run, TrainState, int]:
     """``(run, state, step)`` of a run's ``latest`` checkpoint, its ``best`` (on validation) one, or step ``which``.
 
     ``config=None`` reads the config the run recorded (``config.json``). The state to restore into
     comes from :meth:`Run.create_train_state`, the same tree training saved, placed with the run's
-    shardings first, so that every process restores its own shards (as training does).
+    shardings first, so that every process restores its own shards (as training does). The best
+    epoch's checkpoint is the one its latest checkpoint names (runs from before the single save per
+    epoch kept it in ``<workdir>/best``, which is read when present).
     """
     if which not in ("latest", "best") and not isinstance(which, (int, np.integer)):
         raise ValueError(f"load_run_state: `which` must be 'latest', 'best' or a step, got {which!r}")
     run = setup(recorded_config(workdir) if config is None else config)
-    folder = os.path.join(workdir, "best" if which == "best" else "checkpoints")
+    legacy_best = os.path.join(workdir, "best")
+    folder = legacy_best if which == "best" and os.path.isdir(legacy_best) else os.path.join(workdir, "checkpoints")
+    if which == "best" and folder != legacy_best:
+        which = best_step(workdir)
     ckpt = Checkpointer(folder)
     try:
         if isinstance(which, (int, np.integer)):

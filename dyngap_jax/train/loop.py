@@ -4,14 +4,23 @@ Per epoch (:func:`_train_epoch`): ``steps_per_epoch`` train steps on L_total wit
 for the learned strategy an alpha step (:func:`dyngap_jax.train.steps.make_alpha_step`) after every
 ``config.alpha.inner_iters`` train steps, counted over the run (0: once per epoch, after its last step). Then
 (:func:`_end_epoch`) every metric on validation and test, the best epoch chosen on validation (never
-on test), the epoch's checkpoint and plots. Everything the run is made of comes from
-:func:`dyngap_jax.train.setup.setup`, before anything is written.
+on test), the epoch's one checkpoint (the best epoch is recorded in it and kept) and plots.
+Everything the run is made of comes from :func:`dyngap_jax.train.setup.setup`, before anything is
+written.
+
+The host never waits for a step: the steps' metrics and the alpha steps' diagnostics stay on the
+device and are fetched together every ``config.train.log_every_steps`` steps, before a checkpoint
+and at the epoch's end; that is also when a non-finite step is found and the run stopped (no
+checkpoint is written after one). The train and alpha steps donate the state's buffers. The
+train, evaluation and alpha steps compile once each (``summary.json``'s ``compilations``).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import os
+import sys
+import threading
 import time
 from typing import Any
 
@@ -22,6 +31,7 @@ from absl import logging
 from tqdm import tqdm
 
 from dyngap_jax import faults, parallel
+from dyngap_jax.compilation import CompileCounter
 from dyngap_jax.io import write_json
 from dyngap_jax.train import plots
 from dyngap_jax.train.checkpoint import Checkpointer
@@ -35,14 +45,61 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
+class _Plotter:
+    """Writes the run's plots in a background thread (matplotlib's first use builds its font cache,
+    seconds on a fresh machine; every epoch's two figures cost as much again): the training loop
+    hands over the history and goes on; :meth:`close` writes the last one and waits."""
+
+    def __init__(self, workdir: str, modalities, num_epochs: int):
+        self.args = (workdir, list(modalities), num_epochs)
+        self.enabled = jax.process_index() == 0
+        self._latest, self._cond, self._closed = None, threading.Condition(), False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="plots", daemon=True) if self.enabled else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def submit(self, history: list[dict]) -> None:
+        if self.enabled:
+            with self._cond:
+                self._latest = [dict(h) for h in history]
+                self._cond.notify()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while self._latest is None and not self._closed:
+                    self._cond.wait()
+                history, self._latest = self._latest, None
+                closed = self._closed
+            if history is not None:
+                try:
+                    plots.write_all(self.args[0], history, self.args[1], self.args[2])
+                except BaseException as e:  # noqa: BLE001 - reported by close()
+                    self._error = e
+            if closed and history is None:
+                return
+
+    def close(self) -> None:
+        if self._thread is None:
+            return
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            logging.warning("writing the plots failed: %s", self._error)
+
+
 @dataclasses.dataclass
 class _Folder:
-    """The run folder's writers: checkpoints (latest and best) and the metrics log."""
+    """The run folder's writers: checkpoints, the metrics log, the plots."""
 
     workdir: str
     ckpt: Checkpointer
-    best: Checkpointer
     log: MetricsLogger
+    plots: _Plotter
 
 
 @contextlib.contextmanager
@@ -52,11 +109,11 @@ def _open_folder(run: Run, workdir: str):
     with contextlib.ExitStack() as stack:
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=run.cfg["train"]["keep_checkpoints"])
         stack.callback(ckpt.close)
-        best = Checkpointer(os.path.join(workdir, "best"), max_to_keep=1)
-        stack.callback(best.close)
         log = MetricsLogger(workdir)
         stack.callback(log.close)
-        yield _Folder(workdir, ckpt, best, log)
+        plotter = _Plotter(workdir, run.modalities, run.cfg["train"]["num_epochs"])
+        stack.callback(plotter.close)
+        yield _Folder(workdir, ckpt, log, plotter)
 
 
 def _iter_state(it):
@@ -77,25 +134,69 @@ class _Steps:
     outer_it: Any  # the outer batches' loader (learned alpha only)
 
 
-def _alpha_step(run: Run, steps: _Steps, state: TrainState, local_np: dict, batch, hyper_log: list):
+@dataclasses.dataclass
+class _Epoch:
+    """One epoch's accounting on the host: the running sums and the alpha steps' diagnostics (both
+    checkpointed for a resumed epoch), and the device results not fetched yet."""
+
+    t_epoch: int
+    sums: dict
+    count: int
+    hyper_log: list
+    step: int  # train steps done in all (the host's count, so that nothing waits for state.step)
+    pending_train: list = dataclasses.field(default_factory=list)  # (step, batch number, metrics on device)
+    pending_alpha: list = dataclasses.field(default_factory=list)  # (step, result, applied on device)
+    last: dict | None = None  # the newest fetched step metrics
+
+
+def _fetch(ep: _Epoch, folder: _Folder) -> None:
+    """Bring the pending step metrics and alpha diagnostics to the host (one transfer): add them to the
+    epoch's sums, and stop the run at the first non-finite step."""
+    if not ep.pending_train and not ep.pending_alpha:
+        return
+    train_m, alpha_r = jax.device_get(([m for *_, m in ep.pending_train], [r[1:] for r in ep.pending_alpha]))
+    for (step, batch_no, _), m in zip(ep.pending_train, train_m):
+        if not (m["finite"] and m["params_finite"]):
+            last = folder.ckpt.latest_step()
+            what = "loss or gradients" if not m["finite"] else "parameters after the update"
+            where = f"non-finite {what} at step {step} (epoch {ep.t_epoch}, batch {batch_no}); "
+            raise TrainingDiverged(where + (f"the last good checkpoint is step {last} in {folder.ckpt.directory}"
+                                            if last is not None else "no checkpoint yet"))
+        for k in ("loss", "l_cls", "l_mm"):
+            ep.sums[k] = ep.sums.get(k, 0.0) + float(m[k])
+        ep.count += 1
+        ep.last = m
+    for (step, _, _), (res, applied) in zip(ep.pending_alpha, alpha_r):
+        info = {k: (bool(v) if np.asarray(v).dtype == bool else float(v)) for k, v in res.info.items()}
+        info["hypergradient"] = float(np.mean(np.asarray(res.value)))
+        info["applied"] = bool(applied)
+        ep.hyper_log.append(info)
+        if not info["applied"]:
+            logging.warning("alpha step at %d skipped: %s", step, info)
+    ep.pending_train, ep.pending_alpha = [], []
+
+
+def _alpha_step(run: Run, steps: _Steps, state: TrainState, local_np: dict, batch, ep: _Epoch):
     """Algorithm 1's alpha step on this train step's batch (its first ``alpha.batch_size`` examples)
-    and the next outer batch; its diagnostics go to ``hyper_log``."""
+    and the next outer batch; its diagnostics stay on the device until the next fetch."""
     inner = batch if run.batch.local_alpha == run.batch.local_train else parallel.shard_batch(
         {k: v[:run.batch.local_alpha] for k, v in local_np.items()}, run.mesh)
     state, res, usable = steps.alpha(state, inner, parallel.shard_batch(next(steps.outer_it), run.mesh))
-    info = {k: (bool(v) if np.asarray(v).dtype == bool else float(v)) for k, v in jax.device_get(res.info).items()}
-    info["hypergradient"] = float(np.mean(np.asarray(res.value)))
-    info["applied"] = bool(usable)
-    hyper_log.append(info)
-    if not info["applied"]:
-        logging.warning("alpha step at %d skipped: %s", int(state.step), info)
+    ep.pending_alpha.append((ep.step, res, usable))
     return state
 
 
-def _train_epoch(run: Run, steps: _Steps, state: TrainState, extra: dict, folder: _Folder, max_steps):
+def _progress_bar(run: Run, t_epoch: int, start: int):
+    """A progress bar on a terminal only (a log file gets the per-epoch lines instead)."""
+    on = run.cfg["progress"] and jax.process_index() == 0 and sys.stderr.isatty()
+    return tqdm(total=run.steps_per_epoch, initial=start, desc=f"epoch {t_epoch}/{run.cfg['train']['num_epochs']}",
+                unit="step", dynamic_ncols=True, leave=False, disable=not on)
+
+
+def _train_epoch(run: Run, steps: _Steps, state: TrainState, extra: dict, folder: _Folder, max_steps, step: int):
     """Train steps (and alpha steps) to the end of the epoch ``extra["epoch"]``, or to ``max_steps``.
 
-    Returns ``(state, record or None)``: the epoch's training record, or None when it stopped at
+    Returns ``(state, record or None, step)``: the epoch's training record, or None when it stopped at
     ``max_steps`` inside the epoch (after a checkpoint to resume from).
     """
     cfg, epoch, num_epochs = run.cfg, extra["epoch"], run.cfg["train"]["num_epochs"]
@@ -109,48 +210,48 @@ def _train_epoch(run: Run, steps: _Steps, state: TrainState, extra: dict, folder
     inner_iters = cfg["alpha"]["inner_iters"]
     # a resumed epoch continues the epoch's running sums from the checkpoint
     partial = extra.get("partial") if start else None
-    sums, count, hyper_log = (dict(partial["sums"]), partial["count"], list(partial["hyper_log"])) if partial else ({}, 0, [])
-    every = cfg["train"]["checkpoint_every_steps"]
-    bar = tqdm(total=run.steps_per_epoch, initial=start, desc=f"epoch {t_epoch}/{num_epochs}", unit="step",
-               dynamic_ncols=True, disable=jax.process_index() != 0 or not cfg["progress"])
-    t0, count0 = time.time(), count
-    with bar:
+    ep = (_Epoch(t_epoch, dict(partial["sums"]), partial["count"], list(partial["hyper_log"]), step) if partial
+          else _Epoch(t_epoch, {}, 0, [], step))
+    every, log_every = cfg["train"]["checkpoint_every_steps"], cfg["train"]["log_every_steps"]
+    t0, count0 = time.time(), ep.count
+    with _progress_bar(run, t_epoch, start) as bar:
         for i in range(start, run.steps_per_epoch):
             local_np = next(train_it)
             batch = parallel.shard_batch(local_np, run.mesh)
-            new_state, m = steps.train(state, batch, state.alpha.value)
-            m = jax.device_get(m)
-            if not (m["finite"] and m["params_finite"]):
-                last = folder.ckpt.latest_step()
-                what = "loss or gradients" if not m["finite"] else "parameters after the update"
-                where = f"non-finite {what} at step {int(state.step) + 1} (epoch {t_epoch}, batch {i + 1}); "
-                raise TrainingDiverged(where + (f"the last good checkpoint is step {last} in {folder.ckpt.directory}"
-                                                if last is not None else "no checkpoint yet"))
-            state = new_state
-            for k in ("loss", "l_cls", "l_mm"):
-                sums[k] = sums.get(k, 0.0) + float(m[k])
-            count += 1
+            state, m = steps.train(state, batch)
+            ep.step += 1
+            ep.pending_train.append((ep.step, i + 1, m))
             # Algorithm 1: an alpha step after every inner_iters train steps (counted over the run), or once an epoch
-            due = int(state.step) % inner_iters == 0 if inner_iters else i + 1 == run.steps_per_epoch
+            due = ep.step % inner_iters == 0 if inner_iters else i + 1 == run.steps_per_epoch
             if steps.alpha is not None and due:
-                state = _alpha_step(run, steps, state, local_np, batch, hyper_log)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", alpha=np.array2string(np.asarray(state.alpha.value), precision=3),
-                            rate=f"{(count - count0) / max(time.time() - t0, 1e-9):.1f}/s")
+                state = _alpha_step(run, steps, state, local_np, batch, ep)
             bar.update(1)
-            stop = max_steps is not None and int(state.step) >= max_steps
-            if (stop or (every and int(state.step) % every == 0)) and i + 1 < run.steps_per_epoch:
+            stop = max_steps is not None and ep.step >= max_steps
+            checkpoint = (stop or (every and ep.step % every == 0)) and i + 1 < run.steps_per_epoch
+            if checkpoint or len(ep.pending_train) >= log_every:
+                _fetch(ep, folder)  # and a non-finite step stops the run before anything is saved
+                bar.set_postfix(loss=f"{ep.last['loss']:.4f}", rate=f"{(ep.count - count0) / max(time.time() - t0, 1e-9):.1f}/s")
+            if checkpoint:
                 extra.update(step_in_epoch=i + 1, train_iter=_iter_state(train_it),
                              outer_iter=_iter_state(steps.outer_it) if steps.outer_it is not None else None,
-                             partial={"sums": sums, "count": count, "hyper_log": hyper_log})
-                folder.ckpt.save(int(state.step), state, extra)
+                             partial={"sums": ep.sums, "count": ep.count, "hyper_log": ep.hyper_log})
+                folder.ckpt.save(ep.step, state, extra, keep=_best_steps(extra))
                 if stop:
-                    return state, None
-    record = {"epoch": t_epoch, "split": "train", "step": int(state.step),
-              "alpha": np.asarray(state.alpha.value).tolist(), "alpha_mean": float(np.mean(state.alpha.value)),
-              "alpha_skipped": int(state.alpha.skipped), **{k: v / max(count, 1) for k, v in sums.items()},
-              "steps_per_s": (count - count0) / max(time.time() - t0, 1e-9)}
-    record.update(alpha_diagnostics(hyper_log))
-    return state, record
+                    return state, None, ep.step
+    _fetch(ep, folder)
+    elapsed = max(time.time() - t0, 1e-9)
+    alpha = jax.device_get((state.alpha.value, state.alpha.skipped))
+    record = {"epoch": t_epoch, "split": "train", "step": ep.step,
+              "alpha": np.asarray(alpha[0]).tolist(), "alpha_mean": float(np.mean(alpha[0])),
+              "alpha_skipped": int(alpha[1]), **{k: v / max(ep.count, 1) for k, v in ep.sums.items()},
+              "steps_per_s": (ep.count - count0) / elapsed, "seconds": elapsed}
+    record.update(alpha_diagnostics(ep.hyper_log))
+    return state, record, ep.step
+
+
+def _best_steps(extra: dict) -> tuple[int, ...]:
+    best = extra.get("best")
+    return (best["step"],) if best and best.get("step") is not None else ()
 
 
 def alpha_diagnostics(hyper_log: list[dict]) -> dict:
@@ -189,9 +290,30 @@ def alpha_summary(history: list[dict]) -> dict:
             "hvps": sum(h["hypergrad_hvps"] for h in eps)}
 
 
+def epoch_line(run: Run, record: dict, evals: dict) -> str:
+    """The epoch's one line: train loss, validation accuracy fused and per modality, the gap, alpha
+    and the alpha steps' convergence."""
+    num_epochs = run.cfg["train"]["num_epochs"]
+    width = len(str(num_epochs))
+    parts = [f"epoch {record['epoch']:>{width}}/{num_epochs}", f"loss {record.get('loss', float('nan')):.4f}"]
+    val = evals.get("validation")
+    if val:
+        per = ", ".join(f"{m} {val[f'acc/{m}']:.4f}" for m in run.modalities if f"acc/{m}" in val)
+        parts.append(f"val acc {val['acc']:.4f}" + (f" ({per})" if per else ""))
+        if "gap_acc" in val:
+            parts.append(f"gap {val['gap_acc']:.4f}")
+    parts.append("alpha " + np.array2string(np.asarray(record["alpha"]), precision=4))
+    if record.get("alpha_steps"):
+        parts.append(f"alpha steps {record['alpha_converged']}/{record['alpha_steps']} converged "
+                     f"({record['hypergrad_iterations']:.0f} it, residual max {record.get('hypergrad_residual_max', float('nan')):.1e})"
+                     + (f", {record['hypergrad_skipped']} skipped" if record["hypergrad_skipped"] else ""))
+    parts.append(f"{record['seconds']:.1f} s")
+    return "  ".join(parts)
+
+
 def _end_epoch(run: Run, steps: _Steps, state: TrainState, extra: dict, record: dict, folder: _Folder) -> None:
-    """Evaluate on validation and test, select the best epoch on validation, checkpoint, plot (updates ``extra``)."""
-    t_epoch, step = record["epoch"], int(state.step)
+    """Evaluate on validation and test, select the best epoch on validation, checkpoint once, plot (updates ``extra``)."""
+    t_epoch, step = record["epoch"], record["step"]
     folder.log.write(record, step)
     evals = {}
     for split in ("validation", "test"):
@@ -202,28 +324,20 @@ def _end_epoch(run: Run, steps: _Steps, state: TrainState, extra: dict, record: 
                              "alpha_skipped": record["alpha_skipped"],
                              **{k: record[k] for k in ALPHA_KEYS if k in record},
                              **{f"{s}/{k}": v for s, e in evals.items() for k, v in e.items()}})
-    if record.get("alpha_steps"):
-        logging.info("epoch %d: %d alpha steps, %d converged, %d skipped; %.0f iterations (max %.0f), %.0f HVPs, "
-                     "residual mean %.2e max %.2e, damping %.2e", t_epoch, record["alpha_steps"],
-                     record["alpha_converged"], record["hypergrad_skipped"], record["hypergrad_iterations"],
-                     record["hypergrad_iterations_max"], record["hypergrad_hvps"],
-                     record.get("hypergrad_residual", float("nan")), record.get("hypergrad_residual_max", float("nan")),
-                     record.get("hypergrad_damping", float("nan")))
     faults.point("metrics_written")
     select = run.cfg["train"]["select_metric"]
     score = evals["validation"][select]
     if extra["best"] is None or score > extra["best"]["score"]:
-        extra["best"] = {"epoch": t_epoch, "score": score, "metric": f"validation/{select}",
+        # the epoch's checkpoint is the best one's: recorded here, kept by the checkpointer's retention
+        extra["best"] = {"epoch": t_epoch, "step": step, "score": score, "metric": f"validation/{select}",
                          "validation": evals["validation"], "test": evals.get("test")}
-        # a run killed after this save and before the checkpoint's retrains the epoch to this same step
-        folder.best.save(step, state, {"epoch": t_epoch}, replace=True)
-        faults.point("best_saved")
     extra.update(epoch=t_epoch, step_in_epoch=0, train_iter=None, partial=None,
                  outer_iter=_iter_state(steps.outer_it) if steps.outer_it is not None else None)
-    folder.ckpt.save(step, state, extra)
+    folder.ckpt.save(step, state, extra, keep=_best_steps(extra))
     faults.point("checkpoint_saved")
     if jax.process_index() == 0:
-        plots.write_all(folder.workdir, extra["history"], run.modalities, run.cfg["train"]["num_epochs"])
+        print(epoch_line(run, record, evals), flush=True)
+    folder.plots.submit(extra["history"])
 
 
 def train(config, workdir: str, max_steps: int | None = None) -> dict:
@@ -234,12 +348,13 @@ def train(config, workdir: str, max_steps: int | None = None) -> dict:
     after that many train steps in all, with a checkpoint (data iterators included) from which a
     later call resumes exactly; the summary then has ``"stopped_at"``.
     """
+    counter = CompileCounter().start()
     run = setup(config)
     with workdir_lock(workdir):  # one run at a time in a folder
-        return _train(run, workdir, max_steps)
+        return _train(run, workdir, max_steps, counter)
 
 
-def _train(run: Run, workdir: str, max_steps: int | None) -> dict:
+def _train(run: Run, workdir: str, max_steps: int | None, counter: CompileCounter) -> dict:
     check_config(run.cfg, workdir)  # refuse another run's folder before any work
     state = run.create_train_state()
     state = jax.device_put(state, run.shardings(state)[0])
@@ -251,8 +366,9 @@ def _train(run: Run, workdir: str, max_steps: int | None) -> dict:
             state, extra = restored
             logging.info("resumed from step %d (epoch %d)", int(state.step), extra["epoch"] + 1)
             print(f"resuming {workdir} at step {int(state.step)} (epoch {extra['epoch'] + 1})")
+        step = int(state.step)
         # what a killed run logged after its last checkpoint is logged again by this one
-        folder.log.rewind(int(state.step))
+        folder.log.rewind(step)
         outer_it = None
         if alpha_step is not None:
             outer_split = run.cfg["alpha"]["outer"]
@@ -260,16 +376,20 @@ def _train(run: Run, workdir: str, max_steps: int | None) -> dict:
             _set_iter_state(outer_it, extra["outer_iter"])
         steps = _Steps(train_step, eval_step, alpha_step, outer_it)
         num_epochs = run.cfg["train"]["num_epochs"]
-        while extra["epoch"] < num_epochs and (max_steps is None or int(state.step) < max_steps):
-            state, record = _train_epoch(run, steps, state, extra, folder, max_steps)
+        while extra["epoch"] < num_epochs and (max_steps is None or step < max_steps):
+            state, record, step = _train_epoch(run, steps, state, extra, folder, max_steps, step)
             if record is None:  # stopped at max_steps inside the epoch
                 break
             _end_epoch(run, steps, state, extra, record, folder)
+        folder.ckpt.wait()
+        compilations = counter.summary()
         if extra["epoch"] < num_epochs:
-            summary = {"stopped_at": int(state.step), "best": extra["best"], "history": extra["history"]}
+            summary = {"stopped_at": step, "best": extra["best"], "history": extra["history"],
+                       "compilations": compilations}
         else:
-            summary = {"best": extra["best"], "final_alpha": np.asarray(state.alpha.value).tolist(),
-                       "alpha_steps": alpha_summary(extra["history"]), "history": extra["history"]}
+            summary = {"best": extra["best"], "final_alpha": np.asarray(jax.device_get(state.alpha.value)).tolist(),
+                       "alpha_steps": alpha_summary(extra["history"]), "compilations": compilations,
+                       "history": extra["history"]}
             if jax.process_index() == 0:
                 write_json(os.path.join(workdir, "summary.json"), summary)
     return summary

@@ -21,6 +21,7 @@ from absl import logging
 
 from dyngap_jax import alpha as alpha_lib
 from dyngap_jax import hypergrad, models, parallel
+from dyngap_jax.data import augment
 from dyngap_jax.data import loader as data_loader
 from dyngap_jax.data.records import Manifest, load_manifest
 from dyngap_jax.train.config import ConfigError, learned_alpha, validate
@@ -62,6 +63,7 @@ class Strategy:
     require_converged: bool = False
     precision: str = "highest"
     warm_start: bool = False  # the method takes a warm start and the config asks for one
+    hvp_remat: str = "none"
 
     def value(self, epoch: int, num_epochs: int):
         """The fixed strategy's alpha at ``epoch`` (counted from 1, as the paper's t)."""
@@ -102,23 +104,43 @@ class Run:
 
     # ---- data
 
+    @property
+    def frames(self) -> dict[str, augment.FrameAugment]:
+        """The frame modalities' settings (``config.data.frames``): size, normalisation, augmentation."""
+        return {m: augment.FrameAugment(size=tuple(f["size"]) if f.get("size") else None,
+                                        normalize=f.get("normalize", True))
+                for m, f in self.cfg["data"]["frames"].items()}
+
+    @property
+    def prepare(self) -> Callable:
+        """``prepare(batch)``: a loader batch -> the model's inputs (traced inside every step: frames
+        cropped, resized, flipped and normalised on the device; the identity without frames)."""
+        return augment.make_prepare(self.frames)
+
+    def prepare_batch(self, batch: Mapping) -> dict:
+        """A loader batch as the model's inputs, computed now (for code outside the steps: model
+        initialisation, Grad-CAM, the hypergradient comparison's own closures)."""
+        if not self.frames:
+            return dict(batch)
+        return jax.jit(self.prepare)(dict(batch))
+
     def loader(self, split: str, *, train: bool, epoch: int = 0, infinite: bool = False, batch_size: int | None = None):
-        """This process's loader of ``split``; ``batch_size`` is global (default: the train batch)."""
+        """This process's loader of ``split``; ``batch_size`` is global (default: the train batch).
+
+        Its batches are what the steps take: frames as stored, with each training example's crop
+        box and flip (:meth:`prepare` makes the model's inputs of them)."""
         cfg = self.cfg
         local = self.batch.local_train if batch_size is None else _local(batch_size, "batch_size")
-        frames = {m: data_loader.FrameAugment(size=tuple(f["size"]) if f.get("size") else None,
-                                              normalize=f.get("normalize", True))
-                  for m, f in cfg["data"]["frames"].items()}
         return data_loader.make_loader(
             cfg["data_dir"], split, batch_size=local, train=train, seed=(cfg["seed"] * 1009 + epoch) % (2**31),
             num_epochs=None if infinite else 1,
             modalities=self.modalities + [f"{m}_mask" for m in cfg["data"]["masks"]],
-            frames=frames, standardize=cfg["data"]["standardize"], worker_count=cfg["data"]["worker_count"],
+            frames=self.frames, standardize=cfg["data"]["standardize"], worker_count=cfg["data"]["worker_count"],
             expect=_expect(cfg), fraction=cfg["data"]["train_fraction"] if split == "train" else 1.0,
             verify=cfg["data"]["verify_checksums"])
 
     def example_batch(self) -> dict:
-        """The training split's first two examples (unshuffled): what the model is initialised on."""
+        """The training split's first two examples (unshuffled), as the evaluation loader gives them."""
         return next(iter(self.loader("train", train=False, batch_size=2 * jax.process_count())))
 
     # ---- state and steps
@@ -128,10 +150,11 @@ class Run:
 
         The tree is the config's: its optimiser state, its alpha (scalar or one per pair, the
         optimiser and schedule of ``config.alpha.learned``), so checkpoints restore into it.
+        ``example`` is a loader batch (prepared here) or already the model's inputs.
         """
         example = self.example_batch() if example is None else example
         key = jax.random.PRNGKey(self.cfg["seed"]) if key is None else key
-        variables = models.init_variables(self.model, key, example, self.pretrained)
+        variables = models.init_variables(self.model, key, self.prepare_batch(example), self.pretrained)
         params = variables.pop("params")
         if isinstance(self.strategy.method, hypergrad.Dense):
             n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
@@ -150,21 +173,33 @@ class Run:
         state_sh = parallel.state_shardings(state, self.mesh, self.cfg["parallel"]["shard_params"])
         return state_sh, parallel.batch_sharding(self.mesh), parallel.replicated(self.mesh)
 
+    @property
+    def compute_model(self) -> models.MultimodalClassifier:
+        """The model the train and evaluation steps run: at ``config.train.compute_dtype`` (bfloat16:
+        every encoder and head computes in bfloat16 on float32 parameters; losses stay float32). The
+        alpha step runs :attr:`model` at its own precision."""
+        dtype = self.cfg["train"]["compute_dtype"]
+        return self.model if dtype == "float32" else models.with_dtype(self.model, jnp.dtype(dtype))
+
     def eval_step(self, state: TrainState):
         """The jitted evaluation step on the run's mesh, at ``config.train.matmul_precision``."""
-        return make_eval_step(self.model, self.shardings(state), self.cfg["train"]["matmul_precision"])
+        return make_eval_step(self.compute_model, self.shardings(state), self.cfg["train"]["matmul_precision"],
+                              self.prepare)
 
-    def compile_steps(self, state: TrainState):
-        """``(train_step, eval_step, alpha_step or None)`` jitted with the run's shardings."""
+    def compile_steps(self, state: TrainState, donate: bool = True):
+        """``(train_step, eval_step, alpha_step or None)`` jitted with the run's shardings.
+
+        ``donate``: the train and alpha steps reuse the input state's buffers (what training does;
+        pass False to call a step twice on the same state)."""
         sh = self.shardings(state)
         precision = self.cfg["train"]["matmul_precision"]
-        train_step = make_train_step(self.model, self.tx, self.mm_loss, sh, precision)
+        train_step = make_train_step(self.compute_model, self.tx, self.mm_loss, sh, precision, self.prepare, donate)
         eval_step = self.eval_step(state)
         alpha_step = None
         if self.strategy.learned is not None:
             s = self.strategy
             alpha_step = make_alpha_step(self.model, self.mm_loss, s.learned, s.method, s.require_converged, sh,
-                                         s.precision, s.warm_start)
+                                         s.precision, s.warm_start, self.prepare, donate, s.hvp_remat)
         return train_step, eval_step, alpha_step
 
 
@@ -245,7 +280,8 @@ def setup(config, *, data: bool = True, steps_per_epoch: int | None = None) -> R
         require = hcfg["require_converged"]
         strategy = Strategy("learned", learned=learned, method=method,
                             require_converged=method.exact if require is None else require,
-                            precision=hcfg["precision"], warm_start=hcfg["warm_start"] and "x0" in method.inputs)
+                            precision=hcfg["precision"], warm_start=hcfg["warm_start"] and "x0" in method.inputs,
+                            hvp_remat=hcfg["remat"])
     else:
         strategy = Strategy(acfg["strategy"], fixed=alpha_lib.fixed_strategy(acfg["strategy"]))
     for w in warnings:

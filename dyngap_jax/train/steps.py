@@ -7,6 +7,10 @@ objective) with :func:`alpha_losses`, estimates ``d L_outer / d alpha`` with the
 the exact methods) and updates alpha with :meth:`dyngap_jax.alpha.LearnedAlpha.update`
 (``alpha <- clip(alpha - eta * hypergradient)``). The loop runs it every ``config.alpha.inner_iters``
 train steps (0: once per epoch, after the epoch's last step).
+
+Every step takes the loader's batches and prepares them on the device (frames cropped, resized,
+flipped and normalised: :mod:`dyngap_jax.data.augment`); the train and alpha steps can donate the
+state's buffers to their output.
 """
 from __future__ import annotations
 
@@ -71,55 +75,87 @@ def with_precision(precision: str):
     return wrap
 
 
+def _at_least_float32(tree):
+    """Half-precision outputs (a bfloat16 model's) as float32, so that losses and metrics are float32."""
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32 else x,
+        tree)
+
+
 def forward(model, params, model_state, batch, rng, train: bool):
-    """``(outputs, new_model_state)``; in training mode BatchNorm uses and updates batch statistics."""
+    """``(outputs, new_model_state)``; in training mode BatchNorm uses and updates batch statistics.
+
+    Outputs of a half-precision model (``config.train.compute_dtype``) come back as float32.
+    """
     variables = {"params": params, **model_state}
     if train:
         out, new_state = model.apply(variables, batch, train=True, mutable=list(model_state), rngs={"dropout": rng})
-        return out, new_state
-    return model.apply(variables, batch, train=False), model_state
+        return _at_least_float32(out), new_state
+    return _at_least_float32(model.apply(variables, batch, train=False)), model_state
+
+
+def _identity(batch):
+    return batch
 
 
 def make_train_step(model, tx: optax.GradientTransformation, mm_loss: Callable, shardings=None,
-                    precision: str = "default"):
-    """``train_step(state, batch, alpha) -> (state, metrics)``: one SGD step on Eq. 1 with ``alpha`` as an argument.
+                    precision: str = "default", prepare: Callable | None = None, donate: bool = False,
+                    loss_scale: float = 1.0):
+    """``train_step(state, batch) -> (state, metrics)``: one optimiser step on Eq. 1 at ``state.alpha.value``.
 
-    ``shardings = (state, batch, replicated)`` compiles it for a mesh with those explicit shardings.
-    ``precision`` (``config.train.matmul_precision``) is every matmul's and convolution's.
+    ``batch`` is a loader batch: ``prepare`` (:func:`dyngap_jax.data.augment.make_prepare`, the run's)
+    turns it into the model's inputs inside the step (frames cropped, resized, flipped and
+    normalised on the device). ``shardings = (state, batch, replicated)`` compiles it for a mesh
+    with those explicit shardings. ``precision`` (``config.train.matmul_precision``) is every
+    matmul's and convolution's. ``donate``: the input state's buffers are reused for the output
+    (the caller must not touch the state it passed in again). ``loss_scale`` multiplies the
+    loss the step descends (the authors' code trains on ``2 L_total``); the metrics report
+    L_total itself. The metrics stay on the device: ``finite`` (loss and gradients) and
+    ``params_finite`` (parameters and batch statistics after the update) say whether the step
+    is usable; the loop fetches them at log intervals, not every step.
     """
+    prepare = prepare or _identity
 
     @with_precision(precision)
-    def train_step(state: TrainState, batch, alpha):
+    def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
+        inputs = prepare(batch)
+        alpha = state.alpha.value
 
         def loss_fn(params):
-            out, new_model_state = forward(model, params, state.model_state, batch, rng, True)
-            l_cls = losses.cross_entropy(out["logits"], batch["label"])
+            out, new_model_state = forward(model, params, state.model_state, inputs, rng, True)
+            l_cls = losses.cross_entropy(out["logits"], inputs["label"])
             l_mm = mm_loss(out)
-            return losses.total(l_cls, l_mm, alpha), (l_cls, jnp.mean(l_mm), new_model_state)
+            loss = losses.total(l_cls, l_mm, alpha)
+            return loss_scale * loss, (loss, l_cls, jnp.mean(l_mm), new_model_state)
 
-        (loss, (l_cls, l_mm, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (_, (loss, l_cls, l_mm, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
         new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             model_state=new_model_state, opt_state=opt_state)
-        metrics = {"loss": loss, "l_cls": l_cls, "l_mm": l_mm, "grad_norm": optax.global_norm(grads),
-                   "finite": jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)),
+        grad_norm = optax.tree.norm(grads)
+        metrics = {"loss": loss, "l_cls": l_cls, "l_mm": l_mm, "grad_norm": grad_norm,
+                   "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
                    # a finite loss and gradient can still step to non-finite parameters (an overflowing update)
                    "params_finite": hypergrad.tree_finite((new.params, new.model_state))}
         return new, metrics
 
+    donate_argnums = (0,) if donate else ()
     if shardings is None:
-        return jax.jit(train_step)
+        return jax.jit(train_step, donate_argnums=donate_argnums)
     state_sh, batch_sh, repl = shardings
-    return jax.jit(train_step, in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl))
+    return jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
+                   donate_argnums=donate_argnums)
 
 
-def make_eval_step(model, shardings=None, precision: str = "default"):
-    """``eval_step(state, batch) -> {logits, modality_logits, features}`` in evaluation mode."""
+def make_eval_step(model, shardings=None, precision: str = "default", prepare: Callable | None = None):
+    """``eval_step(state, batch) -> {logits, modality_logits, features}`` in evaluation mode (``prepare``
+    as in :func:`make_train_step`: evaluation's resize runs on the device)."""
+    prepare = prepare or _identity
 
     @with_precision(precision)
     def eval_step(state: TrainState, batch):
-        out, _ = forward(model, state.params, state.model_state, batch, None, False)
+        out, _ = forward(model, state.params, state.model_state, prepare(batch), None, False)
         return {"logits": out["logits"], "modality_logits": out["modality_logits"], "features": out["features"]}
 
     if shardings is None:
@@ -178,7 +214,8 @@ def _finite_or_zero(tree):
 
 def make_alpha_step(model, mm_loss: Callable, learned: LearnedAlpha, method: hypergrad.Method,
                     require_converged: bool = False, shardings=None, precision: str = "highest",
-                    warm_start: bool = False):
+                    warm_start: bool = False, prepare: Callable | None = None, donate: bool = False,
+                    hvp_remat: str = "none"):
     """``alpha_step(state, inner_batch, outer_batch) -> (state, result, applied)``: Algorithm 1's alpha update.
 
     Forms the hypergradient from the inner batch (L_CLS and L_MM, whose L_total's Hessian H is) and
@@ -194,12 +231,16 @@ def make_alpha_step(model, mm_loss: Callable, learned: LearnedAlpha, method: hyp
     parameters and solve in float64; call the step under ``jax.enable_x64(True)``, as
     :class:`~dyngap_jax.train.setup.Run` does). ``warm_start``: start the solve from
     ``state.alpha_solution`` (the last solution, non-finite entries replaced by 0) and keep the new one.
+    ``prepare`` and ``donate`` as in :func:`make_train_step`: the batches are loader batches.
+    ``hvp_remat``: :func:`dyngap_jax.hypergrad.alpha_hypergradient`'s (``config.alpha.hypergrad.remat``).
     """
     float64 = precision == "float64"
+    prepare = prepare or _identity
     run_model = models.with_dtype(model, jnp.float64) if float64 else model
 
     @with_precision("highest" if float64 else precision)
     def alpha_step(state: TrainState, inner, outer):
+        inner, outer = prepare(inner), prepare(outer)
         work = state
         if float64:
             work = state.replace(params=_cast(state.params, jnp.float64),
@@ -215,7 +256,8 @@ def make_alpha_step(model, mm_loss: Callable, learned: LearnedAlpha, method: hyp
             inputs["key"] = jax.random.fold_in(alpha_key(state), 2)
         if warm_start:
             inputs["x0"] = _cast(_finite_or_zero(state.alpha_solution), a.dtype)
-        res = hypergrad.alpha_hypergradient(cls_loss, inner_mm, outer_loss, work.params, a, method, **inputs)
+        res = hypergrad.alpha_hypergradient(cls_loss, inner_mm, outer_loss, work.params, a, method, hvp_remat=hvp_remat,
+                                            **inputs)
         usable = res.ok if require_converged else res.info["finite"] & ~res.info["breakdown"]
         g = jnp.where(usable, res.value, jnp.nan)
         new = state.replace(alpha=learned.update(state.alpha, g))
@@ -223,11 +265,13 @@ def make_alpha_step(model, mm_loss: Callable, learned: LearnedAlpha, method: hyp
             new = new.replace(alpha_solution=_cast(_finite_or_zero(res.solution), jnp.float32))
         return new, res.replace(solution=None), usable
 
+    donate_argnums = (0,) if donate else ()
     if shardings is None:
-        step = jax.jit(alpha_step)
+        step = jax.jit(alpha_step, donate_argnums=donate_argnums)
     else:
         state_sh, batch_sh, repl = shardings
-        step = jax.jit(alpha_step, in_shardings=(state_sh, batch_sh, batch_sh), out_shardings=(state_sh, repl, repl))
+        step = jax.jit(alpha_step, in_shardings=(state_sh, batch_sh, batch_sh), out_shardings=(state_sh, repl, repl),
+                       donate_argnums=donate_argnums)
     if not float64:
         return step
 

@@ -16,7 +16,7 @@ from dyngap_jax.train.config import ConfigError
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 # fields that may change between a run and its resumption (display, input workers, device layout)
-RESUMABLE_CHANGES = ("progress", "data.worker_count", "data.verify_checksums", "parallel")
+RESUMABLE_CHANGES = ("progress", "data.worker_count", "data.verify_checksums", "parallel", "train.log_every_steps")
 
 
 def comparable_config(cfg: dict) -> dict:
