@@ -34,6 +34,6 @@ def get_config(arg: str = "ours_lb"):
                     "momentum": 0.9, "weight_decay": 1e-4, "schedule": "plateau", "plateau_patience": 5,
                     "plateau_factor": 0.1, "checkpoint_every_steps": 0, "keep_checkpoints": 2, "select_metric": "acc"})
     c = _base.apply_method(c, method)
-    if c.alpha.strategy == "learned":
+    if c.alpha.strategy == "learned" and c.alpha.when == "after_steps":
         c.alpha.inner_iters = 7  # an alpha step every 7 of the epoch's 21 train steps
     return c

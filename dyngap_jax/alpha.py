@@ -4,14 +4,15 @@ Fixed strategies are functions of the epoch ``t`` (counted from 1, as the paper'
 ``omega(t) = 1 - exp(-1/t)``):
 
 * :func:`constant`, :func:`stepwise` (the paper's ``h(p)``), :func:`heuristic` (Ours-H);
-* the authors' code's variants: :func:`authors_exp` (``clip(exp(-0.3 t), 0.05, 0.95)``) and a
-  polynomial of the epoch (:func:`polynomial`, fitted to a learned trajectory by
-  :func:`fit_polynomial`, as their other script does).
+* the authors' code's variants, both functions of their 0-based epoch: :func:`authors_exp`
+  (``clip(exp(-0.3 e), 0.05, 0.95)``, e = t - 1) and the degree-5 polynomial their README's entry
+  point (``Crema_epoch.py``) uses, with the coefficients written there (:func:`authors_fitted`);
+  any polynomial of the epoch (:func:`polynomial`, fitted to a trajectory by :func:`fit_polynomial`).
 
 The learned strategy (Ours-LB) is explicit state: :class:`LearnedAlpha` holds the static
 settings (initial value, learning rate or optax schedule, clip range, scalar or one weight per
-modality pair) and :meth:`LearnedAlpha.update` is Algorithm 1's alpha step,
-``alpha <- clip(alpha - eta_alpha * hypergradient, lo, hi)``.
+modality pair, the precision alpha is kept to) and :meth:`LearnedAlpha.update` is Algorithm 1's
+alpha step, ``alpha <- clip(alpha - eta_alpha * hypergradient, lo, hi)``.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ __all__ = [
     "authors_exp",
     "polynomial",
     "fit_polynomial",
+    "authors_fitted",
+    "AUTHORS_FITTED_COEFFICIENTS",
     "AlphaState",
     "LearnedAlpha",
     "authors_lr_schedule",
@@ -79,16 +82,42 @@ def heuristic(epoch):
 
 
 def authors_exp(epoch, rate: float = 0.3, lo: float = 0.05, hi: float = 0.95):
-    """The heuristic of the authors' early commits and ModalBed: ``clip(exp(-rate t), lo, hi)``."""
+    """The heuristic of the authors' early commits and ModalBed: ``clip(exp(-rate e), lo, hi)``.
+
+    ``epoch`` is their 0-based epoch ``e`` (the first is 0, giving 0.95); the fixed strategy
+    ``"authors_exp"`` passes ``e = t - 1`` for the paper's ``t``.
+    """
     _check_concrete_epoch(epoch, minimum=0)
     return jnp.clip(jnp.exp(-rate * jnp.asarray(epoch, dtype=jnp.result_type(float))), lo, hi)
+
+
+# Crema_epoch.py's getAlpha_Learnable_Fitted: coef_alpha2 (the alignment weight), lowest degree first, a
+# polynomial of the 0-based epoch; coef_alpha1 (the classification weight) is its complement to 1
+AUTHORS_FITTED_COEFFICIENTS = (7.95376296e-01, -3.35472727e-03, -1.22989557e-04, 2.92947416e-06,
+                               -2.23835486e-08, 5.39717505e-11)
+
+
+def authors_fitted(epoch):
+    """The authors' fitted alpha (``Crema_epoch.py``, the entry point their README runs): the degree-5
+    polynomial of the 0-based epoch ``e`` whose coefficients are written there
+    (:data:`AUTHORS_FITTED_COEFFICIENTS`), summed as their code sums it and **not clipped**: over 200
+    epochs it starts at 0.795 and dips slightly below 0 for epochs 177-188 (their training weight of
+    L_MM is then negative, as it is here). The fixed strategy ``"authors_fitted"`` passes ``e = t - 1``.
+    """
+    _check_concrete_epoch(epoch, minimum=0)
+    if isinstance(epoch, (numbers.Number, np.ndarray, np.generic)):
+        # in double precision, as their Python floats: e^5 c_5 is ~17 at e = 200, and float32 would lose ~2e-6
+        e = np.asarray(epoch, np.float64)
+        return sum(c * e**i for i, c in enumerate(AUTHORS_FITTED_COEFFICIENTS))
+    e = jnp.asarray(epoch, dtype=jnp.result_type(float))
+    return sum(c * e**i for i, c in enumerate(AUTHORS_FITTED_COEFFICIENTS))
 
 
 def polynomial(epoch, coefficients: Sequence[float], lo: float = 0.0, hi: float = 1.0):
     """``clip(sum_k c_k t^k, lo, hi)`` with ``coefficients`` highest degree first (``np.polyfit`` order).
 
-    The authors' second script uses a degree-5 polynomial fitted to a learned alpha trajectory;
-    their coefficients are not published, so fit your own with :func:`fit_polynomial`.
+    Fit one to a learned alpha trajectory with :func:`fit_polynomial` (the authors' own fitted
+    curve is :func:`authors_fitted`).
     """
     coefficients = list(coefficients)
     if not coefficients:
@@ -110,8 +139,9 @@ def fit_polynomial(epochs: Sequence[float], alphas: Sequence[float], degree: int
 def fixed_strategy(spec: str) -> Callable[[int, int], jax.Array]:
     """Parse a fixed strategy name into ``f(epoch, num_epochs) -> alpha``.
 
-    ``"constant:<a>"``, ``"stepwise:<p>"``, ``"heuristic"``, ``"authors_exp"`` or
-    ``"polynomial:<c5>,<c4>,...,<c0>"``.
+    ``"constant:<a>"``, ``"stepwise:<p>"``, ``"heuristic"``, ``"authors_exp"``, ``"authors_fitted"``
+    or ``"polynomial:<c5>,<c4>,...,<c0>"``. ``epoch`` counts from 1 (the paper's ``t``); the authors'
+    two schedules are functions of their 0-based epoch and get ``t - 1``.
     """
     name, _, arg = spec.partition(":")
     try:
@@ -125,7 +155,9 @@ def fixed_strategy(spec: str) -> Callable[[int, int], jax.Array]:
         if name == "heuristic" and not arg:
             return lambda epoch, num_epochs: heuristic(epoch)
         if name == "authors_exp" and not arg:
-            return lambda epoch, num_epochs: authors_exp(epoch)
+            return lambda epoch, num_epochs: authors_exp(epoch - 1)
+        if name == "authors_fitted" and not arg:
+            return lambda epoch, num_epochs: authors_fitted(epoch - 1)
         if name == "polynomial":
             coeffs = [float(c) for c in arg.split(",")]
             return lambda epoch, num_epochs: polynomial(epoch, coeffs)
@@ -133,7 +165,7 @@ def fixed_strategy(spec: str) -> Callable[[int, int], jax.Array]:
         raise ValueError(f"alpha strategy {spec!r}: {e}") from None
     raise ValueError(
         f"unknown alpha strategy {spec!r}; known: constant:<a>, stepwise:<p>, heuristic, authors_exp, "
-        "polynomial:<c_n,...,c_0> (the learned one is LearnedAlpha)"
+        "authors_fitted, polynomial:<c_n,...,c_0> (the learned one is LearnedAlpha)"
     )
 
 
@@ -144,12 +176,20 @@ class AlphaState:
     ``value``: alpha, a scalar or one weight per modality pair; ``opt_state``: the optax state of
     its optimiser (it carries the step count its schedule reads); ``updates`` and ``skipped``:
     how many alpha steps were applied, and how many were skipped for a non-finite hypergradient.
+    ``low``: with ``LearnedAlpha(precision="float64")``, what ``value`` leaves out of alpha (alpha
+    is ``value + low`` exactly, two floats kept by error-free sums); None otherwise.
     """
 
     value: jax.Array
     opt_state: optax.OptState
     updates: jax.Array
     skipped: jax.Array
+    low: jax.Array | None = None
+
+    def exact(self) -> np.ndarray:
+        """alpha to the state's precision (``value + low``) as a NumPy float64, on the host."""
+        value = np.asarray(jax.device_get(self.value), np.float64)
+        return value if self.low is None else value + np.asarray(jax.device_get(self.low), np.float64)
 
 
 def authors_lr_schedule(alpha_steps_per_epoch: int = 1) -> optax.Schedule:
@@ -170,6 +210,11 @@ class LearnedAlpha:
       num_pairs: ``None`` for the paper's scalar alpha, or the number of modality pairs for one
         weight per pair (``losses.num_pairs(m)``).
       optimizer: ``"sgd"`` (Algorithm 1) or ``"adam"``.
+      precision: ``"float32"`` (alpha is one float of the default dtype) or ``"float64"``: alpha is
+        kept to double precision, as the authors' Python float is: a float64 when JAX runs with x64,
+        otherwise a pair of float32s summed without rounding error (about 48 bits), so that updates
+        far below float32's spacing near alpha (6e-8 at 0.95; the authors' steps are 1e-4 times a
+        hypergradient) accumulate instead of vanishing. The train step reads the nearest float32.
     """
 
     init: float = 0.5
@@ -177,6 +222,7 @@ class LearnedAlpha:
     clip: tuple[float, float] = (0.0, 1.0)
     num_pairs: int | None = None
     optimizer: str = "sgd"
+    precision: str = "float32"
 
     def __post_init__(self):
         lo, hi = self.clip
@@ -188,6 +234,8 @@ class LearnedAlpha:
             raise ValueError(f"LearnedAlpha: `num_pairs` must be >= 1 or None, got {self.num_pairs}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"LearnedAlpha: `optimizer` must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.precision not in ("float32", "float64"):
+            raise ValueError(f"LearnedAlpha: `precision` must be 'float32' or 'float64', got {self.precision!r}")
         if not callable(self.learning_rate) and not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"LearnedAlpha: `learning_rate` must be > 0, got {self.learning_rate}")
 
@@ -201,12 +249,14 @@ class LearnedAlpha:
         return optax.sgd(self.learning_rate)
 
     def create(self) -> AlphaState:
-        value = jnp.full(self.shape, self.init, dtype=jnp.result_type(float))
+        dtype = jnp.result_type(float)
+        value, low = _split_double(self.init, self.shape, dtype)
         return AlphaState(
             value=value,
             opt_state=self._tx().init(value),
             updates=jnp.zeros((), jnp.int32),
             skipped=jnp.zeros((), jnp.int32),
+            low=low if self.precision == "float64" else None,
         )
 
     def update(self, state: AlphaState, hypergradient: jax.Array) -> AlphaState:
@@ -222,11 +272,49 @@ class LearnedAlpha:
             )
         tx = self._tx()
         delta, opt_state = tx.update(g, state.opt_state, state.value)
-        stepped = optax.projections.projection_box(optax.apply_updates(state.value, delta), *self.clip)
         ok = jnp.all(jnp.isfinite(g))
+        low = None
+        if state.low is None:
+            stepped = optax.projections.projection_box(optax.apply_updates(state.value, delta), *self.clip)
+        else:  # alpha = value + low: add the step without rounding error, then clip as a pair
+            stepped, low = _add_double(state.value, state.low, delta.astype(state.value.dtype))
+            stepped, low = _clip_double(stepped, low, self.clip)
+            low = jnp.where(ok, low, state.low)
         return AlphaState(
             value=jnp.where(ok, stepped, state.value),
             opt_state=optax.tree_utils.tree_where(ok, opt_state, state.opt_state),
             updates=state.updates + ok.astype(jnp.int32),
             skipped=state.skipped + (~ok).astype(jnp.int32),
+            low=low,
         )
+
+
+def _split_double(x: float, shape, dtype):
+    """``x`` (a Python float) as ``(high, low)`` arrays of ``dtype``: ``high`` the nearest float, ``low`` the rest."""
+    high = np.asarray(x, dtype=dtype)
+    low = np.asarray(float(x) - float(high), dtype=dtype)
+    return jnp.full(shape, high, dtype=dtype), jnp.full(shape, low, dtype=dtype)
+
+
+def _two_sum(a, b):
+    """``(s, e)`` with ``s = fl(a + b)`` and ``a + b = s + e`` exactly (Knuth)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _add_double(high, low, delta):
+    """``(high, low) + delta`` as a normalised pair."""
+    s, e = _two_sum(high, delta)
+    e = e + low
+    h = s + e
+    return h, e - (h - s)
+
+
+def _clip_double(high, low, bounds):
+    """The pair clipped to ``[lo, hi]`` (bounds as pairs of the same dtype, compared high part first)."""
+    for bound, below in ((bounds[0], True), (bounds[1], False)):
+        bh, bl = (jnp.asarray(v) for v in _split_double(bound, (), high.dtype))
+        outside = (high < bh) | ((high == bh) & (low < bl)) if below else (high > bh) | ((high == bh) & (low > bl))
+        high, low = jnp.where(outside, bh, high), jnp.where(outside, bl, low)
+    return high, low

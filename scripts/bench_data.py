@@ -220,7 +220,8 @@ def main(argv):
     for name, w, new, old, consume, share, alone, _ in rows:
         per = new / max(w, 1)
         feed = (f"{16 * per / (2 * H100_STEP[name]):.1f}x" if name in H100_STEP else "")
-        print(f"{name:<16} {w:>7} {new:>12.1f} {per:>12.1f} {old if old is None else f'{old / max(w, 1):.1f}':>14} "
+        old_per = "" if old is None else f"{old / max(w, 1):.1f}"
+        print(f"{name:<16} {w:>7} {new:>12.1f} {per:>12.1f} {old_per:>14} "
               f"{'' if old is None else f'{new / old:.1f}x':>8} {consume:>10.2f} {new / consume:>12.1f} "
               f"{'' if not spec(name)[1] else f'{share:.1%}':>16} {'' if not spec(name)[1] else f'{alone:.1%}':>14} "
               f"{feed:>24}")

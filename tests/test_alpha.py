@@ -100,3 +100,25 @@ def test_learned_config_errors():
     s = adam.update(adam.create(), 5.0)
     np.testing.assert_allclose(s.value, 0.49, rtol=1e-5)  # Adam's first step has size lr
     assert isinstance(adam._tx(), optax.GradientTransformation)
+
+
+def test_a_float64_alpha_keeps_updates_below_float32_spacing_as_the_authors_python_float_does():
+    """The authors' alpha is a Python double moved by 1e-4 x a hypergradient: near 0.95 (float32 spacing
+    6e-8) most of those steps vanish in float32; kept as a pair of float32s they add up as in double."""
+    sched = alpha.authors_lr_schedule()
+    grads = 3e-4 * np.cos(np.arange(60) / 7.0) - 1e-4  # steps of ~1e-8: below float32's spacing at 0.95
+    kept, lost = (alpha.LearnedAlpha(init=0.9, learning_rate=sched, clip=(0.05, 0.95), precision=p)
+                  for p in ("float64", "float32"))
+    s64, s32 = kept.create(), lost.create()
+    step64, step32 = jax.jit(kept.update), jax.jit(lost.update)
+    ref, lr = 0.9, 1e-4
+    for epoch, g in enumerate(grads):  # their getAlpha_Learnable, in Python floats
+        if epoch % 20 == 0 and epoch != 0:
+            lr = lr / 2
+        ref = max(0.05, min(0.95, ref - lr * float(np.float32(g))))
+        s64, s32 = step64(s64, jnp.float32(g)), step32(s32, jnp.float32(g))
+    assert abs(float(s64.exact()) - ref) < 1e-12
+    assert abs(float(s32.exact()) - ref) > 1e-8  # the float32 alpha lost most of the steps' sum
+    assert s64.value.dtype == np.float32 and abs(float(s64.value) - ref) < 6e-8  # the train step reads the float32
+    with pytest.raises(ValueError, match="precision"):
+        alpha.LearnedAlpha(precision="float16")

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from tiny_data import make_tiny_records, tiny_config
@@ -59,6 +60,21 @@ MISTAKES = [
     ("concat", {"alpha.strategy": "cosine"}, r"config\.alpha\.strategy: unknown alpha strategy 'cosine'"),
     ("concat", {"parallel.data": 3}, r"config\.parallel: data=3 x model=1 needs 3 devices"),
     ("concat", {"model.encoders.a.name": "transformer9000"}, r"config\.model"),
+    ("ours_lb", {"alpha.when": "epoch_start"}, r"config\.alpha\.inner_iters=1: alpha\.when='epoch_start' takes one alpha step"),
+    ("ours_lb", {"alpha.when": "before"}, r"config\.alpha\.when: unknown 'before'; known: after_steps, epoch_start"),
+    ("ours_lb", {"alpha.outer": "heldout", "alpha.batch_size": 8, "alpha.heldout": 4},
+     r"config\.alpha\.heldout=4: alpha\.outer='heldout' takes its batch of alpha\.batch_size=8"),
+    ("ours_lb", {"alpha.outer": "heldout", "alpha.batch_size": 8, "alpha.heldout": 48},
+     r"config\.alpha\.heldout=48: the training split has 48 examples"),
+    ("ours_lb", {"alpha.inner": "validation"}, r"config\.alpha\.inner: unknown 'validation'; known: train, outer"),
+    ("ours_lb", {"alpha.batch_norm": "group"}, r"config\.alpha\.batch_norm: unknown 'group'; known: batch, running, authors"),
+    ("ours_lb", {"alpha.learned.precision": "float128"}, r"config\.alpha\.learned\.precision: unknown 'float128'"),
+    ("authors_learned", {"alpha.hypergrad.options.tensor": "encoders_a/nope/kernel"},
+     r"config\.alpha\.hypergrad\.options\.tensor: 'encoders_a/nope/kernel' is not a parameter of the model"),
+    ("concat", {"loss.scale": 0.0}, r"config\.loss\.scale: must be > 0"),
+    ("concat", {"train.select_split": "train"}, r"config\.train\.select_split: unknown 'train'; known: validation, test"),
+    ("concat", {"train.compute_dtype": "float16"}, r"config\.train\.compute_dtype: unknown 'float16'; known: float32, bfloat16, float64"),
+    ("concat", {"train.compute_dtype": "float64"}, r"config\.train\.compute_dtype='float64' needs JAX's 64-bit mode"),
 ]
 
 
@@ -95,7 +111,11 @@ def test_a_method_alone_takes_its_own_defaults(tiny_records):
     assert run.strategy.method == hypergrad.CG() and run.strategy.method.operator == "normal"
     assert run.strategy.learned.learning_rate == hypergrad_default_lr()
     lfm = setup(tiny_config(tiny_records, "lfm_code"))
-    assert lfm.strategy.method == hypergrad.LFMCode(reduction="first_tensor_mean")
+    assert lfm.strategy.method == hypergrad.LFMCode(reduction="first_tensor_mean", tensor="first")
+    lfm.create_train_state()  # "first" is the model's first-created parameter, as PyTorch's model.parameters()[0]
+    assert lfm.alpha_method().tensor == "encoders_a/dense_0/kernel"
+    assert jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(lfm.create_train_state().params)[0][0][0]) \
+        == "['encoders_a']['dense_0']['bias']"  # where jax's sorted leaves would have looked
 
 
 def hypergrad_default_lr():

@@ -303,3 +303,25 @@ def running(pid):
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except FileNotFoundError:
         return False
+
+
+def test_records_decode_as_views_equal_to_flax_msgpack_and_fall_back_on_other_layouts():
+    from flax import serialization
+
+    rng = np.random.default_rng(0)
+    example = {"audio": rng.standard_normal((257, 29, 1)).astype(np.float32), "label": np.int32(4),
+               "video": rng.integers(0, 256, (3, 20, 24, 3), np.uint8), "mask": np.array([True, False, True]),
+               "ids": rng.integers(0, 2**40, (70000,), np.int64), "half": rng.standard_normal((5, 7)).astype(np.float16),
+               "empty": np.zeros((0, 3), np.float32), "big_key_" + "k" * 40: np.arange(300, dtype=np.float64)}
+    data = records.encode_example(example)
+    got, want = records.decode_example(data), serialization.msgpack_restore(data)
+    assert list(got) == list(want) and set(got) == set(example)
+    for k in example:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        np.testing.assert_array_equal(got[k], want[k])
+    assert not got["video"].flags.owndata  # a view into the record, not a copy
+    # another layout (a nested dict, as other writers may produce) still decodes, through flax's reader
+    nested = serialization.msgpack_serialize({"a": {"b": np.arange(3)}, "label": np.asarray(1)})
+    np.testing.assert_array_equal(records.decode_example(nested)["a"]["b"], np.arange(3))
+    with pytest.raises(Exception):
+        records.decode_example(data[:-5])  # a cut record is an error, never a short array

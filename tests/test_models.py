@@ -363,3 +363,44 @@ def test_dropout_mask_is_the_same_in_float32_and_float64():
         assert ours64.dtype == jnp.float64 and bool(jnp.all((ours64 != 0) == flax_mask))
         assert not bool(jnp.all((theirs64 != 0) == flax_mask))  # what flax's own layer does under x64
         np.testing.assert_allclose(np.asarray(ours64)[np.asarray(flax_mask)], 1 / (1 - rate), rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (6, 4, 3, 7)])
+def test_batch_norm_trains_and_evaluates_as_pytorchs(x64, shape):
+    """Training-mode outputs, the running averages PyTorch keeps (unbiased variance), evaluation outputs."""
+    rng = np.random.default_rng(0)
+    c = shape[-1]
+    bn = models.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=jnp.float64)
+    variables = bn.init(jax.random.PRNGKey(0), jnp.zeros(shape), use_running_average=False)
+    params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, c)), "bias": jnp.asarray(rng.standard_normal(c))}
+    stats = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), variables["batch_stats"])
+    ref = (torch.nn.BatchNorm1d if len(shape) == 2 else torch.nn.BatchNorm2d)(c, momentum=0.1, eps=1e-5).double()
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(np.asarray(params["scale"])))
+        ref.bias.copy_(torch.from_numpy(np.asarray(params["bias"])))
+    to_torch = (lambda x: torch.from_numpy(x)) if len(shape) == 2 else (lambda x: torch.from_numpy(x).permute(0, 3, 1, 2))
+    from_torch = (lambda t: t.detach().numpy()) if len(shape) == 2 else (lambda t: t.detach().permute(0, 2, 3, 1).numpy())
+    ref.train()
+    for step in range(3):
+        x = rng.standard_normal(shape) * 2.0 + step
+        y, new = bn.apply({"params": params, "batch_stats": stats}, jnp.asarray(x), use_running_average=False,
+                          mutable=["batch_stats"])
+        stats = new["batch_stats"]
+        np.testing.assert_allclose(np.asarray(y), from_torch(ref(to_torch(x))), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(stats["mean"]), ref.running_mean.numpy(), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(np.asarray(stats["var"]), ref.running_var.numpy(), rtol=1e-12, atol=1e-14)
+    ref.eval()
+    x = rng.standard_normal(shape)
+    y = bn.apply({"params": params, "batch_stats": stats}, jnp.asarray(x), use_running_average=True)
+    np.testing.assert_allclose(np.asarray(y), from_torch(ref(to_torch(x))), rtol=1e-12, atol=1e-12)
+
+
+def test_mlp_batch_norm_option():
+    enc = models.MLPEncoder(hidden=(6,), out_features=3, norm="batch", modality="tab")
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 5)), jnp.float32)
+    variables = enc.init(jax.random.PRNGKey(0), x)
+    assert set(variables) == {"params", "batch_stats"} and set(variables["params"]["norm_0"]) == {"scale", "bias"}
+    _, new = enc.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert not np.allclose(new["batch_stats"]["norm_0"]["mean"], 0.0)
+    with pytest.raises(ValueError, match="model.encoders.tab.norm: unknown 'group'"):
+        models.MLPEncoder(norm="group", modality="tab").init(jax.random.PRNGKey(0), x)

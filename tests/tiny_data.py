@@ -43,7 +43,7 @@ def tiny_config(data_dir, method="ours_lb", epochs=2):
         c.train.num_epochs = epochs
         c.train.batch_size = 16
         c.train.eval_batch_size = 16
-        if c.alpha.strategy == "learned":
+        if c.alpha.strategy == "learned" and c.alpha.when == "after_steps":
             c.alpha.inner_iters = 1
     return c
 

@@ -33,6 +33,7 @@ class FrameAugment:
 
     size: tuple[int, int] | None = None  # (height, width); None keeps the stored size
     normalize: bool = True
+    select: tuple[int, ...] | None = None  # which of a clip's stored frames to keep (None: all), on the host
     random_resized_crop: bool = True
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)

@@ -78,6 +78,24 @@ class Decode(grain.transforms.Map):
         return ex if self.keep is None else {k: ex[k] for k in self.keep}
 
 
+class SelectFrames(grain.transforms.Map):
+    """Keep some of a clip's stored frames (``FrameAugment.select``: indices into the clip's time axis)."""
+
+    def __init__(self, specs: Mapping[str, FrameAugment]):
+        self.select = {m: tuple(sp.select) for m, sp in specs.items() if sp.select is not None}
+
+    def map(self, ex):
+        ex = dict(ex)
+        for m, idx in self.select.items():
+            clip = ex[m]
+            if clip.ndim != 4 or max(idx) >= clip.shape[0]:
+                raise RecordError(f"config.data.frames.{m}.select={list(idx)}: the records store {m} as "
+                                  f"{list(clip.shape)} (clips [T, H, W, C] with frames 0..{clip.shape[0] - 1})"
+                                  if clip.ndim == 4 else f"config.data.frames.{m}.select: {m} is not a clip of frames")
+            ex[m] = clip[list(idx)]
+        return ex
+
+
 class Standardize(grain.transforms.Map):
     """``(x - mean) / std`` per feature with the train statistics the converter recorded."""
 
@@ -163,6 +181,21 @@ class _SubsetSource:
 
     def __repr__(self) -> str:
         return f"_SubsetSource({self.source!r}, {len(self.indices)} records)"
+
+
+def heldout_indices(num_examples: int, count: int, seed: int) -> np.ndarray:
+    """``count`` record indices drawn once by a seeded permutation (in the order drawn): the training
+    examples the authors' alpha step holds out of training (``config.alpha.heldout``)."""
+    if not 0 <= count < num_examples:
+        raise ValueError(f"cannot hold out {count} of {num_examples} training examples")
+    return np.random.default_rng([seed, 104729]).permutation(num_examples)[:count]
+
+
+def kept_indices(num_examples: int, fraction: float = 1.0, fraction_seed: int = 0, exclude=()) -> np.ndarray:
+    """The records a split serves: every one but ``exclude``, then a seeded ``fraction`` of those
+    (:func:`subset_indices`), sorted."""
+    keep = np.setdiff1d(np.arange(num_examples), np.asarray(exclude, np.int64))
+    return keep[subset_indices(len(keep), fraction, fraction_seed)]
 
 
 def subset_indices(num_examples: int, fraction: float, seed: int = 0) -> np.ndarray:
@@ -279,6 +312,20 @@ def open_split(folder: str, split: str, verify: bool = True,
     return source, manifest
 
 
+def _record_ops(folder: str, manifest: Manifest, modalities, frames, standardize: bool) -> list:
+    """A record's per-example operations: decode (the modalities asked for), keep the frames a config
+    selects, standardise with the converter's train statistics."""
+    ops: list = [Decode(modalities)]
+    if frames and any(sp.select is not None for sp in frames.values()):
+        ops.append(SelectFrames(frames))
+    if standardize:
+        stats = manifest.stats.get("train_standardization")
+        if not stats:
+            raise RecordError(f"{folder}/manifest.json: no train_standardization statistics; set standardize=False")
+        ops.append(Standardize({m: s for m, s in stats.items() if modalities is None or m in modalities}))
+    return ops
+
+
 def make_loader(
     folder: str,
     split: str,
@@ -298,6 +345,7 @@ def make_loader(
     expect: Mapping[str, Any] | None = None,
     fraction: float = 1.0,
     fraction_seed: int = 0,
+    exclude: Sequence[int] = (),
     verify: bool = True,
 ) -> grain.DataLoader | InMemoryLoader:
     """A grain ``DataLoader`` of batch dicts for ``split`` of the records in ``folder``.
@@ -310,23 +358,19 @@ def make_loader(
     :func:`check_manifest`. With ``shard_by_process`` each JAX process reads a disjoint part;
     ``shard=(index, count)`` picks a part explicitly instead. ``in_memory`` (default: splits
     without frame modalities under ``IN_MEMORY_MAX_BYTES``) decodes the split once and serves
-    batches from arrays (:class:`InMemoryLoader`, same contract). ``fraction`` < 1 serves a seeded
-    random subset of the split (:func:`subset_indices` with ``fraction_seed``; the same records in every
-    run and process), before the per-process sharding. ``verify``: check the shards' SHA-256 the
+    batches from arrays (:class:`InMemoryLoader`, same contract). ``exclude``: record indices left out
+    (held out for the alpha step); ``fraction`` < 1 then serves a seeded random subset of the rest
+    (:func:`kept_indices`; the same records in every run and process), before the per-process sharding. ``verify``: check the shards' SHA-256 the
     first time this process opens the split (:func:`open_split`).
     """
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
     _mark_flags_parsed()
     source, manifest = open_split(folder, split, verify=verify, **(expect or {}))
-    if fraction != 1.0:
-        source = _SubsetSource(source, subset_indices(len(source), fraction, fraction_seed))
-    ops: list = [Decode(modalities)]
-    if standardize:
-        stats = manifest.stats.get("train_standardization")
-        if not stats:
-            raise RecordError(f"{folder}/manifest.json: no train_standardization statistics; set standardize=False")
-        ops.append(Standardize({m: s for m, s in stats.items() if modalities is None or m in modalities}))
+    exclude = tuple(int(i) for i in exclude)
+    if fraction != 1.0 or exclude:
+        source = _SubsetSource(source, kept_indices(len(source), fraction, fraction_seed, exclude))
+    ops = _record_ops(folder, manifest, modalities, frames, standardize)
     drop = train if drop_remainder is None else drop_remainder
     if shard is None and shard_by_process:
         import jax
@@ -338,7 +382,8 @@ def make_loader(
         if frames:
             raise ValueError("in_memory loading serves fixed arrays; frame augmentation needs the grain pipeline")
         shards = tuple(sh["sha256"] for sh in manifest.splits[split]["shards"])
-        key = (os.path.abspath(folder), split, shards, tuple(modalities or ()), standardize, fraction, fraction_seed)
+        key = (os.path.abspath(folder), split, shards, tuple(modalities or ()), standardize, fraction, fraction_seed,
+               exclude)
         arrays = _DECODED.get(key)
         if arrays is None:  # decoded once a process: a run opens its splits again every epoch
             rows = [ops_apply(ops, source[i]) for i in range(len(source))]
@@ -368,6 +413,24 @@ def make_loader(
     read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(2 * batch_size, 16))
     return grain.DataLoader(data_source=source, sampler=sampler, operations=ops, worker_count=workers,
                             read_options=read)
+
+
+def load_examples(folder: str, split: str, indices: Sequence[int], *, seed: int,
+                  modalities: Sequence[str] | None = None, frames: Mapping[str, FrameAugment] | None = None,
+                  standardize: bool = False, expect: Mapping[str, Any] | None = None, verify: bool = True) -> dict:
+    """One batch of the records at ``indices`` of ``split``, in that order, augmented once for training
+    (each example's crop box and flip drawn from ``seed``): a batch that stays fixed (the authors'
+    held-out alpha batch, drawn once from their training loader)."""
+    _mark_flags_parsed()
+    source, manifest = open_split(folder, split, verify=verify, **(expect or {}))
+    ops = _record_ops(folder, manifest, modalities, frames, standardize)
+    rng = np.random.default_rng([seed, 7907])
+    augment = TrainFrames(frames) if frames else None
+    rows = []
+    for i in indices:
+        ex = ops_apply(ops, source[int(i)])
+        rows.append(augment.random_map(ex, rng) if augment is not None else ex)
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def default_worker_count() -> int:

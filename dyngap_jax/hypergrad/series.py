@@ -146,9 +146,15 @@ class LFMCode(Method):
 
     ``reduction`` turns ``H g`` into alpha's update: ``"cross"`` puts it in Eq. 3 in place of
     ``H^{-1} g`` (``-(g_MM - g_CLS)^T H g``; works for a vector alpha); ``"first_tensor_mean"``
-    is what their code does: the mean of the first parameter tensor's entries of ``H g``
-    (``tensor_index`` picks the tensor in ``jax.tree_util.tree_leaves`` order, which sorts dict
-    keys, unlike PyTorch's registration order); ``"mean"`` averages all entries.
+    is what their code does: the mean of one parameter tensor's entries of ``H g``, their first
+    (``model.parameters()[0]``); ``"mean"`` averages all entries.
+
+    Which tensor: ``tensor``, its path (``'/'``-joined keys of the parameter tree, e.g.
+    ``"encoders_audio/embedder/convolution/kernel"``), or, when empty, ``tensor_index`` in
+    ``jax.tree_util.tree_leaves`` order (which sorts dict keys: for an MLP ``dense_0/bias`` before
+    ``dense_0/kernel``, unlike PyTorch's registration order). ``tensor="first"`` names the
+    parameter the model creates first, PyTorch's first for modules written in forward order; the
+    training setup resolves it to a path (:meth:`dyngap_jax.train.Run.alpha_method`).
     """
 
     name: ClassVar[str] = "lfm_code"
@@ -156,10 +162,13 @@ class LFMCode(Method):
 
     reduction: str = "cross"
     tensor_index: int = 0
+    tensor: str = ""
 
     def validate(self):
         self._choice("reduction", LFM_REDUCTIONS)
         self._number("tensor_index", integer=True)
+        if not isinstance(self.tensor, str):
+            self._fail("tensor", f"`tensor` must be a parameter's path ('a/b/kernel'), 'first' or '', got {self.tensor!r}")
 
     def estimate(self, problem: Problem):
         hg = problem.hvp()(problem.outer_grad())
@@ -174,10 +183,23 @@ class LFMCode(Method):
                 "use reduction='cross' with a vector alpha")
         leaves = jax.tree_util.tree_leaves(hg)
         if self.reduction == "first_tensor_mean":
-            index = self.tensor_index
-            if not is_tracer(index) and not -len(leaves) <= index < len(leaves):
-                self._fail("tensor_index", f"`tensor_index` {index} out of range for {len(leaves)} tensors")
-            value = jnp.mean(leaves[index])
+            if self.tensor:
+                value = jnp.mean(self._by_path(hg))
+            else:
+                index = self.tensor_index
+                if not is_tracer(index) and not -len(leaves) <= index < len(leaves):
+                    self._fail("tensor_index", f"`tensor_index` {index} out of range for {len(leaves)} tensors")
+                value = jnp.mean(leaves[index])
         else:
             value = jnp.mean(ravel_pytree(hg)[0])
         return value.astype(problem.a.dtype), info
+
+    def _by_path(self, tree):
+        if self.tensor == "first":
+            self._fail("tensor", "`tensor`='first' is the model's first-created parameter, which only the training "
+                                 "setup knows; give the parameter's path here")
+        paths = {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+                 for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        if self.tensor not in paths:
+            self._fail("tensor", f"`tensor` {self.tensor!r} is not a parameter; the first few: {sorted(paths)[:5]}")
+        return paths[self.tensor]

@@ -1,4 +1,4 @@
-"""Shared pieces of the encoders: input checks, a dtype-independent Dropout, ``with_dtype``."""
+"""Shared pieces of the encoders: input checks, a dtype-independent Dropout, PyTorch's BatchNorm, ``with_dtype``."""
 from __future__ import annotations
 
 import math
@@ -45,6 +45,52 @@ class Dropout(nn.Dropout):
         threshold = math.ceil(float(np.float32(keep_prob)) * 2**23)
         mask = jnp.broadcast_to(jax.lax.shift_right_logical(bits, jnp.uint32(9)) < jnp.uint32(threshold), inputs.shape)
         return jax.lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
+
+
+class BatchNorm(nn.Module):
+    """Batch normalisation over every axis but the last, as PyTorch's ``BatchNorm{1,2,3}d`` computes it.
+
+    In training mode the batch's mean and biased variance normalise, and the running averages move
+    by ``1 - momentum`` towards the batch's mean and its **unbiased** variance (``n / (n - 1)``
+    times the biased one, ``n`` the values per channel), as PyTorch's do; flax's ``BatchNorm``
+    averages the biased variance, so a model trained with it evaluates (and, in the authors'
+    recipe, takes alpha steps) on other statistics than the PyTorch model it reproduces.
+    ``momentum`` is flax's convention, the weight of the old average (PyTorch's 0.1 is 0.9 here).
+    Statistics are computed in float32 at least (a bfloat16 model's too). The variables are
+    flax's: ``params`` ``scale``, ``bias``; ``batch_stats`` ``mean``, ``var``. While initialising,
+    the averages are not moved (as flax's).
+    """
+
+    use_running_average: bool | None = None
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None):
+        use_running = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        features = x.shape[-1]
+        stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        if use_running:
+            mean, var = ra_mean.value.astype(stat_dtype), ra_var.value.astype(stat_dtype)
+        else:
+            axes = tuple(range(x.ndim - 1))
+            xs = x.astype(stat_dtype)
+            mean = jnp.mean(xs, axis=axes)
+            var = jnp.mean(jnp.square(xs - mean), axis=axes)
+            if not self.is_initializing():
+                n = math.prod(x.shape[:-1])
+                unbiased = var * (n / (n - 1)) if n > 1 else var
+                m = self.momentum
+                ra_mean.value = (m * ra_mean.value + (1 - m) * mean).astype(ra_mean.value.dtype)
+                ra_var.value = (m * ra_var.value + (1 - m) * unbiased).astype(ra_var.value.dtype)
+        inv = jax.lax.rsqrt(var + self.epsilon) * scale.astype(stat_dtype)
+        y = (x.astype(stat_dtype) - mean) * inv + bias.astype(stat_dtype)
+        return y.astype(self.dtype)
 
 
 def with_dtype(module, dtype):

@@ -161,6 +161,32 @@ def build_model(cfg) -> tuple[MultimodalClassifier, dict[str, Any]]:
     return MultimodalClassifier(modalities, encoders, fusion, projection_dim), pretrained
 
 
+def parameter_order(model: MultimodalClassifier, batch: Mapping) -> list[str]:
+    """The parameters' paths (``'/'``-joined keys) in the order the model creates them.
+
+    For modules written in forward order (all of ours) this is the order PyTorch registers the
+    same model's parameters in: what "the first tensor" means in the authors' code
+    (``model.parameters()``), where ``jax.tree_util`` would sort the keys instead. Read off an
+    abstract initialisation (nothing is computed).
+    """
+    order: list[str] = []
+
+    def walk(tree, prefix):
+        for k, v in tree.items():  # insertion order: the order of creation, before any pytree flattening
+            if isinstance(v, Mapping):
+                walk(v, f"{prefix}{k}/")
+            else:
+                order.append(f"{prefix}{k}")
+
+    def init(key, batch):
+        variables = model.init(key, batch, train=False)
+        walk(variables["params"], "")
+        return variables
+
+    jax.eval_shape(init, jax.random.PRNGKey(0), dict(batch))
+    return order
+
+
 def init_variables(model: MultimodalClassifier, key: jax.Array, batch: Mapping, pretrained: Mapping | None = None):
     """Initialise ``model`` on an example ``batch`` and put the ``pretrained`` encoder variables in place."""
     # compiled once rather than run op by op (hundreds of small compilations for a ResNet)

@@ -11,7 +11,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dyngap_jax.models.common import check_input
+from dyngap_jax.models.common import BatchNorm, check_input
 
 
 class ConvLayer(nn.Module):
@@ -29,8 +29,8 @@ class ConvLayer(nn.Module):
         x = nn.Conv(self.features, (k, k), (self.stride, self.stride), padding=[(p, p), (p, p)], use_bias=False,
                     dtype=self.dtype, name="convolution")(x)
         # PyTorch BatchNorm2d: momentum 0.1 on the new batch == flax momentum 0.9 on the old average
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                         name="normalization")(x)
+        x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                      name="normalization")(x)
         return nn.relu(x) if self.activation else x
 
 

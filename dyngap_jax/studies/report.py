@@ -21,7 +21,6 @@ import time
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
-from absl import logging
 
 from dyngap_jax import metrics
 from dyngap_jax.io import atomic_write_text, new_figure, save_figure, write_json
@@ -42,8 +41,9 @@ TABLE3 = (("concat", "no", "no"), ("constant:0.5", "yes", "no"), ("ours_h", "yes
 METRIC_NAMES = {"acc": "ACC", "map": "mAP", "f1": "macro-F1"}
 
 
-# methods a report may add to the paper's grid (--methods): the authors' code's recipe, one alpha per pair
-EXTRA = ("lfm_code", "ours_lb_vector")
+# methods a report may add to the paper's grid (--methods): the authors' alpha step in our recipe, their whole
+# released recipe (learned, and their fitted polynomial), one alpha per pair
+EXTRA = ("lfm_code", "authors_learned", "authors_fitted", "ours_lb_vector")
 
 
 def grid(modalities: Sequence[str]) -> list[str]:
@@ -60,7 +60,9 @@ def label(method: str) -> str:
     name, _, value = method.partition(":")
     return {"unimodal": f"{value} only", "concat": "concat (alpha = 0)", "constant": f"constant alpha = {value}",
             "stepwise": f"stepwise h({value})", "ours_h": "Ours-H (1 - exp(-1/t))",
-            "ours_lb": "Ours-LB (learned)", "lfm_code": "the authors' code (H g, JS alignment)",
+            "ours_lb": "Ours-LB (learned)", "lfm_code": "the authors' alpha step (H g, JS alignment) in the paper's recipe",
+            "authors_learned": "the authors' released recipe, learned alpha",
+            "authors_fitted": "the authors' released recipe, fitted polynomial alpha",
             "ours_lb_vector": "Ours-LB, one alpha per pair"}.get(name, method)
 
 
@@ -115,8 +117,7 @@ def run_grid(make_config: Callable[[str], object], seeds: Sequence[int], workdir
         if summary is None:
             summary, state = train(cfg, wd), "trained"
         results.setdefault(method, {})[int(seed)] = summary
-        logging.info("report: run %d/%d %s seed %d %s (%.0f s so far)", i + 1, len(todo), method, seed, state,
-                     time.time() - t0)
+        print(f"report: run {i + 1}/{len(todo)} {method} seed {seed} {state} ({time.time() - t0:.0f} s so far)", flush=True)
     return results
 
 

@@ -12,11 +12,14 @@ count the examples of one step over all processes and devices. Each process load
 
 Fields a setup ignores (validated all the same; a value other than the default is warned about once):
 
-* with a fixed alpha strategy: ``alpha.inner_iters``, ``alpha.outer``, ``alpha.batch_size``,
-  ``alpha.learned.*`` and ``alpha.hypergrad.*``;
+* with a fixed alpha strategy: ``alpha.inner_iters``, ``alpha.when``, ``alpha.outer``,
+  ``alpha.inner``, ``alpha.heldout``, ``alpha.batch_size``, ``alpha.batch_norm``, ``alpha.learned.*``
+  and ``alpha.hypergrad.*``;
 * ``loss.temperature`` unless ``loss.mm`` is ``infonce``;
 * ``train.momentum`` unless ``train.optimizer`` is ``sgd``; ``train.plateau_*`` unless
   ``train.schedule`` is ``plateau``; ``train.step_*`` unless it is ``step``.
+
+``train.select_split='test'`` (the authors' protocol) is accepted with a warning.
 """
 from __future__ import annotations
 
@@ -35,14 +38,18 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("plateau", "step", "constant")
 ALPHA_SCHEDULES = ("constant", "authors")
 MM_LOSSES = ("infonce", "js", "none")
-OUTER_SPLITS = ("validation", "train")
 SELECT_METRICS = ("acc", "map", "f1")
 # matmul / convolution precisions (jax.default_matmul_precision): "default" is the backend's (TF32 for float32 on
 # NVIDIA GPUs), "highest" full float32; the 3-pass dot algorithms reach about 1e-5 on matmuls but leave
 # convolutions at the default; the alpha step may also run its model and solve in "float64"
 MATMUL_PRECISIONS = ("default", "high", "highest", "BF16_BF16_F32_X3", "TF32_TF32_F32_X3")
 HYPERGRAD_PRECISIONS = MATMUL_PRECISIONS + ("float64",)
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
+ALPHA_WHEN = ("after_steps", "epoch_start")
+OUTER_BATCHES = ("validation", "train", "heldout")
+INNER_BATCHES = ("train", "outer")
+ALPHA_BATCH_NORM = ("batch", "running", "authors")
+SELECT_SPLITS = ("validation", "test")
 SECTIONS = ("dataset", "data_dir", "seed", "progress", "method", "data", "loss", "parallel", "alpha", "model", "train")
 
 
@@ -66,7 +73,9 @@ def base_config(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
     # dyngap_jax.data.loader.default_worker_count; 0: in the training process)
     c.data = ml_collections.ConfigDict({"standardize": False, "frames": {}, "masks": [], "worker_count": placeholder(int),
                                         "train_fraction": 1.0, "verify_checksums": True})
-    c.loss = ml_collections.ConfigDict({"mm": "infonce", "temperature": 0.1})
+    # scale: the train step descends scale * L_total (the authors' code trains on 2 L_total); the alpha step's
+    # Hessian and the logged losses are of L_total itself
+    c.loss = ml_collections.ConfigDict({"mm": "infonce", "temperature": 0.1, "scale": 1.0})
     # devices: `data` splits every batch (default: all devices); `model` > 1 with shard_params splits large
     # weight matrices too; `distributed` starts JAX's multi-host runtime (see README)
     c.parallel = ml_collections.ConfigDict({
@@ -79,11 +88,28 @@ def base_config(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
     c.alpha = ml_collections.ConfigDict({
         "strategy": "constant:0.0",
         "inner_iters": 0,  # train steps between alpha steps (0: one alpha step per epoch)
-        "outer": "validation",  # the batch of the upper-level L_CLS: validation (default) or train
+        # when: "after_steps" (Algorithm 1: after every inner_iters train steps, or after the epoch's last one) or
+        # "epoch_start" (the authors' code: before each epoch's first train step, epoch 0 included; inner_iters 0)
+        "when": "after_steps",
+        # the batch of the upper-level L_CLS: validation (default), train, or heldout (alpha.heldout training
+        # examples drawn once and kept out of training: the first alpha.batch_size of them, augmented once,
+        # the same batch every alpha step, as the authors' code)
+        "outer": "validation",
+        # the inner batch (L_CLS and L_MM, the Hessian's): "train" (the train step's batch) or "outer" (the outer
+        # batch itself: H and g on the same examples, as the authors' code)
+        "inner": "train",
+        "heldout": 0,  # training examples held out for alpha.outer="heldout" (the authors: 16)
         # global examples in the hypergradient's inner and outer batches (None: the train batch); the authors use 8
         "batch_size": placeholder(int),
+        # batch_norm: the alpha step's BatchNorm: "batch" (batch statistics, running averages untouched),
+        # "running" (the running averages, evaluation mode) or "authors" (batch statistics, and the averages
+        # moved as a training-mode forward moves them, until the run's first evaluation; the running averages
+        # after it, as the authors' evaluation leaves their model in evaluation mode)
+        "batch_norm": "batch",
+        # precision: "float64" keeps alpha to double precision (the authors' Python float); see LearnedAlpha
         "learned": {"init": learned.init, "learning_rate": learned.learning_rate, "schedule": "constant",
-                    "clip": tuple(learned.clip), "optimizer": learned.optimizer, "per_pair": False},
+                    "clip": tuple(learned.clip), "optimizer": learned.optimizer, "per_pair": False,
+                    "precision": learned.precision},
         # `method` and the options that are set (None: the method's default; see dyngap_jax.hypergrad).
         # "Exact" (cg, minres, dense) means the method's stated system solved to its tolerance: a solve that
         # stops short is counted and, by default (require_converged None: the method's `exact`), not applied.
@@ -103,10 +129,17 @@ def base_config(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
         "optimizer": "sgd", "learning_rate": placeholder(float), "momentum": 0.9, "weight_decay": 0.0,
         "schedule": "plateau", "plateau_factor": 0.1, "plateau_patience": 10,
         "step_every_epochs": placeholder(int), "step_factor": 0.1,
+        # step_at_epoch_start: the step schedule decays one epoch early, as PyTorch's StepLR stepped before each
+        # epoch's training does (the authors' code): epoch e (from 0) trains at lr * factor^((e + 1) // every)
+        "step_at_epoch_start": False,
         "checkpoint_every_steps": 0, "keep_checkpoints": 2, "select_metric": "acc",
+        # select_split: the split the best epoch is chosen on; "test" is the authors' code's protocol (the test
+        # score of the chosen epoch is then no estimate of anything) and is flagged wherever it is reported
+        "select_split": "validation",
         "matmul_precision": "default",  # the train and evaluation steps' (see MATMUL_PRECISIONS)
         # bfloat16: encoders and heads compute in bfloat16 (mixed precision); parameters, optimiser state, losses
-        # and metrics stay float32; the alpha step keeps config.alpha.hypergrad.precision
+        # and metrics stay float32; the alpha step keeps config.alpha.hypergrad.precision. float64: parameters,
+        # optimiser state and every computation in float64 (needs JAX_ENABLE_X64=1; reference and parity runs)
         "compute_dtype": "float32",
         # train steps between fetches of the step metrics from the device (and progress-bar updates); the
         # epoch's end and every checkpoint fetch too. No host synchronisation in between.
@@ -237,6 +270,7 @@ def validate(config) -> tuple[dict, list[str]]:
     _known_keys(cfg, "loss", defaults["loss"])
     mm = _choice(cfg, "loss.mm", MM_LOSSES)
     _num(cfg, "loss.temperature", low=0.0, low_open=True)
+    _num(cfg, "loss.scale", low=0.0, low_open=True)
     if len(cfg["model"]["modalities"]) < 2 and mm != "none":
         raise ConfigError(f"config.loss.mm: {mm!r} needs two modalities or more; use 'none' for unimodal runs")
     return cfg, _ignored(cfg, defaults)
@@ -249,10 +283,14 @@ def _validate_data(cfg):
     _num(cfg, "data.train_fraction", low=0.0, high=1.0, low_open=True)
     _int(cfg, "data.worker_count", minimum=0, optional=True)
     for m, spec in (_get(cfg, "data.frames") or {}).items():
-        _known_keys(cfg, f"data.frames.{m}", ("size", "normalize"))
+        _known_keys(cfg, f"data.frames.{m}", ("size", "normalize", "select"))
         size = spec.get("size")
         if size is not None and (len(size) != 2 or not all(_is_int(s) and s > 0 for s in size)):
             raise ConfigError(f"config.data.frames.{m}.size: [height, width] in pixels, got {size!r}")
+        select = spec.get("select")
+        if select is not None and (not isinstance(select, (list, tuple)) or not select
+                                   or not all(_is_int(i) and i >= 0 for i in select)):
+            raise ConfigError(f"config.data.frames.{m}.select: a list of stored frame indices to keep, got {select!r}")
     if not isinstance(_get(cfg, "data.masks"), (list, tuple)):
         raise ConfigError(f"config.data.masks: a list of modality names, got {cfg['data']['masks']!r}")
 
@@ -288,6 +326,8 @@ def _validate_train(cfg):
     _int(cfg, "train.checkpoint_every_steps", minimum=0)
     _int(cfg, "train.keep_checkpoints", minimum=1)
     _choice(cfg, "train.select_metric", SELECT_METRICS)
+    _choice(cfg, "train.select_split", SELECT_SPLITS)
+    _bool(cfg, "train.step_at_epoch_start")
     _choice(cfg, "train.matmul_precision", MATMUL_PRECISIONS)
     _choice(cfg, "train.compute_dtype", COMPUTE_DTYPES)
     _int(cfg, "train.log_every_steps", minimum=1)
@@ -302,7 +342,8 @@ def _validate_parallel(cfg):
 
 
 def _validate_alpha(cfg):
-    _known_keys(cfg, "alpha", ("strategy", "inner_iters", "outer", "batch_size", "learned", "hypergrad"))
+    _known_keys(cfg, "alpha", ("strategy", "inner_iters", "when", "outer", "inner", "heldout", "batch_size", "batch_norm",
+                               "learned", "hypergrad"))
     strategy = _get(cfg, "alpha.strategy")
     if strategy != "learned":
         try:
@@ -310,9 +351,20 @@ def _validate_alpha(cfg):
         except (ValueError, TypeError) as e:
             raise ConfigError(f"config.alpha.strategy: {e}; or 'learned'") from None
     _int(cfg, "alpha.inner_iters", minimum=0)
-    _choice(cfg, "alpha.outer", OUTER_SPLITS)
-    _int(cfg, "alpha.batch_size", minimum=1, optional=True)
-    _known_keys(cfg, "alpha.learned", ("init", "learning_rate", "schedule", "clip", "optimizer", "per_pair"))
+    when = _choice(cfg, "alpha.when", ALPHA_WHEN)
+    if when == "epoch_start" and cfg["alpha"]["inner_iters"]:
+        raise ConfigError(f"config.alpha.inner_iters={cfg['alpha']['inner_iters']}: alpha.when='epoch_start' takes one "
+                          "alpha step before each epoch; set inner_iters to 0")
+    outer = _choice(cfg, "alpha.outer", OUTER_BATCHES)
+    _choice(cfg, "alpha.inner", INNER_BATCHES)
+    heldout = _int(cfg, "alpha.heldout", minimum=0)
+    size = _int(cfg, "alpha.batch_size", minimum=1, optional=True)
+    if outer == "heldout" and (size is None or heldout < size):
+        raise ConfigError(f"config.alpha.heldout={heldout}: alpha.outer='heldout' takes its batch of alpha.batch_size="
+                          f"{size} from the held-out examples; hold out at least that many (and set alpha.batch_size)")
+    _choice(cfg, "alpha.batch_norm", ALPHA_BATCH_NORM)
+    _known_keys(cfg, "alpha.learned", ("init", "learning_rate", "schedule", "clip", "optimizer", "per_pair", "precision"))
+    _choice(cfg, "alpha.learned.precision", ("float32", "float64"))
     _choice(cfg, "alpha.learned.schedule", ALPHA_SCHEDULES)
     _bool(cfg, "alpha.learned.per_pair")
     for field in ("init", "learning_rate"):
@@ -322,8 +374,8 @@ def _validate_alpha(cfg):
         raise ConfigError(f"config.alpha.learned.clip: a pair (lo, hi), got {clip!r}")
     try:
         learned_alpha(cfg, 1)
-    except ValueError as e:  # LearnedAlpha names its argument: `init`, `learning_rate`, `clip`, `optimizer`
-        field = next((f for f in ("init", "learning_rate", "clip", "optimizer") if f"`{f}`" in str(e)), "")
+    except ValueError as e:  # LearnedAlpha names its argument: `init`, `learning_rate`, `clip`, `optimizer`, ...
+        field = next((f for f in ("init", "learning_rate", "clip", "optimizer", "precision") if f"`{f}`" in str(e)), "")
         raise ConfigError(f"config.alpha.learned.{field}: {e}") from None
     _known_keys(cfg, "alpha.hypergrad", ("method", "options", "require_converged", "precision", "warm_start", "remat"))
     _choice(cfg, "alpha.hypergrad.remat", REMAT_POLICIES)
@@ -342,7 +394,7 @@ def learned_alpha(cfg: Mapping, alpha_steps_per_epoch: int) -> alpha_lib.Learned
     per_pair = lcfg["per_pair"] and cfg["alpha"]["strategy"] == "learned"
     return alpha_lib.LearnedAlpha(init=lcfg["init"], learning_rate=lr, clip=tuple(lcfg["clip"]),
                                   num_pairs=max(1, len(mods) * (len(mods) - 1) // 2) if per_pair else None,
-                                  optimizer=lcfg["optimizer"])
+                                  optimizer=lcfg["optimizer"], precision=lcfg["precision"])
 
 
 def _flat(d: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -360,7 +412,8 @@ def _ignored(cfg: dict, defaults: dict) -> list[str]:
     groups = []
     if cfg["alpha"]["strategy"] != "learned":
         groups.append((f"the fixed alpha strategy {cfg['alpha']['strategy']!r}",
-                       [f"alpha.{k}" for k in ("inner_iters", "outer", "batch_size", "learned", "hypergrad")]))
+                       [f"alpha.{k}" for k in ("inner_iters", "when", "outer", "inner", "heldout", "batch_size",
+                                                 "batch_norm", "learned", "hypergrad")]))
     if cfg["loss"]["mm"] != "infonce":
         groups.append((f"config.loss.mm={cfg['loss']['mm']!r}", ["loss.temperature"]))
     if cfg["train"]["optimizer"] != "sgd":
@@ -368,9 +421,13 @@ def _ignored(cfg: dict, defaults: dict) -> list[str]:
     if cfg["train"]["schedule"] != "plateau":
         groups.append((f"config.train.schedule={cfg['train']['schedule']!r}", ["train.plateau_factor", "train.plateau_patience"]))
     if cfg["train"]["schedule"] != "step":
-        groups.append((f"config.train.schedule={cfg['train']['schedule']!r}", ["train.step_every_epochs", "train.step_factor"]))
+        groups.append((f"config.train.schedule={cfg['train']['schedule']!r}", ["train.step_every_epochs", "train.step_factor",
+                                                                              "train.step_at_epoch_start"]))
     flat, flat_default = _flat(cfg), _flat(defaults)
     out = []
+    if cfg["train"]["select_split"] == "test":
+        out.append("config.train.select_split='test': the best epoch is chosen on the test split (the authors' code's "
+                   "protocol), so its test score is no estimate of the test error")
     for reason, prefixes in groups:
         for key in sorted(flat):
             if any(key == p or key.startswith(p + ".") for p in prefixes) and flat[key] != flat_default.get(key):

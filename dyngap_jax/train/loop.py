@@ -35,6 +35,7 @@ from dyngap_jax.compilation import CompileCounter
 from dyngap_jax.io import write_json
 from dyngap_jax.train import plots
 from dyngap_jax.train.checkpoint import Checkpointer
+from dyngap_jax.train.config import ConfigError
 from dyngap_jax.train.evaluation import evaluate
 from dyngap_jax.train.setup import Run, setup
 from dyngap_jax.train.steps import TrainState
@@ -131,7 +132,8 @@ class _Steps:
     train: Any
     eval: Any
     alpha: Any
-    outer_it: Any  # the outer batches' loader (learned alpha only)
+    outer_it: Any  # the outer batches' loader (learned alpha only; None with the fixed held-out batch)
+    outer_fixed: Any = None  # alpha.outer="heldout": the one outer batch, on the device
 
 
 @dataclasses.dataclass
@@ -176,12 +178,22 @@ def _fetch(ep: _Epoch, folder: _Folder) -> None:
     ep.pending_train, ep.pending_alpha = [], []
 
 
-def _alpha_step(run: Run, steps: _Steps, state: TrainState, local_np: dict, batch, ep: _Epoch):
-    """Algorithm 1's alpha step on this train step's batch (its first ``alpha.batch_size`` examples)
-    and the next outer batch; its diagnostics stay on the device until the next fetch."""
-    inner = batch if run.batch.local_alpha == run.batch.local_train else parallel.shard_batch(
-        {k: v[:run.batch.local_alpha] for k, v in local_np.items()}, run.mesh)
-    state, res, usable = steps.alpha(state, inner, parallel.shard_batch(next(steps.outer_it), run.mesh))
+def _alpha_step(run: Run, steps: _Steps, state: TrainState, local_np: dict, batch, ep: _Epoch, epoch: int):
+    """Algorithm 1's alpha step; its diagnostics stay on the device until the next fetch.
+
+    The outer batch: the next of ``alpha.outer``'s loader, or the fixed held-out batch. The inner
+    batch: this train step's batch (its first ``alpha.batch_size`` examples), or with
+    ``alpha.inner="outer"`` the outer batch itself. BatchNorm in training mode until the run's first
+    evaluation (what ``alpha.batch_norm="authors"`` reads; epoch 0 is the only one before it).
+    """
+    outer = steps.outer_fixed if steps.outer_fixed is not None else parallel.shard_batch(next(steps.outer_it), run.mesh)
+    if run.cfg["alpha"]["inner"] == "outer":
+        inner = outer
+    elif run.batch.local_alpha == run.batch.local_train:
+        inner = batch
+    else:
+        inner = parallel.shard_batch({k: v[:run.batch.local_alpha] for k, v in local_np.items()}, run.mesh)
+    state, res, usable = steps.alpha(state, inner, outer, epoch == 0)
     ep.pending_alpha.append((ep.step, res, usable))
     return state
 
@@ -213,18 +225,21 @@ def _train_epoch(run: Run, steps: _Steps, state: TrainState, extra: dict, folder
     ep = (_Epoch(t_epoch, dict(partial["sums"]), partial["count"], list(partial["hyper_log"]), step) if partial
           else _Epoch(t_epoch, {}, 0, [], step))
     every, log_every = cfg["train"]["checkpoint_every_steps"], cfg["train"]["log_every_steps"]
+    at_start = cfg["alpha"]["when"] == "epoch_start"
     t0, count0 = time.time(), ep.count
     with _progress_bar(run, t_epoch, start) as bar:
         for i in range(start, run.steps_per_epoch):
             local_np = next(train_it)
             batch = parallel.shard_batch(local_np, run.mesh)
+            if steps.alpha is not None and at_start and i == 0:  # the authors' order: alpha first, then the epoch
+                state = _alpha_step(run, steps, state, local_np, batch, ep, epoch)
             state, m = steps.train(state, batch)
             ep.step += 1
             ep.pending_train.append((ep.step, i + 1, m))
             # Algorithm 1: an alpha step after every inner_iters train steps (counted over the run), or once an epoch
             due = ep.step % inner_iters == 0 if inner_iters else i + 1 == run.steps_per_epoch
-            if steps.alpha is not None and due:
-                state = _alpha_step(run, steps, state, local_np, batch, ep)
+            if steps.alpha is not None and due and not at_start:
+                state = _alpha_step(run, steps, state, local_np, batch, ep, epoch)
             bar.update(1)
             stop = max_steps is not None and ep.step >= max_steps
             checkpoint = (stop or (every and ep.step % every == 0)) and i + 1 < run.steps_per_epoch
@@ -240,10 +255,10 @@ def _train_epoch(run: Run, steps: _Steps, state: TrainState, extra: dict, folder
                     return state, None, ep.step
     _fetch(ep, folder)
     elapsed = max(time.time() - t0, 1e-9)
-    alpha = jax.device_get((state.alpha.value, state.alpha.skipped))
+    alpha = state.alpha.exact()  # to the precision alpha is kept to (config.alpha.learned.precision)
     record = {"epoch": t_epoch, "split": "train", "step": ep.step,
-              "alpha": np.asarray(alpha[0]).tolist(), "alpha_mean": float(np.mean(alpha[0])),
-              "alpha_skipped": int(alpha[1]), **{k: v / max(ep.count, 1) for k, v in ep.sums.items()},
+              "alpha": alpha.tolist(), "alpha_mean": float(np.mean(alpha)),
+              "alpha_skipped": int(jax.device_get(state.alpha.skipped)), **{k: v / max(ep.count, 1) for k, v in ep.sums.items()},
               "steps_per_s": (ep.count - count0) / elapsed, "seconds": elapsed}
     record.update(alpha_diagnostics(ep.hyper_log))
     return state, record, ep.step
@@ -274,7 +289,8 @@ def alpha_diagnostics(hyper_log: list[dict]) -> dict:
 
 
 ALPHA_KEYS = ("alpha_steps", "alpha_converged", "hypergrad_skipped", "hypergrad_iterations", "hypergrad_iterations_max",
-              "hypergrad_hvps", "hypergrad_residual", "hypergrad_residual_max", "hypergrad_damping")
+              "hypergrad_hvps", "hypergrad_residual", "hypergrad_residual_max", "hypergrad_damping",
+              "hypergrad_hypergradient")
 
 
 def alpha_summary(history: list[dict]) -> dict:
@@ -302,11 +318,17 @@ def epoch_line(run: Run, record: dict, evals: dict) -> str:
         parts.append(f"val acc {val['acc']:.4f}" + (f" ({per})" if per else ""))
         if "gap_acc" in val:
             parts.append(f"gap {val['gap_acc']:.4f}")
-    parts.append("alpha " + np.array2string(np.asarray(record["alpha"]), precision=4))
+    a = np.asarray(record["alpha"])
+    parts.append(f"alpha {float(a):.4f}" if a.ndim == 0 else "alpha " + np.array2string(a, precision=4))
     if record.get("alpha_steps"):
-        parts.append(f"alpha steps {record['alpha_converged']}/{record['alpha_steps']} converged "
-                     f"({record['hypergrad_iterations']:.0f} it, residual max {record.get('hypergrad_residual_max', float('nan')):.1e})"
-                     + (f", {record['hypergrad_skipped']} skipped" if record["hypergrad_skipped"] else ""))
+        skipped = f", {record['hypergrad_skipped']} skipped" if record["hypergrad_skipped"] else ""
+        if "hypergrad_residual_max" in record:  # a solve: did it reach its tolerance
+            parts.append(f"alpha steps {record['alpha_converged']}/{record['alpha_steps']} converged "
+                         f"({record['hypergrad_iterations']:.0f} it, residual max {record['hypergrad_residual_max']:.1e})"
+                         + skipped)
+        else:  # an estimate that solves nothing (the authors' H g, a series)
+            parts.append(f"alpha steps {record['alpha_steps'] - record['hypergrad_skipped']}/{record['alpha_steps']} "
+                         f"applied (hypergradient {record['hypergrad_hypergradient']:.3g})" + skipped)
     parts.append(f"{record['seconds']:.1f} s")
     return "  ".join(parts)
 
@@ -325,11 +347,13 @@ def _end_epoch(run: Run, steps: _Steps, state: TrainState, extra: dict, record: 
                              **{k: record[k] for k in ALPHA_KEYS if k in record},
                              **{f"{s}/{k}": v for s, e in evals.items() for k, v in e.items()}})
     faults.point("metrics_written")
-    select = run.cfg["train"]["select_metric"]
-    score = evals["validation"][select]
+    select, on = run.cfg["train"]["select_metric"], run.cfg["train"]["select_split"]
+    if on not in evals:
+        raise ConfigError(f"config.train.select_split={on!r}: {run.cfg['data_dir']} has no {on} split")
+    score = evals[on][select]
     if extra["best"] is None or score > extra["best"]["score"]:
         # the epoch's checkpoint is the best one's: recorded here, kept by the checkpointer's retention
-        extra["best"] = {"epoch": t_epoch, "step": step, "score": score, "metric": f"validation/{select}",
+        extra["best"] = {"epoch": t_epoch, "step": step, "score": score, "metric": f"{on}/{select}",
                          "validation": evals["validation"], "test": evals.get("test")}
     extra.update(epoch=t_epoch, step_in_epoch=0, train_iter=None, partial=None,
                  outer_iter=_iter_state(steps.outer_it) if steps.outer_it is not None else None)
@@ -369,12 +393,15 @@ def _train(run: Run, workdir: str, max_steps: int | None, counter: CompileCounte
         step = int(state.step)
         # what a killed run logged after its last checkpoint is logged again by this one
         folder.log.rewind(step)
-        outer_it = None
+        outer_it, outer_fixed = None, None
         if alpha_step is not None:
             outer_split = run.cfg["alpha"]["outer"]
-            outer_it = iter(run.loader(outer_split, train=True, infinite=True, batch_size=run.batch.alpha))
-            _set_iter_state(outer_it, extra["outer_iter"])
-        steps = _Steps(train_step, eval_step, alpha_step, outer_it)
+            if outer_split == "heldout":
+                outer_fixed = parallel.shard_batch(run.heldout_batch(), run.mesh)
+            else:
+                outer_it = iter(run.loader(outer_split, train=True, infinite=True, batch_size=run.batch.alpha))
+                _set_iter_state(outer_it, extra["outer_iter"])
+        steps = _Steps(train_step, eval_step, alpha_step, outer_it, outer_fixed)
         num_epochs = run.cfg["train"]["num_epochs"]
         while extra["epoch"] < num_epochs and (max_steps is None or step < max_steps):
             state, record, step = _train_epoch(run, steps, state, extra, folder, max_steps, step)
@@ -387,7 +414,7 @@ def _train(run: Run, workdir: str, max_steps: int | None, counter: CompileCounte
             summary = {"stopped_at": step, "best": extra["best"], "history": extra["history"],
                        "compilations": compilations}
         else:
-            summary = {"best": extra["best"], "final_alpha": np.asarray(jax.device_get(state.alpha.value)).tolist(),
+            summary = {"best": extra["best"], "final_alpha": state.alpha.exact().tolist(),
                        "alpha_steps": alpha_summary(extra["history"]), "compilations": compilations,
                        "history": extra["history"]}
             if jax.process_index() == 0:

@@ -39,8 +39,16 @@ def make_optimizer(tcfg: Mapping, steps_per_epoch: int) -> optax.GradientTransfo
     """SGD (momentum, weight decay, plateau x factor on the epoch's mean loss, or a step decay) or Adam (Sec. 4.1)."""
     lr = tcfg["learning_rate"]
     if tcfg["schedule"] == "step":
-        lr = optax.exponential_decay(lr, transition_steps=tcfg["step_every_epochs"] * steps_per_epoch,
-                                     decay_rate=tcfg["step_factor"], staircase=True)
+        every = tcfg["step_every_epochs"]
+        if tcfg["step_at_epoch_start"]:
+            # PyTorch's StepLR stepped before each epoch's training (the authors' code): epoch e (from 0) trains at
+            # lr * factor^((e + 1) // every), the first decay one epoch early; optax's count is the step's index
+            last = tcfg["num_epochs"] // every + 1
+            lr = optax.piecewise_constant_schedule(lr, {(k * every - 1) * steps_per_epoch: tcfg["step_factor"]
+                                                        for k in range(1, last + 1)})
+        else:
+            lr = optax.exponential_decay(lr, transition_steps=every * steps_per_epoch, decay_rate=tcfg["step_factor"],
+                                         staircase=True)
     parts = []
     if tcfg["weight_decay"]:
         parts.append(optax.add_decayed_weights(tcfg["weight_decay"]))
@@ -97,6 +105,8 @@ class Run:
     tx: optax.GradientTransformation
     strategy: Strategy
     mm_loss: Callable
+    # the parameters' '/'-joined paths in the order the model creates them (set by create_train_state)
+    parameter_order: list[str] | None = None
 
     @property
     def modalities(self) -> list[str]:
@@ -108,8 +118,31 @@ class Run:
     def frames(self) -> dict[str, augment.FrameAugment]:
         """The frame modalities' settings (``config.data.frames``): size, normalisation, augmentation."""
         return {m: augment.FrameAugment(size=tuple(f["size"]) if f.get("size") else None,
-                                        normalize=f.get("normalize", True))
+                                        normalize=f.get("normalize", True),
+                                        select=tuple(f["select"]) if f.get("select") is not None else None)
                 for m, f in self.cfg["data"]["frames"].items()}
+
+    @property
+    def heldout(self) -> np.ndarray:
+        """The training examples held out for the alpha step (``config.alpha.heldout``; record indices in the
+        order they were drawn), empty unless the strategy is learned and holds some out."""
+        acfg = self.cfg["alpha"]
+        if self.strategy.learned is None or not acfg["heldout"] or self.manifest is None:
+            return np.zeros((0,), np.int64)
+        n = self.manifest.splits["train"]["num_examples"]
+        return data_loader.heldout_indices(n, acfg["heldout"], self.cfg["seed"])
+
+    def heldout_batch(self) -> dict:
+        """This process's part of the fixed alpha batch of ``alpha.outer='heldout'``: the first
+        ``alpha.batch_size`` held-out examples, augmented once (the same batch every alpha step)."""
+        cfg = self.cfg
+        rows = self.heldout[:self.batch.alpha]
+        p = jax.process_index()
+        batch = data_loader.load_examples(
+            cfg["data_dir"], "train", rows, seed=cfg["seed"], modalities=self.modalities + [f"{m}_mask" for m in cfg["data"]["masks"]],
+            frames=self.frames, standardize=cfg["data"]["standardize"], expect=_expect(cfg),
+            verify=cfg["data"]["verify_checksums"])
+        return {k: v[p * self.batch.local_alpha:(p + 1) * self.batch.local_alpha] for k, v in batch.items()}
 
     @property
     def prepare(self) -> Callable:
@@ -137,7 +170,7 @@ class Run:
             modalities=self.modalities + [f"{m}_mask" for m in cfg["data"]["masks"]],
             frames=self.frames, standardize=cfg["data"]["standardize"], worker_count=cfg["data"]["worker_count"],
             expect=_expect(cfg), fraction=cfg["data"]["train_fraction"] if split == "train" else 1.0,
-            verify=cfg["data"]["verify_checksums"])
+            exclude=self.heldout if split == "train" else (), verify=cfg["data"]["verify_checksums"])
 
     def example_batch(self) -> dict:
         """The training split's first two examples (unshuffled), as the evaluation loader gives them."""
@@ -152,9 +185,16 @@ class Run:
         optimiser and schedule of ``config.alpha.learned``), so checkpoints restore into it.
         ``example`` is a loader batch (prepared here) or already the model's inputs.
         """
-        example = self.example_batch() if example is None else example
+        example = self.prepare_batch(self.example_batch() if example is None else example)
         key = jax.random.PRNGKey(self.cfg["seed"]) if key is None else key
-        variables = models.init_variables(self.model, key, self.prepare_batch(example), self.pretrained)
+        variables = models.init_variables(self.model, key, example, self.pretrained)
+        self.parameter_order = models.parameter_order(self.model, example)
+        if self.cfg["train"]["compute_dtype"] == "float64":
+            if not jax.config.jax_enable_x64:
+                raise ConfigError("config.train.compute_dtype='float64' needs JAX's 64-bit mode: set JAX_ENABLE_X64=1 "
+                                  "(or run inside jax.enable_x64(True))")
+            variables = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating)
+                                               else x, variables)
         params = variables.pop("params")
         if isinstance(self.strategy.method, hypergrad.Dense):
             n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
@@ -177,9 +217,26 @@ class Run:
     def compute_model(self) -> models.MultimodalClassifier:
         """The model the train and evaluation steps run: at ``config.train.compute_dtype`` (bfloat16:
         every encoder and head computes in bfloat16 on float32 parameters; losses stay float32). The
-        alpha step runs :attr:`model` at its own precision."""
+        alpha step runs :attr:`model` at its own precision (a float64 run's alpha step too is float64)."""
         dtype = self.cfg["train"]["compute_dtype"]
         return self.model if dtype == "float32" else models.with_dtype(self.model, jnp.dtype(dtype))
+
+    def alpha_method(self) -> hypergrad.Method | None:
+        """The learned strategy's method, with the authors' "first tensor" resolved to the parameter the
+        model creates first (PyTorch's registration order for modules written in forward order; known
+        once :meth:`create_train_state` has initialised the model)."""
+        method = self.strategy.method
+        if isinstance(method, hypergrad.LFMCode) and method.tensor:
+            order = self.parameter_order
+            if not order:
+                raise ConfigError("config.alpha.hypergrad.options.tensor is checked against the model's parameters: "
+                                  "create the train state before compiling the steps")
+            if method.tensor == "first":
+                method = dataclasses.replace(method, tensor=order[0])
+            elif method.tensor not in order:
+                raise ConfigError(f"config.alpha.hypergrad.options.tensor: {method.tensor!r} is not a parameter of the "
+                                  f"model; its first ones (in PyTorch's order): {', '.join(order[:4])}, ...")
+        return method
 
     def eval_step(self, state: TrainState):
         """The jitted evaluation step on the run's mesh, at ``config.train.matmul_precision``."""
@@ -193,13 +250,17 @@ class Run:
         pass False to call a step twice on the same state)."""
         sh = self.shardings(state)
         precision = self.cfg["train"]["matmul_precision"]
-        train_step = make_train_step(self.compute_model, self.tx, self.mm_loss, sh, precision, self.prepare, donate)
+        train_step = make_train_step(self.compute_model, self.tx, self.mm_loss, sh, precision, self.prepare, donate,
+                                     self.cfg["loss"]["scale"])
         eval_step = self.eval_step(state)
         alpha_step = None
         if self.strategy.learned is not None:
             s = self.strategy
-            alpha_step = make_alpha_step(self.model, self.mm_loss, s.learned, s.method, s.require_converged, sh,
-                                         s.precision, s.warm_start, self.prepare, donate, s.hvp_remat)
+            float64 = self.cfg["train"]["compute_dtype"] == "float64"
+            alpha_step = make_alpha_step(self.compute_model if float64 else self.model, self.mm_loss, s.learned,
+                                         self.alpha_method(), s.require_converged, sh,
+                                         "highest" if float64 else s.precision, s.warm_start, self.prepare, donate,
+                                         s.hvp_remat, self.cfg["alpha"]["batch_norm"])
         return train_step, eval_step, alpha_step
 
 
@@ -250,8 +311,11 @@ def setup(config, *, data: bool = True, steps_per_epoch: int | None = None) -> R
         if "validation" not in manifest.splits:
             raise ConfigError(f"config.data_dir: {cfg['data_dir']} has no validation split to select the best "
                               "epoch on (never on test)")
-        n_train = len(data_loader.subset_indices(manifest.splits["train"]["num_examples"],
-                                                 cfg["data"]["train_fraction"]))
+        n_all = manifest.splits["train"]["num_examples"]
+        held = cfg["alpha"]["heldout"] if cfg["alpha"]["strategy"] == "learned" else 0
+        if held >= n_all:
+            raise ConfigError(f"config.alpha.heldout={held}: the training split has {n_all} examples")
+        n_train = len(data_loader.kept_indices(n_all, cfg["data"]["train_fraction"], exclude=range(held)))
         # every split the run reads, checked (and hashed, once a process) before anything is written
         for split in ("train", "validation", "test"):
             if split in manifest.splits:

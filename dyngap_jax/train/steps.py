@@ -14,6 +14,7 @@ state's buffers to their output.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Sequence
 
@@ -169,23 +170,30 @@ def alpha_key(state: TrainState) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
 
 
-def alpha_losses(model, mm_loss: Callable, state: TrainState, inner, outer):
+def alpha_losses(model, mm_loss: Callable, state: TrainState, inner, outer, train_bn=True):
     """``(cls_loss, mm_loss, outer_loss)``: the closures ``params -> loss`` of the alpha step at ``state``.
 
-    L_CLS and L_MM on the ``inner`` batch, L_CLS on the ``outer`` batch. The forward pass runs in
-    training mode with the batch statistics and the dropout key (:func:`alpha_key`) held fixed
-    (the running averages are not updated), so the Hessian is that of one function. The
+    L_CLS and L_MM on the ``inner`` batch, L_CLS on the ``outer`` batch. ``train_bn`` (True, False,
+    or a traced bool): the forward pass runs in training mode (BatchNorm on the batch's statistics,
+    dropout on, with the key :func:`alpha_key`) or in evaluation mode (the running averages); the
+    running averages are not updated here, so the Hessian is that of one function. The
     hypergradient comparison builds its closures here too, so it measures what training applies.
     """
     rng = alpha_key(state)
-    fwd = lambda p, b: forward(model, p, state.model_state, b, rng, True)[0]
+
+    def fwd(p, b):
+        if isinstance(train_bn, bool):
+            return forward(model, p, state.model_state, b, rng, train_bn)[0]
+        return jax.lax.cond(train_bn, lambda: forward(model, p, state.model_state, b, rng, True)[0],
+                            lambda: forward(model, p, state.model_state, b, rng, False)[0])
+
     cls_loss = lambda p: losses.cross_entropy(fwd(p, inner)["logits"], inner["label"])
     inner_mm = lambda p: mm_loss(fwd(p, inner))
     outer_loss = lambda p: losses.cross_entropy(fwd(p, outer)["logits"], outer["label"])
     return cls_loss, inner_mm, outer_loss
 
 
-def subbatch_sampler(model, mm_loss: Callable, state: TrainState, batch, size: int):
+def subbatch_sampler(model, mm_loss: Callable, state: TrainState, batch, size: int, train_bn=True):
     """``key -> (cls_loss, mm_loss)`` on ``size`` examples of ``batch`` drawn without replacement.
 
     The fresh mini-batches of the stochastic methods (Ghadimi-Wang) in training, drawn from the
@@ -196,7 +204,7 @@ def subbatch_sampler(model, mm_loss: Callable, state: TrainState, batch, size: i
     def sampler(key):
         idx = jax.random.permutation(key, n)[:size]
         sub = jax.tree_util.tree_map(lambda x: x[idx], batch)
-        cls_loss, inner_mm, _ = alpha_losses(model, mm_loss, state, sub, sub)
+        cls_loss, inner_mm, _ = alpha_losses(model, mm_loss, state, sub, sub, train_bn)
         return cls_loss, inner_mm
 
     return sampler
@@ -215,8 +223,9 @@ def _finite_or_zero(tree):
 def make_alpha_step(model, mm_loss: Callable, learned: LearnedAlpha, method: hypergrad.Method,
                     require_converged: bool = False, shardings=None, precision: str = "highest",
                     warm_start: bool = False, prepare: Callable | None = None, donate: bool = False,
-                    hvp_remat: str = "none"):
-    """``alpha_step(state, inner_batch, outer_batch) -> (state, result, applied)``: Algorithm 1's alpha update.
+                    hvp_remat: str = "none", batch_norm: str = "batch"):
+    """``alpha_step(state, inner_batch, outer_batch, train_bn=True) -> (state, result, applied)``: Algorithm 1's
+    alpha update.
 
     Forms the hypergradient from the inner batch (L_CLS and L_MM, whose L_total's Hessian H is) and
     the outer batch (L_CLS, the upper-level objective) with :func:`alpha_losses`, estimates
@@ -233,25 +242,33 @@ def make_alpha_step(model, mm_loss: Callable, learned: LearnedAlpha, method: hyp
     ``state.alpha_solution`` (the last solution, non-finite entries replaced by 0) and keep the new one.
     ``prepare`` and ``donate`` as in :func:`make_train_step`: the batches are loader batches.
     ``hvp_remat``: :func:`dyngap_jax.hypergrad.alpha_hypergradient`'s (``config.alpha.hypergrad.remat``).
+    ``batch_norm`` (``config.alpha.batch_norm``): ``"batch"``, the closures' forward passes in training
+    mode (batch statistics) with the running averages untouched; ``"running"``, in evaluation mode;
+    ``"authors"``, as the authors' code: in training mode when ``train_bn`` (the loop passes it
+    until the run's first evaluation) and then the running averages move once, as their
+    training-mode forward on the inner batch moves them, else in evaluation mode.
     """
+    if batch_norm not in ("batch", "running", "authors"):
+        raise ValueError(f"config.alpha.batch_norm: unknown {batch_norm!r}; known: batch, running, authors")
     float64 = precision == "float64"
     prepare = prepare or _identity
     run_model = models.with_dtype(model, jnp.float64) if float64 else model
 
     @with_precision("highest" if float64 else precision)
-    def alpha_step(state: TrainState, inner, outer):
+    def alpha_step(state: TrainState, inner, outer, train_bn):
         inner, outer = prepare(inner), prepare(outer)
+        mode = {"batch": True, "running": False, "authors": train_bn}[batch_norm]
         work = state
         if float64:
             work = state.replace(params=_cast(state.params, jnp.float64),
                                  model_state=_cast(state.model_state, jnp.float64))
             inner, outer = _cast(inner, jnp.float64), _cast(outer, jnp.float64)
         a = work.alpha.value.astype(jnp.float64) if float64 else work.alpha.value
-        cls_loss, inner_mm, outer_loss = alpha_losses(run_model, mm_loss, work, inner, outer)
+        cls_loss, inner_mm, outer_loss = alpha_losses(run_model, mm_loss, work, inner, outer, mode)
         inputs = {}
         if "sampler" in method.required_inputs():
             size = max(1, inner["label"].shape[0] // 2)
-            inputs["sampler"] = subbatch_sampler(run_model, mm_loss, work, inner, size)
+            inputs["sampler"] = subbatch_sampler(run_model, mm_loss, work, inner, size, mode)
         if "key" in method.required_inputs():
             inputs["key"] = jax.random.fold_in(alpha_key(state), 2)
         if warm_start:
@@ -261,6 +278,10 @@ def make_alpha_step(model, mm_loss: Callable, learned: LearnedAlpha, method: hyp
         usable = res.ok if require_converged else res.info["finite"] & ~res.info["breakdown"]
         g = jnp.where(usable, res.value, jnp.nan)
         new = state.replace(alpha=learned.update(state.alpha, g))
+        if batch_norm == "authors":  # their training-mode forward moved the running averages (once, on the inner batch)
+            moved = forward(run_model, work.params, work.model_state, inner, alpha_key(state), True)[1]
+            moved = jax.tree_util.tree_map(lambda m, old: m.astype(old.dtype), moved, state.model_state)
+            new = new.replace(model_state=optax.tree_utils.tree_where(train_bn, moved, state.model_state))
         if warm_start:
             new = new.replace(alpha_solution=_cast(_finite_or_zero(res.solution), jnp.float32))
         return new, res.replace(solution=None), usable
@@ -270,23 +291,28 @@ def make_alpha_step(model, mm_loss: Callable, learned: LearnedAlpha, method: hyp
         step = jax.jit(alpha_step, donate_argnums=donate_argnums)
     else:
         state_sh, batch_sh, repl = shardings
-        step = jax.jit(alpha_step, in_shardings=(state_sh, batch_sh, batch_sh), out_shardings=(state_sh, repl, repl),
-                       donate_argnums=donate_argnums)
-    if not float64:
-        return step
-
-    @functools.wraps(alpha_step)
-    def in_x64(*args):
-        with jax.enable_x64(True):
-            return step(*args)
-
-    in_x64.lower = lambda *args: _lower_x64(step, *args)
-    return in_x64
+        step = jax.jit(alpha_step, in_shardings=(state_sh, batch_sh, batch_sh, repl),
+                       out_shardings=(state_sh, repl, repl), donate_argnums=donate_argnums)
+    return _AlphaStep(step, float64)
 
 
-def _lower_x64(step, *args):
-    with jax.enable_x64(True):
-        return step.lower(*args)
+class _AlphaStep:
+    """The jitted alpha step with ``train_bn`` defaulting to True (and, for a float64 step, run in x64)."""
+
+    def __init__(self, step, x64: bool):
+        self.step, self.x64 = step, x64
+        functools.update_wrapper(self, step)
+
+    def _context(self):
+        return jax.enable_x64(True) if self.x64 else contextlib.nullcontext()
+
+    def __call__(self, state, inner, outer, train_bn=True):
+        with self._context():
+            return self.step(state, inner, outer, jnp.asarray(train_bn, bool))
+
+    def lower(self, state, inner, outer, train_bn=True):
+        with self._context():
+            return self.step.lower(state, inner, outer, jnp.asarray(train_bn, bool))
 
 
 # the call-time inputs the training loop can give a method
