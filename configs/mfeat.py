@@ -25,7 +25,8 @@ def get_config(arg: str = "ours_lb"):
         "num_classes": 10,
         "modalities": views,
         "projection_dim": None,
-        "encoders": {v: {"name": "mlp", "hidden": [256], "out_features": 128, "dropout": 0.1, "in_features": VIEWS[v]}
+        "encoders": {v: {"name": "mlp", "hidden": [256], "out_features": 128, "dropout": 0.1, "in_features": VIEWS[v],
+                         "norm": "layer"}
                      for v in views},
         "fusion": {"name": "concat"},
     }

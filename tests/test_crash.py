@@ -156,3 +156,21 @@ def test_a_killed_run_leaves_no_lock(tiny_records, tmp_path):
     assert run_training(tiny_records, workdir, "checkpoint_saved") == -signal.SIGKILL
     with workdir_lock(workdir):
         pass
+
+
+def test_the_best_epochs_checkpoint_outlives_newer_ones_and_reading_it_deletes_nothing(tiny_records, tmp_path):
+    """One checkpoint an epoch; retention keeps the newest two and the best epoch's, however old. Opening the
+    folder to read (evaluation, the report) must not apply retention (it once deleted the best checkpoint)."""
+    from dyngap_jax.train import evaluate_checkpoint
+
+    workdir = str(tmp_path / "run")
+    s = train(tiny_config(tiny_records, "concat", epochs=8), workdir)
+    steps = Checkpointer(os.path.join(workdir, "checkpoints")).all_steps()
+    best = s["best"]["step"]
+    assert steps[-2:] == [21, 24] and best in steps and len(steps) <= 3
+    for _ in range(2):
+        step, res = evaluate_checkpoint(None, workdir, "test", "best")
+        assert step == best and res["acc"] == pytest.approx(s["best"]["test"]["acc"])
+    reader = Checkpointer(os.path.join(workdir, "checkpoints"))  # keep_checkpoints' default, opened and closed
+    reader.close()
+    assert Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == steps

@@ -93,8 +93,10 @@ APPROXIMATIONS = ("cg (config)", "cg truncated (the default until issue 13: d 1e
 
 
 def config_method(run: Run) -> hypergrad.Method:
-    """The config's hypergradient method (also for a run with a fixed strategy)."""
-    return run.strategy.method or hypergrad.method_from_config(run.cfg["alpha"]["hypergrad"])
+    """The config's hypergradient method (also for a run with a fixed strategy), as its alpha step runs it."""
+    if run.strategy.method is not None:
+        return run.alpha_method()
+    return hypergrad.method_from_config(run.cfg["alpha"]["hypergrad"])
 
 
 def config_damping(method: hypergrad.Method) -> float:
@@ -120,7 +122,9 @@ def approximations(run: Run, pool) -> dict:
         "neumann K=20": ("neumann", {"num_terms": 20}, None),
         "ghadimi_wang b=20": ("ghadimi_wang", {"num_terms": 20, "sampler": pool, "key": jax.random.PRNGKey(0)}, None),
         "lfm_code (cross)": ("lfm_code", {"reduction": "cross"}, None),
-        "lfm_code (authors)": ("lfm_code", {"reduction": "first_tensor_mean"}, None),
+        # their first tensor: the model's first-created parameter (PyTorch's order), known once a state was made
+        "lfm_code (authors)": ("lfm_code", {"reduction": "first_tensor_mean",
+                                            **({"tensor": run.parameter_order[0]} if run.parameter_order else {})}, None),
         "unrolled K=10": ("unrolled", {"num_steps": 10, "inner_lr": lr}, None),
     }
 

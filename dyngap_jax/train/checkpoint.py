@@ -62,6 +62,7 @@ class Checkpointer:
         self._pending: threading.Thread | None = None
         self._pending_error: BaseException | None = None
         self._keep: tuple[int, ...] = ()
+        self._saved = False  # retention applies after this checkpointer's own saves, never to one opened to read
 
     def _step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -76,7 +77,7 @@ class Checkpointer:
         not delete (besides the newest ``max_to_keep``).
         """
         self.wait()
-        self._keep = tuple(int(k) for k in keep)
+        self._keep, self._saved = tuple(int(k) for k in keep), True
         if step in self.manager.all_steps():
             self.manager.delete(step)
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),
@@ -106,9 +107,9 @@ class Checkpointer:
         self._retain()
 
     def _retain(self) -> None:
-        steps = self.all_steps()
-        if self.max_to_keep is None:
+        if self.max_to_keep is None or not self._saved:
             return
+        steps = self.all_steps()
         newest = set(steps[-self.max_to_keep:])
         for step in steps:
             if step not in newest and step not in self._keep:

@@ -79,7 +79,7 @@ def evaluate(state: TrainState, eval_step, run: Run, split: str) -> dict[str, fl
 def epoch_checkpoints(workdir: str) -> dict[int, int]:
     """``{epoch: step}`` of the retained checkpoints saved at an epoch's end (raise
     ``config.train.keep_checkpoints`` to keep every epoch's)."""
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None)  # reading: never deletes
     out = {}
     try:
         for step in ckpt.all_steps():
@@ -93,7 +93,7 @@ def epoch_checkpoints(workdir: str) -> dict[int, int]:
 
 def best_step(workdir: str) -> int:
     """The step of the best-on-validation epoch's checkpoint, as the run's latest checkpoint records it."""
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None)  # reading: never deletes
     try:
         latest = ckpt.latest_step()
         if latest is None:
@@ -122,7 +122,7 @@ def load_run_state(config, workdir: str, which: str | int = "latest") -> tuple[R
     folder = legacy_best if which == "best" and os.path.isdir(legacy_best) else os.path.join(workdir, "checkpoints")
     if which == "best" and folder != legacy_best:
         which = best_step(workdir)
-    ckpt = Checkpointer(folder)
+    ckpt = Checkpointer(folder, max_to_keep=None)
     try:
         if isinstance(which, (int, np.integer)):
             if int(which) not in ckpt.all_steps():

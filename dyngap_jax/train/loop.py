@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 import threading
@@ -403,6 +404,10 @@ def _train(run: Run, workdir: str, max_steps: int | None, counter: CompileCounte
                 _set_iter_state(outer_it, extra["outer_iter"])
         steps = _Steps(train_step, eval_step, alpha_step, outer_it, outer_fixed)
         num_epochs = run.cfg["train"]["num_epochs"]
+        summary_path = os.path.join(workdir, "summary.json")
+        if extra["epoch"] >= num_epochs and os.path.exists(summary_path):  # finished before: nothing to redo
+            with open(summary_path) as f:
+                return json.load(f)
         while extra["epoch"] < num_epochs and (max_steps is None or step < max_steps):
             state, record, step = _train_epoch(run, steps, state, extra, folder, max_steps, step)
             if record is None:  # stopped at max_steps inside the epoch
@@ -418,5 +423,5 @@ def _train(run: Run, workdir: str, max_steps: int | None, counter: CompileCounte
                        "alpha_steps": alpha_summary(extra["history"]), "compilations": compilations,
                        "history": extra["history"]}
             if jax.process_index() == 0:
-                write_json(os.path.join(workdir, "summary.json"), summary)
+                write_json(summary_path, summary)
     return summary
