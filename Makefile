@@ -28,8 +28,10 @@ run: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m scripts.hypergrad_demo --config configs/hypergrad_demo.py
 
+# a worker a core (at most 4; each test file on one worker, its module fixtures built once), one compilation
+# cache for the session (tests/conftest.py); no GPU memory preallocated where workers share a GPU
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q tests
+	XLA_PYTHON_CLIENT_PREALLOCATE=false $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV)

@@ -12,7 +12,11 @@ ROOT = os.path.dirname(HERE)
 
 def test_chaos_kills_leave_the_result_of_an_uninterrupted_run(tmp_path):
     data = make_tiny_records(str(tmp_path / "rec"))
-    train = ("import sys; from tiny_data import tiny_config; from dyngap_jax.train import train; "
+    # each start loads its executables from the session's compilation cache (conftest), as a resumed run of the
+    # entry points does from theirs; a start killed while writing an entry leaves one JAX reads as a miss
+    train = ("import os, sys; from tiny_data import tiny_config; from dyngap_jax.train import train; "
+             "from dyngap_jax.compilation import enable_persistent_cache; "
+             "enable_persistent_cache(os.environ['DYNGAP_COMPILATION_CACHE']); "
              "train(tiny_config({data!r}, 'ours_lb', epochs=3), sys.argv[-1])").format(data=data)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "scripts.chaos", "--kills=5", "--seed=1", f"--out_dir={tmp_path / 'chaos'}",
