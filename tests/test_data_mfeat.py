@@ -323,5 +323,5 @@ def test_records_decode_as_views_equal_to_flax_msgpack_and_fall_back_on_other_la
     # another layout (a nested dict, as other writers may produce) still decodes, through flax's reader
     nested = serialization.msgpack_serialize({"a": {"b": np.arange(3)}, "label": np.asarray(1)})
     np.testing.assert_array_equal(records.decode_example(nested)["a"]["b"], np.arange(3))
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="incomplete input"):
         records.decode_example(data[:-5])  # a cut record is an error, never a short array

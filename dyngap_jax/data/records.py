@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import struct
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -48,7 +49,7 @@ def decode_example(data: bytes) -> dict[str, np.ndarray]:
     """
     try:
         return _decode_views(data)
-    except _NotPlain:
+    except (_NotPlain, struct.error, IndexError, ValueError):  # another layout, or cut short: flax's reader says
         return serialization.msgpack_restore(data)
 
 
@@ -62,21 +63,21 @@ _LEN = {0xc4: ">B", 0xc5: ">H", 0xc6: ">I", 0xd9: ">B", 0xda: ">H", 0xdb: ">I", 
 
 
 def _decode_views(data) -> dict[str, np.ndarray]:
-    import struct
-
     buf = memoryview(data)
     pos = 0
 
-    def length(tag: int, fix_lo: int, fix_hi: int) -> int:
+    def unpack(fmt: str | None) -> int:  # one big-endian unsigned number, of the format its tag names
         nonlocal pos
-        if fix_lo <= tag <= fix_hi:
-            return tag - fix_lo
-        fmt = _LEN.get(tag)
         if fmt is None:
             raise _NotPlain
         (n,) = struct.unpack_from(fmt, buf, pos)
         pos += struct.calcsize(fmt)
         return n
+
+    def length(tag: int, fix_lo: int, fix_hi: int) -> int:
+        if fix_lo <= tag <= fix_hi:
+            return tag - fix_lo
+        return unpack(_LEN.get(tag))
 
     def string(tag: int) -> str:
         nonlocal pos
@@ -93,16 +94,10 @@ def _decode_views(data) -> dict[str, np.ndarray]:
         return buf[pos - 1]
 
     def integer() -> int:
-        nonlocal pos
         tag = byte()
         if tag <= 0x7f:
             return tag
-        fmt = _INT.get(tag)
-        if fmt is None:
-            raise _NotPlain
-        (v,) = struct.unpack_from(fmt, buf, pos)
-        pos += struct.calcsize(fmt)
-        return v
+        return unpack(_INT.get(tag))
 
     tag = byte()
     if not (0x80 <= tag <= 0x8f or tag in (0xde, 0xdf)):

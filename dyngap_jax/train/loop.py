@@ -387,6 +387,11 @@ def _train(run: Run, workdir: str, max_steps: int | None, counter: CompileCounte
     with _open_folder(run, workdir) as folder:
         extra = {"epoch": 0, "step_in_epoch": 0, "train_iter": None, "outer_iter": None, "history": [], "best": None}
         restored = folder.ckpt.restore_latest(state)
+        num_epochs = run.cfg["train"]["num_epochs"]
+        summary_path = os.path.join(workdir, "summary.json")
+        if restored is not None and restored[1]["epoch"] >= num_epochs and os.path.exists(summary_path):
+            with open(summary_path) as f:  # finished before: nothing to redo, nothing rewritten
+                return json.load(f)
         if restored is not None:
             state, extra = restored
             logging.info("resumed from step %d (epoch %d)", int(state.step), extra["epoch"] + 1)
@@ -403,11 +408,6 @@ def _train(run: Run, workdir: str, max_steps: int | None, counter: CompileCounte
                 outer_it = iter(run.loader(outer_split, train=True, infinite=True, batch_size=run.batch.alpha))
                 _set_iter_state(outer_it, extra["outer_iter"])
         steps = _Steps(train_step, eval_step, alpha_step, outer_it, outer_fixed)
-        num_epochs = run.cfg["train"]["num_epochs"]
-        summary_path = os.path.join(workdir, "summary.json")
-        if extra["epoch"] >= num_epochs and os.path.exists(summary_path):  # finished before: nothing to redo
-            with open(summary_path) as f:
-                return json.load(f)
         while extra["epoch"] < num_epochs and (max_steps is None or step < max_steps):
             state, record, step = _train_epoch(run, steps, state, extra, folder, max_steps, step)
             if record is None:  # stopped at max_steps inside the epoch

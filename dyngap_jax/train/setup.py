@@ -138,10 +138,7 @@ class Run:
         cfg = self.cfg
         rows = self.heldout[:self.batch.alpha]
         p = jax.process_index()
-        batch = data_loader.load_examples(
-            cfg["data_dir"], "train", rows, seed=cfg["seed"], modalities=self.modalities + [f"{m}_mask" for m in cfg["data"]["masks"]],
-            frames=self.frames, standardize=cfg["data"]["standardize"], expect=_expect(cfg),
-            verify=cfg["data"]["verify_checksums"])
+        batch = data_loader.load_examples(cfg["data_dir"], "train", rows, seed=cfg["seed"], **self._record_options())
         return {k: v[p * self.batch.local_alpha:(p + 1) * self.batch.local_alpha] for k, v in batch.items()}
 
     @property
@@ -166,11 +163,17 @@ class Run:
         local = self.batch.local_train if batch_size is None else _local(batch_size, "batch_size")
         return data_loader.make_loader(
             cfg["data_dir"], split, batch_size=local, train=train, seed=(cfg["seed"] * 1009 + epoch) % (2**31),
-            num_epochs=None if infinite else 1,
-            modalities=self.modalities + [f"{m}_mask" for m in cfg["data"]["masks"]],
-            frames=self.frames, standardize=cfg["data"]["standardize"], worker_count=cfg["data"]["worker_count"],
-            expect=_expect(cfg), fraction=cfg["data"]["train_fraction"] if split == "train" else 1.0,
-            exclude=self.heldout if split == "train" else (), verify=cfg["data"]["verify_checksums"])
+            num_epochs=None if infinite else 1, worker_count=cfg["data"]["worker_count"],
+            fraction=cfg["data"]["train_fraction"] if split == "train" else 1.0,
+            exclude=self.heldout if split == "train" else (), **self._record_options())
+
+    def _record_options(self) -> dict:
+        """What every reader of the run's records is given: the modalities (and masks) to decode, the frame
+        settings, standardisation, the manifest's expected contents, checksum verification."""
+        cfg = self.cfg
+        return {"modalities": self.modalities + [f"{m}_mask" for m in cfg["data"]["masks"]], "frames": self.frames,
+                "standardize": cfg["data"]["standardize"], "expect": _expect(cfg),
+                "verify": cfg["data"]["verify_checksums"]}
 
     def example_batch(self) -> dict:
         """The training split's first two examples (unshuffled), as the evaluation loader gives them."""

@@ -279,9 +279,11 @@ def make_alpha_step(model, mm_loss: Callable, learned: LearnedAlpha, method: hyp
         g = jnp.where(usable, res.value, jnp.nan)
         new = state.replace(alpha=learned.update(state.alpha, g))
         if batch_norm == "authors":  # their training-mode forward moved the running averages (once, on the inner batch)
-            moved = forward(run_model, work.params, work.model_state, inner, alpha_key(state), True)[1]
-            moved = jax.tree_util.tree_map(lambda m, old: m.astype(old.dtype), moved, state.model_state)
-            new = new.replace(model_state=optax.tree_utils.tree_where(train_bn, moved, state.model_state))
+            def moved():  # only run when train_bn: after the first evaluation no forward is spent on it
+                after = forward(run_model, work.params, work.model_state, inner, alpha_key(state), True)[1]
+                return jax.tree_util.tree_map(lambda m, old: m.astype(old.dtype), after, state.model_state)
+
+            new = new.replace(model_state=jax.lax.cond(train_bn, moved, lambda: state.model_state))
         if warm_start:
             new = new.replace(alpha_solution=_cast(_finite_or_zero(res.solution), jnp.float32))
         return new, res.replace(solution=None), usable
