@@ -44,6 +44,22 @@ def base(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
     return base_config(dataset, data_dir)
 
 
+METHODS = ("concat", "constant:<a>", "stepwise:<p>", "ours_h", "ours_lb", "ours_lb_vector", "lfm_code", "authors_learned",
+           "authors_fitted", "unimodal:<modality>")
+
+
+def method_args(modalities) -> list[str]:
+    """Every method of :data:`METHODS` as a ``get_config`` argument (a value for each ``<...>``; every modality
+    for ``unimodal``): what ``tests/test_config.py`` validates for every data set's config."""
+    out = []
+    for name in METHODS:
+        if name == "unimodal:<modality>":
+            out += [f"unimodal:{m}" for m in modalities]
+        else:
+            out.append(name.replace("<a>", "0.5").replace("<p>", "0.05"))
+    return out
+
+
 def apply_method(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
     name, _, value = (arg or "ours_lb").partition(":")
     c.method = arg or "ours_lb"
@@ -75,6 +91,9 @@ def apply_method(c: ml_collections.ConfigDict, arg: str) -> ml_collections.Confi
         c.model.modalities = [value]
         c.model.encoders = {value: c.model.encoders[value].to_dict()}
         c.model.projection_dim = None
+        # the other modalities' data settings go with their encoders (their frames and masks are not read)
+        c.data.frames = {m: f.to_dict() for m, f in c.data.frames.items() if m == value}
+        c.data.masks = [m for m in c.data.masks if m == value]
         c.alpha.strategy = "constant:0.0"
         c.loss.mm = "none"
     else:

@@ -191,8 +191,19 @@ class AlphaState:
 
 
 def authors_lr_schedule(alpha_steps_per_epoch: int = 1) -> optax.Schedule:
-    """The authors' learning rate for alpha: 1e-4, halved every 20 epochs."""
-    return optax.exponential_decay(1e-4, transition_steps=20 * alpha_steps_per_epoch, decay_rate=0.5, staircase=True)
+    """The authors' learning rate for alpha: 1e-4, halved every 20 epochs (``alpha_steps_per_epoch`` steps an epoch).
+
+    Computed in the default float dtype where it is traced: a double under JAX's 64-bit mode, where
+    alpha is one (their Python float: 1e-4 exactly, not float32's 9.999999747e-05), else float32.
+    ``optax.exponential_decay`` would return float32 on optax's int32 step count in either case.
+    """
+    every = 20 * alpha_steps_per_epoch
+
+    def schedule(count):
+        dtype = jnp.result_type(float)
+        return jnp.asarray(1e-4, dtype) * jnp.asarray(0.5, dtype) ** (jnp.asarray(count) // every)
+
+    return schedule
 
 
 @dataclasses.dataclass(frozen=True)

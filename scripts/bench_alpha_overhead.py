@@ -89,12 +89,12 @@ def measure(name: str) -> list[dict]:
     cfg, batch = case(name)
     with cfg.unlocked():
         cfg.alpha.hypergrad.warm_start = True  # measured against cold starts below
-    run = setup(cfg, data=False, steps_per_epoch=STEPS_PER_EPOCH[name])
+    run = setup(cfg, data=False, example=batch(2, 0), steps_per_epoch=STEPS_PER_EPOCH[name])
     B = run.batch.train
-    state = run.create_train_state(batch(2, 0), jax.random.PRNGKey(0))
+    state = run.create_train_state(jax.random.PRNGKey(0))
     state = jax.device_put(state, run.shardings(state)[0])
     train_step, _, alpha_step = run.compile_steps(state, donate=False)
-    inner_iters = run.cfg["alpha"]["inner_iters"]
+    inner_iters = run.cfg.alpha.inner_iters
     k_default = run.steps_per_epoch // inner_iters if inner_iters else 1
     rows, seed = [], 100
     compile_s = {}
@@ -140,15 +140,15 @@ def measure(name: str) -> list[dict]:
 
 def frontier(run, state, batch, t_train) -> list[dict]:
     """The default system solved with growing budgets: relative error to its float64 solution, and cost."""
-    method = run.strategy.method
+    method, mm_loss = run.method.estimator, run.method.mm_loss
     inner, outer = batch(8, 7), batch(8, 8)
-    config = Estimator(run.model, run.mm_loss, state, "cg", method.options())(inner, outer)
+    config = Estimator(run.model, mm_loss, state, "cg", method.options())(inner, outer)
     d = config["info"]["damping"]
-    ref = Estimator(run.model, run.mm_loss, state, "cg", {"operator": "normal", "damping_mode": "absolute",
+    ref = Estimator(run.model, mm_loss, state, "cg", {"operator": "normal", "damping_mode": "absolute",
                                                           "tol": 1e-10, "maxiter": 20000, "restarts": 3}, "float64")
     reference = ref(inner, outer, dynamic={"damping": d})
     out = []
-    budget = Estimator(run.model, run.mm_loss, state, "cg", {**method.options(), "damping_mode": "absolute", "tol": 0.0})
+    budget = Estimator(run.model, mm_loss, state, "cg", {**method.options(), "damping_mode": "absolute", "tol": 0.0})
     for maxiter in (3, 10, 30, 100, 300, 1000):
         r = budget(inner, outer, repeats=FLAGS.repeats, dynamic={"damping": d, "maxiter": np.int32(maxiter)})
         out.append({"case": "mfeat frontier", "budget": f"{maxiter} iterations", "residual": r["info"]["residual"],
@@ -160,12 +160,12 @@ def frontier(run, state, batch, t_train) -> list[dict]:
                 "epoch ratio": 1 + config["run_s"] / (run.steps_per_epoch * t_train)})
     # the system: the relative damping rho, d = (rho |lambda|_max)^2, each solved to 1e-3 and in float64
     for rho in (0.1, 0.03, 0.01, 0.003):
-        r = Estimator(run.model, run.mm_loss, state, "cg", {**method.options(), "damping": rho})(inner, outer)
+        r = Estimator(run.model, mm_loss, state, "cg", {**method.options(), "damping": rho})(inner, outer)
         rho_ref = ref(inner, outer, dynamic={"damping": r["info"]["damping"]})
         out.append({"case": "mfeat damping", "rho": rho, "iterations": int(r["info"]["iterations"]),
                     "converged": r["ok"], "rel. error": relative_error(r["value"], rho_ref["value"]),
                     "value": float(np.mean(rho_ref["value"])), "reference iterations": int(rho_ref["info"]["iterations"])})
-    old = Estimator(run.model, run.mm_loss, state, "cg", {"operator": "normal", "damping": 1e-4,
+    old = Estimator(run.model, mm_loss, state, "cg", {"operator": "normal", "damping": 1e-4,
                                                           "damping_mode": "absolute", "tol": 1e-3, "maxiter": 30})
     o = old(inner, outer, repeats=FLAGS.repeats)
     old_ref = ref(inner, outer, dynamic={"damping": 1e-4})

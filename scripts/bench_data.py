@@ -166,18 +166,18 @@ def step_rates(name, model_cfg, feats, frames, batch_size, steps):
     c.train.update({"num_epochs": 1, "batch_size": batch_size, "learning_rate": 1e-2, "weight_decay": 1e-4,
                     "schedule": "constant"})
     c.alpha.strategy = "constant:0.5"
-    run = setup(c, data=False)
     rng = np.random.default_rng(1)
     drawn = [loader.TrainFrames(frames).random_map(synthetic_example(feats, rng, i % model_cfg["num_classes"]), rng)
              for i in range(batch_size)]
     raw = jax.device_put({k: np.stack([d[k] for d in drawn]) for k in drawn[0]})
+    run = setup(c, data=False, example={k: v[:2] for k, v in raw.items()})
     prepare = jax.jit(run.prepare)
     prepared = jax.block_until_ready(prepare(raw))
-    state = run.create_train_state({k: v[:2] for k, v in raw.items()}, jax.random.PRNGKey(0))
+    state = run.create_train_state(jax.random.PRNGKey(0))
     t0 = time.perf_counter()
-    with_prep = make_train_step(run.model, run.tx, run.mm_loss, prepare=run.prepare).lower(state, raw).compile()
+    with_prep = make_train_step(model=run.model, tx=run.tx, method=run.method, prepare=run.prepare).lower(state, raw).compile()
     compile_s = time.perf_counter() - t0
-    without = make_train_step(run.model, run.tx, run.mm_loss).lower(state, prepared).compile()
+    without = make_train_step(model=run.model, tx=run.tx, method=run.method).lower(state, prepared).compile()
     times = {"raw": [], "prepared": [], "prepare": []}
     for i in range(steps + 1):
         for label, fn, batch in (("raw", with_prep, raw), ("prepared", without, prepared)):

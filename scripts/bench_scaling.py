@@ -37,16 +37,16 @@ def build(n_devices):
     config = mfeat_config.get_config("ours_lb/all")
     with config.unlocked():
         config.parallel.data = n_devices
-    run = setup(config, data=False, steps_per_epoch=10)
     rng = np.random.default_rng(0)
-    views = {v: run.cfg["model"]["encoders"][v]["in_features"] for v in run.modalities}
+    views = {v: config.model.encoders[v].in_features for v in config.model.modalities}
 
     def batch(n):
         b = {v: rng.standard_normal((n, d)).astype(np.float32) for v, d in views.items()}
         b["label"] = (np.arange(n) % 10).astype(np.int32)
         return b
 
-    state = run.create_train_state(batch(2), jax.random.PRNGKey(0))
+    run = setup(config, data=False, example=batch(2), steps_per_epoch=10)
+    state = run.create_train_state(jax.random.PRNGKey(0))
     state = jax.device_put(state, run.shardings(state)[0])
     train_step, _, alpha_step = run.compile_steps(state, donate=False)
     return run.mesh, state, (train_step, alpha_step), batch

@@ -82,10 +82,11 @@ def synthetic_batch(case: str, batch: int, num_classes: int):
 def ours(case: str, batch: dict, steps: int, precision: str):
     """(seconds a step, compile seconds, parameters, last loss) of our train step."""
     config = case_config(case, precision)
-    run = setup(config, data=False)  # the config's model (at its compute dtype), optimiser and L_MM
-    state = run.create_train_state({k: v[:2] for k, v in batch.items()}, jax.random.PRNGKey(0))
+    # the config's model (at its compute dtype), optimiser and method (LFM: L_MM)
+    run = setup(config, data=False, example={k: v[:2] for k, v in batch.items()})
+    state = run.create_train_state(jax.random.PRNGKey(0))
     state = state.replace(alpha=state.alpha.replace(value=jnp.asarray(ALPHA, state.alpha.value.dtype)))
-    step = make_train_step(run.compute_model, run.tx, run.mm_loss, precision=run.cfg["train"]["matmul_precision"],
+    step = make_train_step(model=run.compute_model, tx=run.tx, method=run.method, precision=run.cfg.precision.matmul,
                            donate=True)
     batch = jax.device_put(batch)
     t0 = time.perf_counter()

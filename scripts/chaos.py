@@ -5,14 +5,15 @@
 
 The command after ``--`` is a training run; this script appends ``--workdir <dir>`` to it (its output
 goes to ``<dir>.log``). It runs the command once uninterrupted (``<out_dir>/reference``), then in
-``<out_dir>/chaos`` starts it ``--kills`` times and kills each start with SIGKILL: alternately at a
-random moment between 1/4 and 1/2 of the reference run's duration and at a random named place of
-:mod:`dyngap_jax.faults` (during a checkpoint write, between the best and the latest checkpoint,
-between the metrics and the checkpoint, after the checkpoint; the 1st to 3rd time it is reached),
-each start resuming what the previous ones left (a start that finishes before its kill is counted
-as not killed). A last start runs to the end. The final ``summary.json`` must equal the
-reference's (every number within ``--rtol``) and ``metrics.jsonl`` must hold the same records;
-exits 1 otherwise. Prints a line per start and the tally.
+``<out_dir>/chaos`` starts it ``--kills`` times and stops each start, in turn: with SIGKILL at a
+random moment between 1/4 and 1/2 of the reference run's duration; with SIGKILL at a random named
+place of :mod:`dyngap_jax.faults` (mid-epoch after a train step, during a checkpoint write, between
+the best and the latest checkpoint, between the metrics and the checkpoint, after the checkpoint;
+the 1st to 3rd time it is reached); with SIGTERM, a scheduler's preemption (at a random moment or
+at a named place; the run checkpoints and exits 75). Each start resumes what the previous ones left
+(a start that finishes before its signal is counted as not stopped). A last start runs to the end.
+The final ``summary.json`` must equal the reference's (every number within ``--rtol``) and
+``metrics.jsonl`` must hold the same records; exits 1 otherwise. Prints a line per start and the tally.
 """
 from __future__ import annotations
 
@@ -39,8 +40,13 @@ flags.DEFINE_integer("timeout", 3600, "Seconds one start may take.")
 flags.mark_flag_as_required("out_dir")
 
 
-def run(command: list[str], workdir: str, fault: str | None = None, kill_after: float | None = None) -> tuple[int, float]:
-    """Run ``command --workdir workdir``; ``(exit status, seconds)``; negative status: killed by that signal."""
+PREEMPTED = 75  # dyngap_jax.train.PREEMPTED_EXIT_STATUS: checkpointed on SIGTERM, resumable
+
+
+def run(command: list[str], workdir: str, fault: str | None = None, kill_after: float | None = None,
+        sig: int = signal.SIGKILL) -> tuple[int, float]:
+    """Run ``command --workdir workdir``, sending ``sig`` after ``kill_after`` seconds; ``(exit status, seconds)``;
+    negative status: killed by that signal, 75: preempted (checkpointed)."""
     env = {k: v for k, v in os.environ.items() if k != faults.ENV}
     if fault:
         env[faults.ENV] = fault
@@ -52,9 +58,9 @@ def run(command: list[str], workdir: str, fault: str | None = None, kill_after: 
         try:
             proc.wait(timeout=kill_after if kill_after is not None else FLAGS.timeout)
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             proc.wait()
-    if proc.returncode not in (0, -signal.SIGKILL):
+    if proc.returncode not in (0, -signal.SIGKILL, PREEMPTED):
         with open(log, "rb") as f:
             sys.stderr.write(f.read()[-4000:].decode(errors="replace"))
         raise SystemExit(f"{' '.join(command)} --workdir {workdir} failed with status {proc.returncode} (log: {log})")
@@ -90,19 +96,25 @@ def main(argv):
     _, duration = run(command, reference)
     print(f"reference: {duration:.1f} s", flush=True)
     rng = random.Random(FLAGS.seed)
-    killed = 0
+    stopped = 0
     for k in range(FLAGS.kills):
-        if k % 2 == 0:
-            after = rng.uniform(0.25, 0.5) * duration  # inside the run: each start resumes what is left
+        after = rng.uniform(0.25, 0.5) * duration  # inside the run: each start resumes what is left
+        fault = f"{rng.choice(faults.POINTS)}@{rng.randint(1, 3)}"
+        if k % 3 == 0:
             status, took = run(command, chaos, kill_after=after)
-            how = f"at {after:.1f} s"
-        else:
-            fault = f"{rng.choice(faults.POINTS)}@{rng.randint(1, 3)}"
+            how = f"SIGKILL at {after:.1f} s"
+        elif k % 3 == 1:
             status, took = run(command, chaos, fault=fault)
-            how = f"at {fault}"
-        killed += status == -signal.SIGKILL
-        print(f"start {k + 1}: {'killed ' + how if status else 'finished before the kill ' + how} ({took:.1f} s)",
-              flush=True)
+            how = f"SIGKILL at {fault}"
+        elif rng.random() < 0.5:
+            status, took = run(command, chaos, kill_after=after, sig=signal.SIGTERM)
+            how = f"SIGTERM at {after:.1f} s"
+        else:
+            status, took = run(command, chaos, fault=f"{fault}:SIGTERM")
+            how = f"SIGTERM at {fault}"
+        stopped += status != 0
+        word = {0: "finished before", -signal.SIGKILL: "killed", PREEMPTED: "preempted"}[status]
+        print(f"start {k + 1}: {word} ({how}, {took:.1f} s)", flush=True)
         logging.info("start %d: status %d (%s)", k + 1, status, how)
     status, took = run(command, chaos)
     with open(os.path.join(reference, "summary.json")) as f:
@@ -114,7 +126,7 @@ def main(argv):
     diff = differences(got, want, FLAGS.rtol)
     if records(chaos) != records(reference):
         diff.append(f"metrics.jsonl: {records(chaos)} against {records(reference)}")
-    print(f"last start: finished ({took:.1f} s); {killed} of {FLAGS.kills} starts killed; "
+    print(f"last start: finished ({took:.1f} s); {stopped} of {FLAGS.kills} starts stopped; "
           f"{'summary equal to the uninterrupted run' if not diff else 'DIFFERS: ' + '; '.join(diff[:10])}")
     if diff:
         raise SystemExit(1)

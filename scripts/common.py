@@ -71,6 +71,11 @@ def _user_errors() -> tuple[type, ...]:
     return ConfigError, RecordError, CheckpointError, TrainingDiverged, WorkdirBusy
 
 
+def _stop(status: int, message: str) -> None:
+    sys.stderr.write(f"{message}\n")
+    sys.exit(status)
+
+
 def run(main: Callable, config_flag: str = "config") -> None:
     """``absl.app.run(main)`` after :func:`override_errors` (exit status 2 naming the flag on a bad field),
     with the libraries' INFO logging off (:func:`dyngap_jax.cli.quiet_libraries`) and the persistent
@@ -78,7 +83,8 @@ def run(main: Callable, config_flag: str = "config") -> None:
 
     A bad config value (:class:`~dyngap_jax.train.ConfigError`) exits with status 2, bad or damaged
     records and checkpoints, a diverged run and a busy workdir with status 1, each as one line
-    ``error: <message>`` (the message names the file, field or step) instead of a traceback.
+    ``error: <message>`` (the message names the file, field or step) instead of a traceback; a
+    preempted run (:class:`~dyngap_jax.train.Preempted`: its checkpoint written) with status 75.
     """
     errors = override_errors(sys.argv[1:], config_flag)
     if errors:
@@ -89,11 +95,14 @@ def run(main: Callable, config_flag: str = "config") -> None:
         cli.quiet_libraries()  # orbax's, grain's and JAX's INFO logging off unless --verbosity is given
         if flags.FLAGS.compilation_cache and flags.FLAGS.compilation_cache_dir:
             compilation.enable_persistent_cache(flags.FLAGS.compilation_cache_dir)
+        from dyngap_jax.train import PREEMPTED_EXIT_STATUS, Preempted
+
         known = _user_errors()
         try:
             return main(argv)
+        except Preempted as e:  # a checkpoint is written: the same command resumes
+            _stop(PREEMPTED_EXIT_STATUS, f"preempted: {e}")
         except known as e:
-            sys.stderr.write(f"error: {e}\n")
-            sys.exit(2 if isinstance(e, known[0]) else 1)
+            _stop(2 if isinstance(e, known[0]) else 1, f"error: {e}")
 
     app.run(guarded)

@@ -41,7 +41,7 @@ def main(argv):
     run = setup(config)
     cfg = run.cfg
     mods = run.modalities
-    encoders = cfg["model"]["encoders"]
+    encoders = cfg.model.encoders
     modality = FLAGS.modality or next((m for m in mods if "resnet" in encoders[m]["name"]), None)
     if modality not in mods or "resnet" not in encoders[modality]["name"]:
         raise app.UsageError(f"--modality: needs an image or video (ResNet) modality of {mods}, got {modality!r}")

@@ -4,7 +4,7 @@
     python multiprocess_run.py RECORDS WORKDIR PORT NUM_PROCESSES ID  # process ID of NUM_PROCESSES, coordinator 127.0.0.1:PORT
 
 Prints ``RESULT <json>``: the summary's history and final alpha, and the test-split metrics that
-``evaluate_checkpoint`` gives for the best checkpoint.
+``evaluate_checkpoint`` gives for the best checkpoint; or, preempted, ``PREEMPTED <step>`` and exits 75.
 """
 import json
 import sys
@@ -20,7 +20,7 @@ if len(sys.argv) > 3:  # before anything else touches JAX
 
 from tiny_data import tiny_config  # noqa: E402  (this file's folder is on sys.path: it runs as a script)
 
-from dyngap_jax.train import evaluate_checkpoint, train  # noqa: E402
+from dyngap_jax.train import PREEMPTED_EXIT_STATUS, Preempted, evaluate_checkpoint, train  # noqa: E402
 
 
 def main(records, workdir):
@@ -30,7 +30,11 @@ def main(records, workdir):
         cfg.alpha.hypergrad.options.update({"operator": "damped", "damping_mode": "absolute", "damping": 10.0,
                                             "tol": 1e-6, "maxiter": 100})
         cfg.alpha.learned.learning_rate = 0.05
-    summary = train(cfg, workdir)
+    try:
+        summary = train(cfg, workdir)
+    except Preempted as e:  # SIGTERM (DYNGAP_FAULT=...:SIGTERM): every process stops at the same step
+        print(f"PREEMPTED {e.step}", flush=True)
+        sys.exit(PREEMPTED_EXIT_STATUS)
     step, test = evaluate_checkpoint(cfg, workdir, "test", "best")
     print("RESULT " + json.dumps({"processes": jax.process_count(), "devices": jax.device_count(),
                                   "history": summary["history"], "final_alpha": summary["final_alpha"],

@@ -122,3 +122,16 @@ def test_a_float64_alpha_keeps_updates_below_float32_spacing_as_the_authors_pyth
     assert s64.value.dtype == np.float32 and abs(float(s64.value) - ref) < 6e-8  # the train step reads the float32
     with pytest.raises(ValueError, match="precision"):
         alpha.LearnedAlpha(precision="float16")
+
+
+def test_the_authors_learning_rate_is_a_double_where_alpha_is_one():
+    """Under JAX's 64-bit mode alpha is a double and so is its rate: 1e-4 exactly, halved every 20 epochs (as their
+    Python float), not float32's 9.999999747e-05 (optax's exponential_decay on its int32 step count)."""
+    with jax.enable_x64(True):
+        sched = alpha.authors_lr_schedule(3)
+        assert [float(sched(jnp.asarray(c, jnp.int32))) for c in (0, 59, 60, 120)] == [1e-4, 1e-4, 5e-5, 2.5e-5]
+        learned = alpha.LearnedAlpha(init=0.5, learning_rate=sched, clip=(0.05, 0.95), precision="float64")
+        g = 0.0123456789
+        s = learned.update(learned.create(), jnp.asarray(g, jnp.float64))
+        assert float(s.exact()) == 0.5 - 1e-4 * g  # the authors' cls_k[1] -= lr_alpha * alpha_grad, bit for bit
+    assert sched(0).dtype == jnp.float32  # outside the 64-bit mode the default float, as alpha's

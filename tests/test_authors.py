@@ -133,8 +133,8 @@ def test_the_authors_recipe_follows_their_alpha_trajectory_in_float64(tiny_recor
         cfg = authors_config(tiny_records)
         run = setup(cfg)
         state = run.create_train_state()
-        assert run.parameter_order[0] == "encoders_a/dense_0/kernel"  # PyTorch's first: enc_a.fc.weight
-        assert run.alpha_method().tensor == "encoders_a/dense_0/kernel"
+        assert run.info.parameter_order[0] == "encoders_a/dense_0/kernel"  # PyTorch's first: enc_a.fc.weight
+        assert run.method.estimator.tensor == "encoders_a/dense_0/kernel"
         assert len(run.heldout) == 16 and len(run.heldout_batch()["label"]) == 8
         # their val_batch: the 16 held-out examples, in the order drawn (the alpha step takes its first half)
         heldout = data_loader.load_examples(tiny_records, "train", run.heldout, seed=0)
@@ -151,8 +151,10 @@ def test_the_authors_recipe_follows_their_alpha_trajectory_in_float64(tiny_recor
     want, estimates = authors_loop(net, heldout, epoch_batches, alpha_init=0.5)
     got = [h["alpha"] for h in summary["history"]]
     got_estimates = [h["hypergrad_hypergradient"] for h in summary["history"]]
-    np.testing.assert_allclose(got_estimates, estimates, rtol=1e-9, atol=0)
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(got_estimates, estimates, rtol=1e-12, atol=0)
+    # to a few units in the last place: alpha's learning rate is a double too (a float32 1e-4, 9.999999747e-05,
+    # was off by 2.5e-8 of every step, ~4e-14 here)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-15)
     # alpha moved every epoch (the comparison is not of three clipped constants)
     assert len(set(np.round(want, 12))) == EPOCHS and min(abs(np.diff([0.5] + want))) > 1e-9
 
@@ -202,12 +204,15 @@ def test_the_step_schedule_decays_as_torch_steplr_stepped_where_the_authors_step
     comes one epoch early; without it, after each epoch (PyTorch's usual place)."""
     import jax.numpy as jnp
 
+    import dataclasses
+
     from dyngap_jax.train import make_optimizer
+    from dyngap_jax.train.sections import TrainConfig
 
     every, epochs, per_epoch = 3, 10, 2
-    tcfg = {"learning_rate": 0.5, "schedule": "step", "step_every_epochs": every, "step_factor": 0.1,
-            "step_at_epoch_start": at_start, "num_epochs": epochs, "weight_decay": 0.0, "optimizer": "sgd",
-            "momentum": 0.0}
+    tcfg = dataclasses.replace(TrainConfig(), learning_rate=0.5, schedule="step", step_every_epochs=every,
+                               step_factor=0.1, step_at_epoch_start=at_start, num_epochs=epochs, weight_decay=0.0,
+                               optimizer="sgd", momentum=0.0)
     tx = make_optimizer(tcfg, per_epoch)
     params = {"w": jnp.zeros(())}
     state = tx.init(params)

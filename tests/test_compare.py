@@ -80,13 +80,13 @@ def test_comparison_measures_what_the_training_alpha_step_applies(tiny_records):
     _, _, alpha_step = run.compile_steps(state, donate=False)
     inner = next(iter(run.loader("train", train=True, epoch=3)))
     outer = next(iter(run.loader("validation", train=True, epoch=4)))
-    method = run.strategy.method
+    method, mm_loss = run.method.estimator, run.method.mm_loss
     _, trained, _ = alpha_step(state, inner, outer)
-    measured = Estimator(run.model, run.mm_loss, state, method.name, method.options())(inner, outer, repeats=1)
+    measured = Estimator(run.model, mm_loss, state, method.name, method.options())(inner, outer, repeats=1)
     np.testing.assert_allclose(measured["value"], np.asarray(trained.value), rtol=1e-5)
     assert measured["info"]["iterations"] == float(trained.info["iterations"])
     # a different dropout key gives a different value: the agreement above is not by accident
-    other = Estimator(run.model, run.mm_loss, state.replace(rng=jax.random.PRNGKey(99)), method.name,
+    other = Estimator(run.model, mm_loss, state.replace(rng=jax.random.PRNGKey(99)), method.name,
                       method.options())(inner, outer, repeats=1)
     assert not np.allclose(other["value"], measured["value"], rtol=1e-3)
 

@@ -102,18 +102,18 @@ def test_records_of_another_data_set_are_refused_before_anything_is_written(tiny
 
 def test_a_method_alone_takes_its_own_defaults(tiny_records):
     run = setup(_apply(tiny_config(tiny_records, "ours_lb"), {"alpha.hypergrad.method": "minres"}))
-    assert run.strategy.method == hypergrad.MINRES()
+    assert run.method.estimator == run.cfg.alpha.hypergrad.estimator == hypergrad.MINRES()
     run = setup(_apply(tiny_config(tiny_records, "ours_lb"), {"alpha.hypergrad.method": "neumann",
                                                               "alpha.hypergrad.options.num_terms": 7}))
-    assert run.strategy.method == hypergrad.Neumann(num_terms=7)
+    assert run.method.estimator == hypergrad.Neumann(num_terms=7)
     # the training default: CG's own defaults (the damped normal equations), one value in one place
     run = setup(tiny_config(tiny_records, "ours_lb"))
-    assert run.strategy.method == hypergrad.CG() and run.strategy.method.operator == "normal"
-    assert run.strategy.learned.learning_rate == hypergrad_default_lr()
+    assert run.method.estimator == hypergrad.CG() and run.method.estimator.operator == "normal"
+    assert run.method.learned.learning_rate == hypergrad_default_lr()
     lfm = setup(tiny_config(tiny_records, "lfm_code"))
-    assert lfm.strategy.method == hypergrad.LFMCode(reduction="first_tensor_mean", tensor="first")
-    lfm.create_train_state()  # "first" is the model's first-created parameter, as PyTorch's model.parameters()[0]
-    assert lfm.alpha_method().tensor == "encoders_a/dense_0/kernel"
+    assert lfm.cfg.alpha.hypergrad.estimator == hypergrad.LFMCode(reduction="first_tensor_mean", tensor="first")
+    # "first" is the model's first-created parameter, as PyTorch's model.parameters()[0]: resolved by setup
+    assert lfm.method.estimator.tensor == lfm.info.parameter_order[0] == "encoders_a/dense_0/kernel"
     assert jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(lfm.create_train_state().params)[0][0][0]) \
         == "['encoders_a']['dense_0']['bias']"  # where jax's sorted leaves would have looked
 
@@ -246,3 +246,133 @@ def test_a_low_data_run_trains_on_a_fixed_subset_of_the_training_split(tiny_reco
     assert sum(len(b["label"]) for b in run.loader("validation", train=False, batch_size=8)) == 24
     with pytest.raises(ValueError, match=r"config\.data\.train_fraction: must be > 0"):
         setup(_apply(tiny_config(tiny_records, "ours_lb"), {"data.train_fraction": 0.0}))
+
+
+# --------------------------------------------------------------------------- the table of fields
+
+
+def test_every_field_has_its_row_in_the_table_and_the_table_is_the_config():
+    """base_config is made from the table; every section field has a kind, a doc line and a default (or is
+    required), every dataclass field is a row or a declared derived value, and the docs come from the table."""
+    import dataclasses
+
+    from dyngap_jax.train import config as config_module
+    from dyngap_jax.train import sections
+    from dyngap_jax.train.config import all_rows, base_config, fields_markdown
+    from dyngap_jax.train.fields import Kind, Spec, plain, specs
+
+    derived = {("HypergradConfig", "estimator"), ("BalanceConfig", "resolved"), ("Config", "precision")}
+    classes = [sections.Config, sections.FrameConfig, *sections.SECTIONS.values(), sections.DistributedConfig,
+               sections.LearnedConfig, sections.HypergradConfig]
+    for cls in classes:
+        rows = specs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in rows:
+                assert (cls.__name__, f.name) in derived, f"{cls.__name__}.{f.name} has no row in the table"
+        for name, s in rows.items():
+            assert isinstance(s, Spec) and isinstance(s.kind, Kind) and s.doc.strip(), (cls.__name__, name)
+            assert s.kind.describe(), (cls.__name__, name)
+    leaves = {p for p, _ in all_rows()}
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and k not in ("options", "frames", "encoders", "fusion"):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    assert set(flat(plain(base_config("d", "x")))) <= leaves  # model is empty in the base: a data set sets it
+    assert {"train.preempt_signal", "balance.method", "parallel.distributed.heartbeat_timeout"} <= leaves
+    # the README's list of fields and the config module's docstring are the table's
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    begin, end = "<!-- config fields: begin -->", "<!-- config fields: end -->"
+    assert readme.split(begin, 1)[1].split(end, 1)[0].strip() == fields_markdown(), \
+        "README.md's list of config fields is not the table's: python -m scripts.config_fields --write README.md"
+    assert all(f"  {p}: " in config_module.__doc__ for p in leaves)
+
+
+def _all_configs():
+    from configs import _base
+
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "[a-z]*.py"))):
+        name = os.path.basename(path)[:-3]
+        if name == "hypergrad_demo":
+            continue
+        module = __import__(f"configs.{name}", fromlist=["get_config"])
+        mods = list(module.get_config("concat").model.modalities)
+        args = _base.method_args(mods)
+        if name == "mfeat":
+            args += ["ours_lb/all", "unimodal:kar/kar+zer", "ours_h/fou+fac+mor"]
+        for arg in args:
+            yield name, arg, module
+
+
+@pytest.mark.parametrize("name,arg,module", list(_all_configs()), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_method_of_every_data_sets_config_validates(name, arg, module):
+    from dyngap_jax.train import validate
+
+    cfg, _ = validate(module.get_config(arg))
+    if arg.startswith("unimodal:"):
+        m = arg.split(":", 1)[1].split("/", 1)[0]
+        assert cfg.model.modalities == (m,) and set(cfg.data.frames) <= {m} and set(cfg.data.masks) <= {m}
+
+
+# a mistake in each section, refused by validate or setup before anything is written (the issue's cases included)
+SECTION_MISTAKES = [
+    ("concat", {"data.masks": ["text"]}, r"config\.data\.masks: 'text' is not a modality of config\.model\.modalities"),
+    ("concat", {"data.worker_count": -1}, r"config\.data\.worker_count: must be >= 0"),
+    ("concat", {"model.num_classes": 1}, r"config\.model\.num_classes: must be >= 2"),
+    ("concat", {"train.preempt_signal": "SIGHUP"}, r"config\.train\.preempt_signal: unknown 'SIGHUP'; known: SIGTERM"),
+    ("concat", {"loss.scale": -2.0}, r"config\.loss\.scale: must be > 0"),
+    ("concat", {"parallel.distributed.heartbeat_timeout": 1}, r"config\.parallel\.distributed\.heartbeat_timeout: "
+                                                                r"must be >= 5"),
+    ("concat", {"parallel.shard_params": "yes"}, r"config\.parallel\.shard_params: must be True or False"),
+    ("ours_lb", {"alpha.hypergrad.remat": "some"}, r"config\.alpha\.hypergrad\.remat: unknown 'some'"),
+    ("concat", {"balance.method": "ogm"}, r"config\.balance\.method: unknown training method 'ogm'; known: lfm"),
+    ("concat", {"balance.options.alpha": 0.3}, r"config\.balance\.options\.alpha: training method 'lfm' has no "
+                                               r"option 'alpha'"),
+    # the contradictions of one resolved precision, by name
+    ("ours_lb", {"train.compute_dtype": "float64", "alpha.hypergrad.precision": "default"},
+     r"config\.alpha\.hypergrad\.precision='default' contradicts config\.train\.compute_dtype='float64'"),
+]
+
+
+@pytest.mark.parametrize("method,overrides,message", SECTION_MISTAKES, ids=[",".join(m[1]) for m in SECTION_MISTAKES])
+def test_a_mistake_in_each_section_fails_before_anything_is_written(tiny_records, tmp_path, method, overrides, message):
+    cfg = tiny_config(tiny_records, method).to_dict()  # a plain dict: any value can be written, as in a JSON config
+    for k, v in overrides.items():
+        node = cfg
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    with pytest.raises(ValueError, match=message):
+        with jax.enable_x64(True):
+            train(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_selecting_on_a_split_the_records_lack_fails_before_anything_is_written(tmp_path):
+    records = make_tiny_records(str(tmp_path / "rec"), splits=("train", "validation"))
+    cfg = _apply(tiny_config(records, "concat"), {"train.select_split": "test"})
+    with pytest.raises(ConfigError, match=r"config\.train\.select_split='test': .* has no test split \(it has train, "
+                                          r"validation\)"):
+        train(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_resolved_precision(tiny_records):
+    from dyngap_jax.train import validate
+
+    p = validate(tiny_config(tiny_records, "ours_lb"))[0].precision
+    assert (p.compute_dtype, p.matmul, p.alpha_float64, p.alpha_matmul, p.alpha_dtype, p.x64) == \
+        ("float32", "default", False, "highest", "float32", False)
+    p = validate(_apply(tiny_config(tiny_records, "authors_learned"), {"alpha.hypergrad.precision": "float64"}))[0].precision
+    assert (p.alpha_float64, p.alpha_matmul, p.alpha_dtype, p.x64) == (True, "highest", "float64", False)
+    with jax.enable_x64(True):  # a float64 run: every number float64, the alpha step's and alpha's included
+        p = validate(_apply(tiny_config(tiny_records, "ours_lb"), {"train.compute_dtype": "float64"}))[0].precision
+        assert (p.compute_dtype, p.alpha_float64, p.alpha_dtype, p.x64) == ("float64", True, "float64", True)
+        with pytest.raises(ConfigError, match=r"config\.train\.matmul_precision='BF16_BF16_F32_X3' is a float32 dot "
+                                              r"algorithm; it contradicts config\.train\.compute_dtype='float64'"):
+            validate(_apply(tiny_config(tiny_records, "ours_lb"), {"train.compute_dtype": "float64",
+                                                                    "train.matmul_precision": "BF16_BF16_F32_X3"}))

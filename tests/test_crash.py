@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from tiny_data import flip_byte, make_tiny_records, tiny_config
+from tiny_data import assert_same_run as _same, flip_byte, make_tiny_records, summary, tiny_config
 
 from dyngap_jax import faults
 from dyngap_jax.train import CheckpointError, Checkpointer, WorkdirBusy, train, workdir_lock
@@ -15,6 +15,10 @@ from dyngap_jax.train import CheckpointError, Checkpointer, WorkdirBusy, train, 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 EPOCHS = 3
+
+
+def assert_same_run(workdir, reference):
+    _same(workdir, reference, EPOCHS)
 
 
 @pytest.fixture(scope="module")
@@ -39,29 +43,6 @@ def run_training(data_dir: str, workdir: str, fault: str | None = None) -> int:
     if fault:
         env[faults.ENV] = fault
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, timeout=600).returncode
-
-
-def summary(workdir):
-    with open(os.path.join(workdir, "summary.json")) as f:
-        return json.load(f)
-
-
-def records(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def assert_same_run(workdir, reference):
-    a, b = summary(workdir), summary(reference)
-    assert a.keys() == b.keys() and a["best"]["epoch"] == b["best"]["epoch"]
-    assert len(a["history"]) == len(b["history"]) == EPOCHS
-    for ha, hb in zip(a["history"], b["history"]):
-        assert ha.keys() == hb.keys()
-        for k in ha:
-            np.testing.assert_allclose(ha[k], hb[k], rtol=1e-6, err_msg=k)
-    # one record per epoch and split, in order, as the uninterrupted run logged them
-    key = lambda r: (r["epoch"], r["split"], r["step"])
-    assert [key(r) for r in records(workdir)] == [key(r) for r in records(reference)]
 
 
 @pytest.mark.parametrize("fault", [
@@ -174,3 +155,48 @@ def test_the_best_epochs_checkpoint_outlives_newer_ones_and_reading_it_deletes_n
     reader = Checkpointer(os.path.join(workdir, "checkpoints"))  # keep_checkpoints' default, opened and closed
     reader.close()
     assert Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == steps
+
+
+FIXTURE = os.path.join(HERE, "fixtures", "run_before_methods")
+
+
+def test_a_run_folder_written_before_the_method_interface_evaluates_and_resumes_exactly(tiny_records, tmp_path):
+    """``tests/fixtures/run_before_methods``: tiny_config(ours_lb, 2 epochs, warm start) stopped at step 4 by the code
+    before the method interface (commit 4a29d94): its checkpoints (a train state without ``method_state``, the alpha
+    step's state at the top of the loop's JSON) evaluate, and resume to what this code's own run gives."""
+    import shutil
+
+    from dyngap_jax.train import LoopState, evaluate_checkpoint
+
+    workdir = str(tmp_path / "old")
+    shutil.copytree(FIXTURE, workdir)
+    path = os.path.join(workdir, "config.json")
+    with open(path) as f:
+        recorded = json.load(f)
+    assert "balance" not in recorded and "preempt_signal" not in recorded["train"]
+    recorded["data_dir"] = tiny_records  # the records it was trained on, made anew (the same bytes)
+    with open(path, "w") as f:
+        json.dump(recorded, f)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None)
+    saved = ckpt.restore_extra(4)
+    ckpt.close()
+    assert "outer_iter" in saved and "parts" not in saved
+    loop = LoopState.from_json(saved)
+    assert (loop.epoch, loop.step_in_epoch, loop.best_step) == (1, 1, 3)
+    assert loop.parts["alpha"]["evaluated"] and len(loop.parts["alpha"]["log"]) == 1  # epoch 2's first alpha step
+    step, res = evaluate_checkpoint(None, workdir, "validation", "best")
+    assert step == 3
+    for k, v in loop.best["validation"].items():
+        assert res[k] == pytest.approx(v, abs=1e-6), k
+    cfg = tiny_config(tiny_records, "ours_lb", epochs=2)
+    with cfg.unlocked():
+        cfg.alpha.hypergrad.warm_start = True
+    resumed = train(cfg, workdir)
+    fresh = train(cfg, str(tmp_path / "fresh"))
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    for ha, hb in zip(resumed["history"], fresh["history"]):
+        assert ha.keys() == hb.keys()
+        for k in ha:
+            np.testing.assert_allclose(ha[k], hb[k], rtol=1e-6, err_msg=k)
+    np.testing.assert_allclose(resumed["final_alpha"], fresh["final_alpha"], rtol=1e-6)
+    assert resumed["alpha_steps"] == fresh["alpha_steps"]

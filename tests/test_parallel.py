@@ -5,8 +5,10 @@ XLA_FLAGS=--xla_force_host_platform_device_count=4 (4, not 8: 8 deadlocks on 2 c
 """
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -43,44 +45,109 @@ def test_cluster_variables_alone_start_nothing(monkeypatch):
                  "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"}.items():
         monkeypatch.setenv(k, v)
     assert parallel.initialize({"auto": False, "coordinator_address": ""}) is False and started == []
-    assert parallel.initialize({"auto": True}) is True and started == [{}]
+    assert parallel.initialize({"auto": True}) is True  # JAX reads the cluster's variables; our timeouts are passed
+    assert started == [{"heartbeat_timeout_seconds": 60, "shutdown_timeout_seconds": 60}]
 
 
 def _result(proc_out: str) -> dict:
     return json.loads([line for line in proc_out.splitlines() if line.startswith("RESULT ")][-1][len("RESULT "):])
 
 
-def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
-    """jax.distributed on localhost (CPU collectives): training and evaluation as one process on 4 devices,
-    on splits (22 validation, 21 test) that do not divide over the processes."""
-    from parallel_equivalence import records  # tests/ is on the path under pytest
+SCRIPT = os.path.join(os.path.dirname(__file__), "multiprocess_run.py")
 
-    data = str(tmp_path / "rec")
-    records(data)
-    script = os.path.join(os.path.dirname(__file__), "multiprocess_run.py")
-    env = lambda n: dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
-    single = subprocess.run([sys.executable, script, data, str(tmp_path / "one")], env=env(4), capture_output=True,
-                            text=True, timeout=900)
-    assert single.returncode == 0, single.stderr[-4000:]
+
+def _env(devices: int, fault: str | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "DYNGAP_FAULT"}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    if fault:
+        env["DYNGAP_FAULT"] = fault
+    return env
+
+
+def _two_processes(data: str, workdir: str, faults=(None, None)):
+    """Start the run as 2 processes of 2 devices (jax.distributed on localhost); ``[(popen, started), ...]``."""
     import socket
 
     with socket.socket() as sock:  # a free port for the coordinator
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    procs = [subprocess.Popen([sys.executable, script, data, str(tmp_path / "two"), port, "2", str(i)], env=env(2),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=900) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-4000:]
+    return [(subprocess.Popen([sys.executable, SCRIPT, data, workdir, port, "2", str(i)], env=_env(2, faults[i]),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.monotonic())
+            for i in range(2)]
+
+
+def _finish(procs, timeout=900):
+    return [p.communicate(timeout=timeout) for p, _ in procs]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The run as one process of 4 devices: the reference of the two-process runs (records with validation and
+    test splits, 22 and 21 examples, that do not divide over the processes)."""
+    from parallel_equivalence import records  # tests/ is on the path under pytest
+
+    tmp = tmp_path_factory.mktemp("mp")
+    data = str(tmp / "rec")
+    records(data)
+    single = subprocess.run([sys.executable, SCRIPT, data, str(tmp / "one")], env=_env(4), capture_output=True,
+                            text=True, timeout=900)
+    assert single.returncode == 0, single.stderr[-4000:]
     one = _result(single.stdout)
     assert (one["processes"], one["devices"]) == (1, 4)
-    for out, _ in outs:
-        two = _result(out)
-        assert (two["processes"], two["devices"]) == (2, 4)
-        assert two["best_step"] == one["best_step"]
-        np.testing.assert_allclose(two["final_alpha"], one["final_alpha"], rtol=1e-5)
-        for h2, h1 in zip(two["history"], one["history"]):
-            for k in ("train_loss", "validation/acc", "validation/l_cls", "test/acc", "test/map"):
-                np.testing.assert_allclose(h2[k], h1[k], rtol=1e-5, err_msg=k)
-        for k in ("acc", "map", "f1", "l_cls"):
-            np.testing.assert_allclose(two["test"][k], one["test"][k], rtol=1e-5, err_msg=k)
+    return data, one
+
+
+def _assert_as_one(out: str, one: dict) -> None:
+    two = _result(out)
+    assert (two["processes"], two["devices"]) == (2, 4)
+    assert two["best_step"] == one["best_step"]
+    np.testing.assert_allclose(two["final_alpha"], one["final_alpha"], rtol=1e-5)
+    for h2, h1 in zip(two["history"], one["history"]):
+        for k in ("train_loss", "validation/acc", "validation/l_cls", "test/acc", "test/map"):
+            np.testing.assert_allclose(h2[k], h1[k], rtol=1e-5, err_msg=k)
+    for k in ("acc", "map", "f1", "l_cls"):
+        np.testing.assert_allclose(two["test"][k], one["test"][k], rtol=1e-5, err_msg=k)
+
+
+def test_two_processes_of_two_devices_equal_one_process_of_four(one_process, tmp_path):
+    """jax.distributed on localhost (CPU collectives): training and evaluation as one process on 4 devices."""
+    data, one = one_process
+    procs = _two_processes(data, str(tmp_path / "two"))
+    for (p, _), (out, err) in zip(procs, _finish(procs)):
+        assert p.returncode == 0, err[-4000:]
+        _assert_as_one(out, one)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_rerun_resumes(one_process, tmp_path):
+    """JAX's preemption service agrees on the step: both processes checkpoint there and exit 75."""
+    data, one = one_process
+    workdir = str(tmp_path / "two")
+    procs = _two_processes(data, workdir, (None, "train_step@4:SIGTERM"))
+    outs = _finish(procs)
+    stops = []
+    for (p, _), (out, err) in zip(procs, outs):
+        assert p.returncode == 75, err[-4000:]
+        stops.append(int(re.search(r"PREEMPTED (\d+)", out).group(1)))
+    assert stops[0] == stops[1] >= 4
+    procs = _two_processes(data, workdir)
+    for (p, _), (out, err) in zip(procs, _finish(procs)):
+        assert p.returncode == 0, err[-4000:]
+        assert f"resuming {workdir} at step {stops[0]}" in out
+        _assert_as_one(out, one)
+
+
+def test_one_process_killed_outright_stops_the_other_within_a_minute_naming_it(one_process, tmp_path):
+    data, one = one_process
+    workdir = str(tmp_path / "two")
+    procs = _two_processes(data, workdir, (None, "train_step@5"))  # process 1: SIGKILL inside epoch 2
+    (p0, t0), (p1, _) = procs
+    p1.wait(timeout=600)
+    killed_at = time.monotonic()
+    _, err0 = p0.communicate(timeout=120)
+    assert p1.returncode == -9
+    assert p0.returncode == 1 and time.monotonic() - killed_at < 60, err0[-3000:]
+    assert re.search(r"error: process 1 of 2 \(.* pid \d+\) stopped responding", err0), err0[-3000:]
+    procs = _two_processes(data, workdir)  # every process again: resumes from the last checkpoint
+    for (p, _), (out, err) in zip(procs, _finish(procs)):
+        assert p.returncode == 0, err[-4000:]
+        _assert_as_one(out, one)

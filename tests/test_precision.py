@@ -53,8 +53,8 @@ def lowered():
     for precision in ("highest", "default", "float64"):
         conv = precision != "default"  # lowering HVPs through a ResNet takes a while: twice is enough
         run = setup(image_config(precision, train_precision="highest" if precision == "default" else "default",
-                                 conv=conv), data=False)
-        state = run.create_train_state(batch(2, conv), jax.random.PRNGKey(0))
+                                 conv=conv), data=False, example=batch(2, conv))
+        state = run.create_train_state(jax.random.PRNGKey(0))
         train_step, _, alpha_step = run.compile_steps(state, donate=False)
         b = batch(4, conv)
         out[precision] = (ops(alpha_step.lower(state, b, b).as_text()),
@@ -90,8 +90,8 @@ def test_the_train_step_has_its_own_precision(lowered):
 def test_a_float64_alpha_step_updates_a_float32_state():
     cfg = image_config("float64", conv=False)
     cfg.alpha.hypergrad.warm_start = True  # the kept solution goes back to float32
-    run = setup(cfg, data=False)
-    state = run.create_train_state(batch(2, False), jax.random.PRNGKey(0))
+    run = setup(cfg, data=False, example=batch(2, False))
+    state = run.create_train_state(jax.random.PRNGKey(0))
     _, _, alpha_step = run.compile_steps(state, donate=False)
     new, res, applied = alpha_step(state, batch(4, False), batch(4, False))
     assert new.alpha.value.dtype == state.alpha.value.dtype == np.float32
@@ -107,8 +107,8 @@ def test_bfloat16_compute_keeps_float32_parameters_losses_and_a_float32_alpha_st
     float32; the alpha step keeps its own (float32, highest) precision."""
     cfg = image_config("highest")
     cfg.train.compute_dtype = "bfloat16"
-    run = setup(cfg, data=False)
-    state = run.create_train_state(batch(2), jax.random.PRNGKey(0))
+    run = setup(cfg, data=False, example=batch(2))
+    state = run.create_train_state(jax.random.PRNGKey(0))
     b = batch(4)
     variables = {"params": state.params, **state.model_state}
     model_ops = ops(jax.jit(lambda v, x: run.compute_model.apply(v, x, train=False)).lower(variables, b).as_text())
@@ -128,7 +128,7 @@ def test_bfloat16_compute_keeps_float32_parameters_losses_and_a_float32_alpha_st
     out = eval_step(state, b)
     assert np.asarray(out["logits"]).dtype == np.float32 and np.asarray(out["features"]["img"]).dtype == np.float32
     # the same step in float32 computes nearly the same loss (bfloat16 keeps 8 bits of mantissa)
-    run32 = setup(image_config("highest"), data=False)
+    run32 = setup(image_config("highest"), data=False, example=batch(2))
     _, m32 = run32.compile_steps(state, donate=False)[0](state, b)
     np.testing.assert_allclose(float(m["loss"]), float(m32["loss"]), rtol=3e-2)
     assert float(m["loss"]) != float(m32["loss"])

@@ -1,4 +1,7 @@
 """A tiny generated two-view data set (3 classes) and a config for it, shared by the training, comparison and report tests."""
+import json
+import os
+
 import numpy as np
 
 from configs import mfeat as mfeat_config
@@ -6,8 +9,9 @@ from data_prep.common import convert
 from dyngap_jax.data.records import FeatureSpec
 
 
-def make_tiny_records(out: str) -> str:
-    """Two views of 3 classes: 'a' informative, 'b' weakly informative; 48 / 24 / 24 examples."""
+def make_tiny_records(out: str, splits=("train", "validation", "test")) -> str:
+    """Two views of 3 classes: 'a' informative, 'b' weakly informative; 48 / 24 / 24 examples (``splits``: which
+    of train, validation and test to write)."""
     rng = np.random.default_rng(0)
     centers_a, centers_b = rng.standard_normal((3, 6)) * 2.0, rng.standard_normal((3, 5)) * 0.5
 
@@ -19,8 +23,8 @@ def make_tiny_records(out: str) -> str:
                         "b": (centers_b[y] + rng.standard_normal(5)).astype(np.float32), "label": np.int32(y)})
         return out
 
-    convert(name="tiny", version="1", out_dir=out, splits={"train": examples(48, 0), "validation": examples(24, 1),
-                                                         "test": examples(24, 2)},
+    made = {"train": examples(48, 0), "validation": examples(24, 1), "test": examples(24, 2)}
+    convert(name="tiny", version="1", out_dir=out, splits={k: v for k, v in made.items() if k in splits},
             load=lambda ex: ex, features={"a": FeatureSpec("float32", [6]), "b": FeatureSpec("float32", [5]),
                                           "label": FeatureSpec("int32", [])},
             class_names=["x", "y", "z"], params={})
@@ -55,3 +59,27 @@ def flip_byte(path: str) -> None:
     data[len(data) // 2] ^= 0x01
     with open(path, "wb") as f:
         f.write(bytes(data))
+
+
+def summary(workdir: str) -> dict:
+    with open(os.path.join(workdir, "summary.json")) as f:
+        return json.load(f)
+
+
+def records(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_run(workdir: str, reference: str, epochs: int, rtol: float = 1e-6) -> None:
+    """The run in ``workdir`` ended as the one in ``reference``: its history, best epoch and metrics log."""
+    a, b = summary(workdir), summary(reference)
+    assert a.keys() == b.keys() and a["best"]["epoch"] == b["best"]["epoch"]
+    assert len(a["history"]) == len(b["history"]) == epochs
+    for ha, hb in zip(a["history"], b["history"]):
+        assert ha.keys() == hb.keys()
+        for k in ha:
+            np.testing.assert_allclose(ha[k], hb[k], rtol=rtol, err_msg=k)
+    # one record per epoch and split, in order, as the uninterrupted run logged them
+    key = lambda r: (r["epoch"], r["split"], r["step"])
+    assert [key(r) for r in records(workdir)] == [key(r) for r in records(reference)]

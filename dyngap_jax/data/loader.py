@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from dyngap_jax.data.augment import BOX, FLIP, FrameAugment, sample_crop
+from dyngap_jax.data.memory import InMemoryLoader, even_part
 from dyngap_jax.data.records import Manifest, RecordError, decode_example, load_manifest, verify_shards
 
 IN_MEMORY_MAX_BYTES = 256 << 20
@@ -208,77 +209,6 @@ def subset_indices(num_examples: int, fraction: float, seed: int = 0) -> np.ndar
     return np.sort(np.random.default_rng([seed, 7919]).permutation(num_examples)[:keep])
 
 
-def _even_part(n: int, index: int, count: int) -> tuple[int, int]:
-    base, extra = divmod(n, count)
-    start = index * base + min(index, extra)
-    return start, start + base + (index < extra)
-
-
-class InMemoryLoader:
-    """The whole split decoded once into arrays; batches by indexing (small tabular data sets).
-
-    Same contract as the grain loader: a seeded permutation per epoch when training (with the
-    last partial batch dropped), every example once in order for evaluation, this process's
-    shard only, and iterators whose ``get_state`` / ``set_state`` resume exactly. Per-record
-    pipelines cost tens of microseconds an example; for a few-MB split like mfeat that is the
-    whole step, so this path skips them.
-    """
-
-    def __init__(self, arrays: dict[str, np.ndarray], *, batch_size: int, train: bool, seed: int,
-                 num_epochs: int | None, drop_remainder: bool, shard: tuple[int, int]):
-        self.arrays, self.batch_size, self.train, self.seed = arrays, batch_size, train, seed
-        self.num_epochs, self.drop_remainder = num_epochs, drop_remainder
-        n = len(arrays["label"])
-        index, count = shard
-        if train:  # this process's rows of each global batch of a per-epoch permutation (as one process would batch)
-            self.part = (index, count, n // count)
-        else:
-            self.part = (index, count, None)
-            self.start, self.end = _even_part(n, index, count)
-
-    def _order(self, epoch: int) -> np.ndarray:
-        n = len(self.arrays["label"])
-        if not self.train:
-            return np.arange(self.start, self.end)
-        index, count, _ = self.part
-        perm = np.random.default_rng([self.seed, epoch]).permutation(n)
-        if count == 1:
-            return perm
-        # global batch j is perm[j G:(j + 1) G] with G = count x the local batch, process p's share of it the
-        # p-th local batch: the processes together train on exactly the batches one process would
-        local, whole = self.batch_size, self.batch_size * count
-        return perm[:(n // whole) * whole].reshape(-1, count, local)[:, index].ravel()
-
-    def __iter__(self):
-        return _InMemoryIterator(self)
-
-
-class _InMemoryIterator:
-    def __init__(self, loader: InMemoryLoader):
-        self.loader, self.epoch, self.position = loader, 0, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        ld = self.loader
-        while True:
-            if ld.num_epochs is not None and self.epoch >= ld.num_epochs:
-                raise StopIteration
-            order = ld._order(self.epoch)
-            take = order[self.position:self.position + ld.batch_size]
-            if len(take) == ld.batch_size or (len(take) > 0 and not ld.drop_remainder):
-                self.position += len(take)
-                return {k: v[take] for k, v in ld.arrays.items()}
-            self.epoch, self.position = self.epoch + 1, 0
-
-    def get_state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def set_state(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-
 # (folder, split, the manifest's shard hashes) already checked by this process: a split is hashed once
 _VERIFIED: set[tuple[str, str, tuple[str, ...]]] = set()
 # in-memory splits decoded by this process, by (folder, split, shard hashes, modalities, standardize, fraction)
@@ -404,7 +334,7 @@ def make_loader(
         if train:  # equal shards (the remainder dropped), so every process takes the same number of steps
             options = grain.sharding.ShardOptions(shard_index=index, shard_count=count, drop_remainder=True)
         else:  # evaluation reads every example exactly once: contiguous parts, sizes differing by at most one
-            source = _SliceSource(source, *_even_part(len(source), index, count))
+            source = _SliceSource(source, *even_part(len(source), index, count))
     sampler = grain.samplers.IndexSampler(len(source), shard_options=options, shuffle=train, num_epochs=num_epochs, seed=seed)
     workers = default_worker_count() if worker_count is None else worker_count
     # grain's default (16 reading threads, 500 records in flight) is tuned for KB-sized records on remote disks;

@@ -12,6 +12,7 @@ from dyngap_jax.models.registry import (
     build_fusion,
     build_model,
     init_variables,
+    parameter_info,
     parameter_order,
     register_encoder,
 )
@@ -22,6 +23,6 @@ __all__ = [
     "BatchNorm", "Bert", "BertConfig", "CLIPText", "CLIPTowerConfig", "CLIPVision", "CheckpointError", "ConcatFusion",
     "ENCODERS", "FUSIONS", "FiLMFusion", "GatedFusion", "MLPEncoder", "MultimodalClassifier", "ResNet",
     "SumFusion", "VideoEncoder", "WeightedFusion", "build_encoder", "build_fusion", "build_model",
-    "import_bert", "import_clip", "import_resnet", "init_variables", "parameter_order", "read_checkpoint", "register_encoder",
+    "import_bert", "import_clip", "import_resnet", "init_variables", "parameter_info", "parameter_order", "read_checkpoint", "register_encoder",
     "resnet18", "resnet34", "resnet50", "with_dtype",
 ]

@@ -18,6 +18,7 @@ them into a freshly initialised variable tree.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -161,10 +162,11 @@ def build_model(cfg) -> tuple[MultimodalClassifier, dict[str, Any]]:
     return MultimodalClassifier(modalities, encoders, fusion, projection_dim), pretrained
 
 
-def parameter_order(model: MultimodalClassifier, batch: Mapping) -> list[str]:
-    """The parameters' paths (``'/'``-joined keys) in the order the model creates them.
+def parameter_info(model: MultimodalClassifier, batch: Mapping) -> tuple[list[str], int]:
+    """``(order, count)``: the parameters' paths (``'/'``-joined keys) in the order the model creates them, and
+    their total number of entries.
 
-    For modules written in forward order (all of ours) this is the order PyTorch registers the
+    For modules written in forward order (all of ours) the order is the one PyTorch registers the
     same model's parameters in: what "the first tensor" means in the authors' code
     (``model.parameters()``), where ``jax.tree_util`` would sort the keys instead. Read off an
     abstract initialisation (nothing is computed).
@@ -179,12 +181,17 @@ def parameter_order(model: MultimodalClassifier, batch: Mapping) -> list[str]:
                 order.append(f"{prefix}{k}")
 
     def init(key, batch):
-        variables = model.init(key, batch, train=False)
-        walk(variables["params"], "")
-        return variables
+        params = model.init(key, batch, train=False)["params"]
+        walk(params, "")
+        return params
 
-    jax.eval_shape(init, jax.random.PRNGKey(0), dict(batch))
-    return order
+    shapes = jax.eval_shape(init, jax.random.PRNGKey(0), dict(batch))
+    return order, sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
+
+
+def parameter_order(model: MultimodalClassifier, batch: Mapping) -> list[str]:
+    """The parameters' paths in the order the model creates them (:func:`parameter_info`)."""
+    return parameter_info(model, batch)[0]
 
 
 def init_variables(model: MultimodalClassifier, key: jax.Array, batch: Mapping, pretrained: Mapping | None = None):

@@ -16,6 +16,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dyngap_jax.parallel import liveness
+
 __all__ = [
     "initialize",
     "make_mesh",
@@ -34,20 +36,25 @@ def initialize(cfg: Mapping[str, Any] | None = None) -> bool:
     or ``{"auto": True}`` to let JAX read the cluster's variables (SLURM, Open MPI, ...). Nothing
     else starts it: a job step inside a SLURM allocation of several tasks (say, a one-GPU
     evaluation) stays a single process unless its config says ``auto``. Call it before anything
-    else touches JAX.
+    else touches JAX. ``heartbeat_timeout`` (seconds, default 30): a process silent that long is lost,
+    and the others stop naming it (:mod:`dyngap_jax.parallel.liveness`).
     """
     cfg = dict(cfg or {})
+    timeout = int(cfg.get("heartbeat_timeout") or 30)
+    # JAX's own heartbeat is the backstop; dyngap_jax.parallel.liveness names a lost process first
+    timeouts = {"heartbeat_timeout_seconds": 2 * timeout, "shutdown_timeout_seconds": 2 * timeout}
     if cfg.get("coordinator_address"):
         missing = [k for k in ("num_processes", "process_id") if cfg.get(k) is None]
         if missing:
             raise ValueError(f"config.parallel.distributed: coordinator_address given without {missing}")
         jax.distributed.initialize(coordinator_address=cfg["coordinator_address"], num_processes=int(cfg["num_processes"]),
-                                   process_id=int(cfg["process_id"]))
-        return True
-    if cfg.get("auto"):
-        jax.distributed.initialize()
-        return True
-    return False
+                                   process_id=int(cfg["process_id"]), **timeouts)
+    elif cfg.get("auto"):
+        jax.distributed.initialize(**timeouts)
+    else:
+        return False
+    liveness.start(timeout)
+    return True
 
 
 def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:

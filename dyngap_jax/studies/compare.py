@@ -31,7 +31,9 @@ from dyngap_jax.studies.estimator import Estimator, measure, relative_error
 from dyngap_jax.train.evaluation import load_run_state
 from dyngap_jax.train.loop import train
 from dyngap_jax.train.setup import Run
-from dyngap_jax.train.steps import alpha_losses
+from dyngap_jax.methods import LFM
+from dyngap_jax.methods.alpha_step import alpha_losses
+from dyngap_jax.methods.lfm import resolve_estimator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +94,23 @@ APPROXIMATIONS = ("cg (config)", "cg truncated (the default until issue 13: d 1e
                   "lfm_code (authors)", "unrolled K=10")
 
 
+def _lfm(run: Run) -> LFM:
+    if not isinstance(run.method, LFM):
+        raise ValueError(f"the hypergradient comparison studies LFM's alpha step; config.balance.method is "
+                         f"{run.cfg.balance.method!r}")
+    return run.method
+
+
 def config_method(run: Run) -> hypergrad.Method:
-    """The config's hypergradient method (also for a run with a fixed strategy), as its alpha step runs it."""
-    if run.strategy.method is not None:
-        return run.alpha_method()
-    return hypergrad.method_from_config(run.cfg["alpha"]["hypergrad"])
+    """The config's hypergradient method (also for a run with a fixed strategy), as its alpha step runs it (the
+    authors' first tensor resolved against the model)."""
+    return _lfm(run).estimator or resolve_estimator(run.cfg.alpha.hypergrad.estimator, run.info)
+
+
+def config_precision(run: Run) -> str:
+    """The precision the run's alpha step computes at (its resolved one)."""
+    p = run.cfg.precision
+    return "float64" if p.alpha_float64 else p.alpha_matmul
 
 
 def config_damping(method: hypergrad.Method) -> float:
@@ -109,9 +123,9 @@ PREVIOUS_DEFAULT = {"operator": "normal", "damping": 1e-4, "damping_mode": "abso
 
 def approximations(run: Run, pool) -> dict:
     """The estimators compared with the reference: name -> (method, options, dtype)."""
-    lr = run.cfg["train"]["learning_rate"]
+    lr = run.cfg.train.learning_rate
     method = config_method(run)
-    config_dtype = "float64" if run.cfg["alpha"]["hypergrad"]["precision"] == "float64" else None
+    config_dtype = "float64" if run.cfg.precision.alpha_float64 else None
     return {
         "cg (config)": (method.name, method.options(), config_dtype),
         "cg truncated (the default until issue 13: d 1e-4, 30 iterations)": ("cg", PREVIOUS_DEFAULT, None),
@@ -122,9 +136,9 @@ def approximations(run: Run, pool) -> dict:
         "neumann K=20": ("neumann", {"num_terms": 20}, None),
         "ghadimi_wang b=20": ("ghadimi_wang", {"num_terms": 20, "sampler": pool, "key": jax.random.PRNGKey(0)}, None),
         "lfm_code (cross)": ("lfm_code", {"reduction": "cross"}, None),
-        # their first tensor: the model's first-created parameter (PyTorch's order), known once a state was made
-        "lfm_code (authors)": ("lfm_code", {"reduction": "first_tensor_mean",
-                                            **({"tensor": run.parameter_order[0]} if run.parameter_order else {})}, None),
+        # their first tensor: the model's first-created parameter (PyTorch's order)
+        "lfm_code (authors)": ("lfm_code", {"reduction": "first_tensor_mean", "tensor": run.info.parameter_order[0]},
+                               None),
         "unrolled K=10": ("unrolled", {"num_steps": 10, "inner_lr": lr}, None),
     }
 
@@ -170,8 +184,8 @@ def compare_at(run: Run, state, *, batches: int = 3, reference: Reference = Refe
     ``methods``: names from :func:`approximations` to run (default all); the reference and, for
     models up to ``dense_max_params`` parameters, the two ``dense`` rows always run.
     """
-    model, mm = run.model, run.mm_loss
-    precision = run.cfg["alpha"]["hypergrad"]["precision"]
+    model, mm = run.model, _lfm(run).mm_loss
+    precision = config_precision(run)
     pairs = _batches(run, batches)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     known = approximations(run, _pool(model, mm, state, pairs))
@@ -215,7 +229,7 @@ def compare_at(run: Run, state, *, batches: int = 3, reference: Reference = Refe
     if sweep_budgets:
         i, o = pairs[0]
         sweep = {}
-        lr = run.cfg["train"]["learning_rate"]
+        lr = run.cfg.train.learning_rate
         for label, name, key, extra in (
             ("CG (the reference's system)", "cg", "maxiter", {**reference.options(method), "tol": 1e-12,
                                                                "damping": dampings[0], "restarts": 0}),

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dyngap_jax import hypergrad, models
-from dyngap_jax.train.steps import alpha_losses
+from dyngap_jax.methods.alpha_step import alpha_losses
 
 
 def cast_floating(tree, dtype):

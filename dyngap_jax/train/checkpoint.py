@@ -8,19 +8,38 @@ that names it (so that the resumed run can write that step again).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
 import threading
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import struct
 
 from dyngap_jax import faults
 from dyngap_jax.io import atomic_write_text
 
 HASH_SUFFIX = ".sha256"
+
+
+@struct.dataclass
+class _BeforeMethods:
+    """The train state's tree before the method interface added ``method_state`` (its checkpoints restore into it)."""
+
+    step: Any
+    params: Any
+    model_state: Any
+    opt_state: Any
+    alpha: Any
+    rng: Any
+    alpha_solution: Any = None
+
+
+_BEFORE_METHODS = tuple(f.name for f in dataclasses.fields(_BeforeMethods))
 
 
 class CheckpointError(RuntimeError):
@@ -141,14 +160,27 @@ class Checkpointer:
             raise CheckpointError(f"{self._step_dir(step)}: the files differ from the hash written with them "
                                   f"({path}); the checkpoint was changed or damaged after it was saved")
 
+    def _restore(self, step: int, like_state):
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like_state),
+                                                                  extra=ocp.args.JsonRestore()))
+
     def restore(self, step: int, like_state):
+        """``(state, extra)`` of checkpoint ``step``, restored into ``like_state``'s tree (and shardings).
+
+        A checkpoint written before train states had ``method_state`` restores into a state whose
+        ``method_state`` is None (LFM's, which keeps its state in ``alpha``)."""
         self.verify(step)
         try:
-            r = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like_state),
-                                                                   extra=ocp.args.JsonRestore()))
+            try:
+                r = self._restore(step, like_state)
+                return r.state, r.extra
+            except ValueError as e:
+                if getattr(like_state, "method_state", 0) is not None or "method_state" not in str(e):
+                    raise
+            r = self._restore(step, _BeforeMethods(**{f: getattr(like_state, f) for f in _BEFORE_METHODS}))
+            return like_state.replace(**{f: getattr(r.state, f) for f in _BEFORE_METHODS}), r.extra
         except Exception as e:  # orbax raises many types for unreadable files; name the folder
             raise CheckpointError(f"{self._step_dir(step)}: cannot be restored ({type(e).__name__}: {e})") from e
-        return r.state, r.extra
 
     def restore_extra(self, step: int) -> dict:
         """Only the loop's JSON of a checkpoint (epoch, iterator states, history)."""

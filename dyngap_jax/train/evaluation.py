@@ -8,9 +8,10 @@ import jax
 import numpy as np
 
 from dyngap_jax import metrics, parallel
+from dyngap_jax.methods import TrainState
 from dyngap_jax.train.checkpoint import Checkpointer
+from dyngap_jax.train.loop_state import LoopState
 from dyngap_jax.train.setup import Run, setup
-from dyngap_jax.train.steps import TrainState
 from dyngap_jax.train.workdir import recorded_config
 
 
@@ -83,9 +84,9 @@ def epoch_checkpoints(workdir: str) -> dict[int, int]:
     out = {}
     try:
         for step in ckpt.all_steps():
-            extra = ckpt.restore_extra(step)
-            if not extra.get("step_in_epoch"):
-                out[int(extra["epoch"])] = step  # extra["epoch"] is the next epoch's index: epochs done
+            loop = LoopState.from_json(ckpt.restore_extra(step))
+            if not loop.step_in_epoch:
+                out[loop.epoch] = step  # loop.epoch: the epochs done
     finally:
         ckpt.close()
     return out
@@ -98,12 +99,12 @@ def best_step(workdir: str) -> int:
         latest = ckpt.latest_step()
         if latest is None:
             raise FileNotFoundError(f"{ckpt.directory}: no checkpoint (has the run in {workdir} saved one?)")
-        best = ckpt.restore_extra(latest).get("best")
+        best = LoopState.from_json(ckpt.restore_extra(latest)).best_step
     finally:
         ckpt.close()
-    if not best or best.get("step") is None:
+    if best is None:
         raise FileNotFoundError(f"{workdir}: no epoch has finished yet, so there is no best checkpoint")
-    return int(best["step"])
+    return int(best)
 
 
 def load_run_state(config, workdir: str, which: str | int = "latest") -> tuple[Run, TrainState, int]:

@@ -16,12 +16,22 @@ from dyngap_jax.train.config import ConfigError
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 # fields that may change between a run and its resumption (display, input workers, device layout)
-RESUMABLE_CHANGES = ("progress", "data.worker_count", "data.verify_checksums", "parallel", "train.log_every_steps")
+RESUMABLE_CHANGES = ("progress", "data.worker_count", "data.verify_checksums", "parallel", "train.log_every_steps",
+                     "train.preempt_signal")
 
 
-def comparable_config(cfg: dict) -> dict:
-    """``cfg`` as JSON would store it, without the fields a resumed run may change."""
-    out = json.loads(json.dumps(cfg, default=str))
+def comparable_config(cfg) -> dict:
+    """``cfg`` (a validated :class:`~dyngap_jax.train.config.Config`, or a config dict, validated here: the
+    fields it leaves out take their defaults, so a run recorded before a field existed compares equal) as
+    JSON would store it, without the fields a resumed run may change."""
+    from dyngap_jax.train.config import validate
+
+    if isinstance(cfg, dict):
+        try:
+            cfg = validate(cfg)[0]
+        except ValueError:  # a recorded config this version cannot read: compared as it stands
+            pass
+    out = json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg, default=str))
     for key in RESUMABLE_CHANGES:
         *parents, leaf = key.split(".")
         d = out
@@ -41,13 +51,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_differences(a: dict, b: dict) -> list[str]:
+def config_differences(a, b) -> list[str]:
     """The dotted fields in which two configs differ (resumable fields left out)."""
     fa, fb = _flat(comparable_config(a)), _flat(comparable_config(b))
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
 
 
-def check_config(cfg: dict, workdir: str) -> None:
+def check_config(cfg, workdir: str) -> None:
     """Refuse a workdir that holds a run of another config (naming the differing fields)."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
@@ -59,12 +69,12 @@ def check_config(cfg: dict, workdir: str) -> None:
                          "use a new --workdir, or the same config to resume")
 
 
-def record_config(cfg: dict, workdir: str) -> None:
+def record_config(cfg, workdir: str) -> None:
     """Write the run's config to ``config.json`` once (process 0); :func:`check_config` first."""
     check_config(cfg, workdir)
     path = os.path.join(workdir, CONFIG_FILE)
     if jax.process_index() == 0 and not os.path.exists(path):
-        write_json(path, cfg)
+        write_json(path, cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
 
 
 class WorkdirBusy(RuntimeError):
