@@ -24,9 +24,11 @@ best test accuracy, which ``--config.train.select_split=test`` reproduces (flagg
 
 Batch sizes are global: ``train.batch_size``, ``train.eval_batch_size`` and ``alpha.batch_size`` are
 the examples of one step over all processes and devices (each process loads its share; a training
-batch must divide over the devices of the data axis). Every field is validated before the first step
-(``dyngap_jax.train.config.validate``); the fields a strategy ignores are listed there and warned
-about when set. The learned alpha's defaults come from ``dyngap_jax.alpha.LearnedAlpha`` and the
+batch must divide over the devices of the data axis). Every field is a row of the table in
+``dyngap_jax/train/sections.py`` (its default, kind, doc and when it is read; the README lists them)
+and is validated before the first step (``dyngap_jax.train.config.validate``); a field the chosen
+setup does not read is warned about when set. Every method of every data set's config validates
+(``tests/test_config.py`` iterates :data:`METHODS` over each one). The learned alpha's defaults come from ``dyngap_jax.alpha.LearnedAlpha`` and the
 hypergradient method's from its class in ``dyngap_jax.hypergrad`` (``alpha.hypergrad.options`` left
 ``None`` take them, so ``--config.alpha.hypergrad.method=minres`` alone is MINRES with its defaults).
 """

@@ -14,14 +14,12 @@ A converter lists its examples per split as picklable items and gives a module-l
 from __future__ import annotations
 
 import concurrent.futures as futures
-import ctypes
 import hashlib
 import json
 import math
 import multiprocessing
 import os
 import pickle
-import signal
 import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -40,6 +38,7 @@ from dyngap_jax.data.records import (
     shard_names,
     write_shard,
 )
+from dyngap_jax.data.workers import die_with_parent
 from dyngap_jax.io import atomic_write_text
 
 
@@ -282,11 +281,7 @@ def run(main) -> None:
 def _die_with_parent(parent: int) -> None:
     """Worker initialiser: on Linux, the kernel kills this worker when the converter dies (even by SIGKILL),
     so no decoding process outlives a killed conversion."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before the call
-            os._exit(1)
+    die_with_parent(parent)
 
 
 def stratified_split(labels: np.ndarray, fractions: Mapping[str, float], seed: int) -> dict[str, np.ndarray]:

@@ -190,20 +190,32 @@ class AlphaState:
         return value if self.low is None else value + np.asarray(jax.device_get(self.low), np.float64)
 
 
+class _HalvingSchedule:
+    """``rate * 0.5 ** (count // every)``, as an optax schedule (the default float where it is traced: a double
+    under JAX's 64-bit mode) and, for a float32 pair alpha, as a pair of float32s (:meth:`pair`) whose sum is
+    the double rate exactly (halving is exact)."""
+
+    def __init__(self, rate: float, every: int):
+        self.rate, self.every = rate, every
+
+    def __call__(self, count):
+        dtype = jnp.result_type(float)
+        return jnp.asarray(self.rate, dtype) * jnp.asarray(0.5, dtype) ** (jnp.asarray(count) // self.every)
+
+    def pair(self, count, dtype):
+        scale = jnp.asarray(0.5, dtype) ** (jnp.asarray(count) // self.every)
+        high, low = _split_double(self.rate, (), dtype)
+        return high * scale, low * scale
+
+
 def authors_lr_schedule(alpha_steps_per_epoch: int = 1) -> optax.Schedule:
     """The authors' learning rate for alpha: 1e-4, halved every 20 epochs (``alpha_steps_per_epoch`` steps an epoch).
 
-    Computed in the default float dtype where it is traced: a double under JAX's 64-bit mode, where
-    alpha is one (their Python float: 1e-4 exactly, not float32's 9.999999747e-05), else float32.
-    ``optax.exponential_decay`` would return float32 on optax's int32 step count in either case.
+    Their Python float, to the precision alpha is kept to: a double under JAX's 64-bit mode (1e-4
+    exactly, not float32's 9.999999747e-05, which ``optax.exponential_decay`` on optax's int32 step
+    count would give), a pair of float32s for a float32 pair alpha (:class:`LearnedAlpha`'s ``float64``).
     """
-    every = 20 * alpha_steps_per_epoch
-
-    def schedule(count):
-        dtype = jnp.result_type(float)
-        return jnp.asarray(1e-4, dtype) * jnp.asarray(0.5, dtype) ** (jnp.asarray(count) // every)
-
-    return schedule
+    return _HalvingSchedule(1e-4, 20 * alpha_steps_per_epoch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,11 +231,14 @@ class LearnedAlpha:
       num_pairs: ``None`` for the paper's scalar alpha, or the number of modality pairs for one
         weight per pair (``losses.num_pairs(m)``).
       optimizer: ``"sgd"`` (Algorithm 1) or ``"adam"``.
-      precision: ``"float32"`` (alpha is one float of the default dtype) or ``"float64"``: alpha is
-        kept to double precision, as the authors' Python float is: a float64 when JAX runs with x64,
-        otherwise a pair of float32s summed without rounding error (about 48 bits), so that updates
-        far below float32's spacing near alpha (6e-8 at 0.95; the authors' steps are 1e-4 times a
-        hypergradient) accumulate instead of vanishing. The train step reads the nearest float32.
+      precision: ``"float32"`` (alpha is one float of the default dtype: float64 under JAX's 64-bit
+        mode) or ``"float64"``: alpha is kept to double precision, as the authors' Python float is:
+        a float64 under JAX's 64-bit mode, otherwise a pair of float32s (about 48 bits) to which each
+        SGD step ``-eta g`` is added without rounding error, the rate ``eta`` itself a pair (its
+        double value: a float, or a schedule with a ``pair`` method such as :func:`authors_lr_schedule`)
+        and its product with ``g`` exact; so updates far below float32's spacing near alpha (6e-8 at
+        0.95; the authors' steps are 1e-4 times a hypergradient) accumulate as in double. The train
+        step reads the nearest float32.
     """
 
     init: float = 0.5
@@ -260,13 +275,23 @@ class LearnedAlpha:
     def create(self) -> AlphaState:
         dtype = jnp.result_type(float)
         value, low = _split_double(self.init, self.shape, dtype)
+        pair = self.precision == "float64" and dtype != jnp.float64  # a double is one float64 under x64
         return AlphaState(
             value=value,
             opt_state=self._tx().init(value),
             updates=jnp.zeros((), jnp.int32),
             skipped=jnp.zeros((), jnp.int32),
-            low=low if self.precision == "float64" else None,
+            low=low if pair else None,
         )
+
+    def _rate_pair(self, count, dtype):
+        """The step's learning rate as a pair ``(high, low)`` of ``dtype`` summing to its double value."""
+        lr = self.learning_rate
+        if callable(lr):
+            if hasattr(lr, "pair"):
+                return lr.pair(count, dtype)
+            return jnp.asarray(lr(count), dtype), jnp.zeros((), dtype)
+        return tuple(jnp.asarray(v) for v in _split_double(lr, (), dtype))
 
     def update(self, state: AlphaState, hypergradient: jax.Array) -> AlphaState:
         """Algorithm 1's alpha step: ``alpha <- clip(alpha - eta * dL_CLS/dalpha, lo, hi)``.
@@ -286,7 +311,13 @@ class LearnedAlpha:
         if state.low is None:
             stepped = optax.projections.projection_box(optax.apply_updates(state.value, delta), *self.clip)
         else:  # alpha = value + low: add the step without rounding error, then clip as a pair
-            stepped, low = _add_double(state.value, state.low, delta.astype(state.value.dtype))
+            if self.optimizer == "sgd":  # the step -eta g as a pair: eta to its double value, the product exact
+                rate_high, rate_low = self._rate_pair(state.updates, state.value.dtype)
+                p, e = _two_prod(rate_high, g)
+                step_high, step_low = -p, -(e + rate_low * g)
+            else:
+                step_high, step_low = delta.astype(state.value.dtype), jnp.zeros_like(state.value)
+            stepped, low = _add_double(state.value, state.low + step_low, step_high)
             stepped, low = _clip_double(stepped, low, self.clip)
             low = jnp.where(ok, low, state.low)
         return AlphaState(
@@ -310,6 +341,21 @@ def _two_sum(a, b):
     s = a + b
     bb = s - a
     return s, (a - (s - bb)) + (b - bb)
+
+
+def _split_float(a):
+    """Veltkamp's split of a float32: ``a = high + low`` with both halves of 12 bits, so their products are exact."""
+    c = 4097.0 * a  # 2^12 + 1
+    high = c - (c - a)
+    return high, a - high
+
+
+def _two_prod(a, b):
+    """``(p, e)`` with ``p = fl(a b)`` and ``a b = p + e`` exactly (Dekker; float32, no fused multiply-add)."""
+    p = a * b
+    ah, al = _split_float(a)
+    bh, bl = _split_float(b)
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
 
 
 def _add_double(high, low, delta):

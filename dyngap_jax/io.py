@@ -54,3 +54,19 @@ def save_figure(fig, path: str, dpi: int = 110) -> None:
     """Write ``fig`` as PNG under a temporary name and rename it into place."""
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+
+
+def json_differences(a, b, rtol: float, path: str = "") -> list[str]:
+    """Where two JSON values differ (numbers within ``rtol``): one line each, naming the path (a resumed run against
+    the uninterrupted one in ``scripts.chaos`` and the tests)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = [f"{path}.{k}: only in one" for k in set(a) ^ set(b)]
+        return out + [d for k in sorted(set(a) & set(b)) for d in json_differences(a[k], b[k], rtol, f"{path}.{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: {len(a)} against {len(b)} entries"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in json_differences(x, y, rtol, f"{path}[{i}]")]
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        ok = a == b or abs(a - b) <= rtol * max(abs(a), abs(b))
+        return [] if ok else [f"{path}: {a} against {b}"]
+    return [] if a == b else [f"{path}: {a!r} against {b!r}"]

@@ -29,6 +29,7 @@ import time
 from absl import app, flags, logging
 
 from dyngap_jax import faults
+from dyngap_jax.io import json_differences as differences
 from scripts import common
 
 FLAGS = flags.FLAGS
@@ -60,26 +61,12 @@ def run(command: list[str], workdir: str, fault: str | None = None, kill_after: 
         except subprocess.TimeoutExpired:
             proc.send_signal(sig)
             proc.wait()
-    if proc.returncode not in (0, -signal.SIGKILL, PREEMPTED):
+    # -SIGTERM: a SIGTERM that came before the run's handler was set or after it was done (nothing written then)
+    if proc.returncode not in (0, -signal.SIGKILL, -signal.SIGTERM, PREEMPTED):
         with open(log, "rb") as f:
             sys.stderr.write(f.read()[-4000:].decode(errors="replace"))
         raise SystemExit(f"{' '.join(command)} --workdir {workdir} failed with status {proc.returncode} (log: {log})")
     return proc.returncode, time.time() - t0
-
-
-def differences(a, b, rtol: float, path: str = "") -> list[str]:
-    """Where two JSON values differ (numbers within ``rtol``)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = [f"{path}.{k}: only in one" for k in set(a) ^ set(b)]
-        return out + [d for k in sorted(set(a) & set(b)) for d in differences(a[k], b[k], rtol, f"{path}.{k}")]
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return [f"{path}: {len(a)} against {len(b)} entries"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, rtol, f"{path}[{i}]")]
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        ok = a == b or abs(a - b) <= rtol * max(abs(a), abs(b))
-        return [] if ok else [f"{path}: {a} against {b}"]
-    return [] if a == b else [f"{path}: {a!r} against {b!r}"]
 
 
 def records(workdir: str) -> list[tuple]:
@@ -113,7 +100,8 @@ def main(argv):
             status, took = run(command, chaos, fault=f"{fault}:SIGTERM")
             how = f"SIGTERM at {fault}"
         stopped += status != 0
-        word = {0: "finished before", -signal.SIGKILL: "killed", PREEMPTED: "preempted"}[status]
+        word = {0: "finished before", -signal.SIGKILL: "killed", -signal.SIGTERM: "terminated outside the run",
+                PREEMPTED: "preempted"}[status]
         print(f"start {k + 1}: {word} ({how}, {took:.1f} s)", flush=True)
         logging.info("start %d: status %d (%s)", k + 1, status, how)
     status, took = run(command, chaos)

@@ -5,12 +5,14 @@ checked before anything runs (a mistake names the field; nothing is written). Re
 same workdir resumes from its latest checkpoint. Ends with a table of fused and per-modality
 metrics at the best validation epoch, the gap and the final alpha.
 """
+import dataclasses
+
 import jax
 from absl import flags
 from ml_collections import config_flags
 
 from dyngap_jax import parallel
-from dyngap_jax.train import summary_table, train
+from dyngap_jax.train import summary_table, train, validate
 from scripts import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "(required) A configs/<dataset>.py:<method> file.",
@@ -22,7 +24,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     cfg = _CONFIG.value
-    parallel.initialize(cfg.parallel.distributed.to_dict())  # multi-host: before anything else uses JAX
+    checked, _ = validate(cfg)  # the whole config, before anything: its multi-process settings included
+    parallel.initialize(dataclasses.asdict(checked.parallel.distributed))  # multi-host: before anything uses JAX
     summary = train(cfg, _WORKDIR.value)
     if jax.process_index() != 0:
         return

@@ -135,3 +135,28 @@ def test_the_authors_learning_rate_is_a_double_where_alpha_is_one():
         s = learned.update(learned.create(), jnp.asarray(g, jnp.float64))
         assert float(s.exact()) == 0.5 - 1e-4 * g  # the authors' cls_k[1] -= lr_alpha * alpha_grad, bit for bit
     assert sched(0).dtype == jnp.float32  # outside the 64-bit mode the default float, as alpha's
+
+
+@pytest.mark.parametrize("rate", ["authors", 3e-4])
+def test_a_float32_pair_alpha_takes_each_step_at_its_double_rate(rate):
+    """Without the 64-bit mode a float64 alpha is a pair of float32s; each SGD step -eta g is added exactly, eta at
+    its double value (1e-4, not float32's 9.999999747e-05) and the product with g exact: 60 steps of ~1e-4 follow
+    the authors' Python doubles to 1e-13 (a float32 rate and a float32 step would be ~1e-10 off)."""
+    sched = alpha.authors_lr_schedule() if rate == "authors" else rate
+    kept = alpha.LearnedAlpha(init=0.5, learning_rate=sched, clip=(0.05, 0.95), precision="float64")
+    step = jax.jit(kept.update)
+    s = kept.create()
+    assert s.low is not None and s.value.dtype == np.float32
+    grads = (np.cos(np.arange(60) / 3.0) + 0.3).astype(np.float32)
+    ref, lr = 0.5, 1e-4 if rate == "authors" else rate
+    for epoch, g in enumerate(grads):
+        if rate == "authors" and epoch % 20 == 0 and epoch != 0:
+            lr = lr / 2
+        ref = max(0.05, min(0.95, ref - lr * float(g)))
+        s = step(s, jnp.float32(g))
+    assert abs(float(s.exact()) - ref) < 1e-13
+    lost = alpha.LearnedAlpha(init=0.5, learning_rate=sched, clip=(0.05, 0.95))
+    s32 = lost.create()
+    for g in grads:
+        s32 = lost.update(s32, jnp.float32(g))
+    assert abs(float(s32.exact()) - ref) > 1e-9

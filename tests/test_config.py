@@ -258,8 +258,9 @@ def test_every_field_has_its_row_in_the_table_and_the_table_is_the_config():
 
     from dyngap_jax.train import config as config_module
     from dyngap_jax.train import sections
+    from dyngap_jax.train import validate
     from dyngap_jax.train.config import all_rows, base_config, fields_markdown
-    from dyngap_jax.train.fields import Kind, Spec, plain, specs
+    from dyngap_jax.train.fields import REQUIRED, Kind, Spec, lookup, specs
 
     derived = {("HypergradConfig", "estimator"), ("BalanceConfig", "resolved"), ("Config", "precision")}
     classes = [sections.Config, sections.FrameConfig, *sections.SECTIONS.values(), sections.DistributedConfig,
@@ -273,16 +274,24 @@ def test_every_field_has_its_row_in_the_table_and_the_table_is_the_config():
             assert isinstance(s, Spec) and isinstance(s.kind, Kind) and s.doc.strip(), (cls.__name__, name)
             assert s.kind.describe(), (cls.__name__, name)
     leaves = {p for p, _ in all_rows()}
-
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict) and k not in ("options", "frames", "encoders", "fusion"):
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}"
-
-    assert set(flat(plain(base_config("d", "x")))) <= leaves  # model is empty in the base: a data set sets it
     assert {"train.preempt_signal", "balance.method", "parallel.distributed.heartbeat_timeout"} <= leaves
+    # every default passes its own row's check, and base_config with the required fields set validates to them
+    for path, s in all_rows():
+        if s.default is not REQUIRED and s.default is not None:
+            s.kind.check(list(s.default) if isinstance(s.default, tuple) else s.default, path)
+    cfg = base_config("d", "x")
+    cfg.model = {"num_classes": 2, "modalities": ["m"], "encoders": {"m": {"name": "mlp"}}, "fusion": {"name": "concat"}}
+    cfg.train.update({"num_epochs": 1, "batch_size": 2, "learning_rate": 0.1})
+    cfg.loss.mm = "none"
+    checked, _ = validate(cfg)
+    want = {p: s.default for p, s in all_rows() if s.default is not REQUIRED and "<m>" not in p and p != "loss.mm"}
+    for path, default in want.items():
+        got = lookup(checked, path)
+        if path.endswith(".options"):  # a slot for every registered method's option, all unset
+            assert all(v is None for v in got.values()), path
+            continue
+        got = got if not isinstance(default, (list, tuple)) else list(got)
+        assert got == (list(default) if isinstance(default, tuple) else default), path
     # the README's list of fields and the config module's docstring are the table's
     readme = open(os.path.join(ROOT, "README.md")).read()
     begin, end = "<!-- config fields: begin -->", "<!-- config fields: end -->"

@@ -11,7 +11,7 @@ from tiny_data import make_tiny_records, tiny_config
 
 from dyngap_jax import methods
 from dyngap_jax.methods import LFM, Part
-from dyngap_jax.train import ConfigError, load_run_state, setup, train
+from dyngap_jax.train import ConfigError, load_run_state, setup, summary_table, train
 
 
 @methods.register
@@ -159,6 +159,9 @@ def test_several_optimiser_steps_a_batch_state_of_its_own_a_part_and_its_fusion(
     for h_full, h_res in zip(summary["history"], resumed["history"]):
         for k in h_full:
             np.testing.assert_allclose(h_res[k], h_full[k], rtol=1e-6, err_msg=k)
+    # the end-of-run table of a method without alpha
+    table = summary_table(summary, ["a", "b"])
+    assert "best epoch" in table and "alpha" not in table
     # evaluation fuses as the method says: with modality b's head alone, the fused scores are b's
     with cfg.unlocked():
         cfg.balance.options.fuse_with = "b"
@@ -181,6 +184,11 @@ def test_a_methods_options_and_modalities_are_checked_naming_the_field(tiny_reco
     with pytest.raises(ConfigError, match=r"config\.balance\.options\.fuse_with: training method 'test_freeze_a' has "
                                           r"no option 'fuse_with' \(an option of test_several\)"):
         train(cfg, str(tmp_path / "b"))
+    wrong_type = tiny_config(tiny_records, "concat").to_dict()
+    wrong_type["balance"].update(method="test_several", options={"fuse_with": 3})
+    with pytest.raises(ConfigError, match=r"config\.balance\.options\.fuse_with: test_several's option is a str, "
+                                          r"got 3"):
+        train(wrong_type, str(tmp_path / "e"))
     with cfg.unlocked():
         cfg.balance.method = "ogm_gee"
     with pytest.raises(ConfigError, match=r"config\.balance\.method: unknown training method 'ogm_gee'; known: lfm"):
@@ -193,7 +201,7 @@ def test_a_methods_options_and_modalities_are_checked_naming_the_field(tiny_reco
     with pytest.raises(ConfigError, match=r"config\.balance\.method: 'test_several' takes 2 modalities; "
                                           r"config\.model\.modalities is \['a', 'b', 'c'\]"):
         train(three, str(tmp_path / "d"))
-    assert not any(os.path.exists(tmp_path / d) for d in "abcd")
+    assert not any(os.path.exists(tmp_path / d) for d in "abcde")
 
 
 def test_lfm_is_a_method_on_the_interface_and_its_alpha_step_a_part(tiny_records):

@@ -147,7 +147,8 @@ def test_one_process_killed_outright_stops_the_other_within_a_minute_naming_it(o
     assert p1.returncode == -9
     assert p0.returncode == 1 and time.monotonic() - killed_at < 60, err0[-3000:]
     assert re.search(r"error: process 1 of 2 \(.* pid \d+\) stopped responding", err0), err0[-3000:]
-    procs = _two_processes(data, workdir)  # every process again: resumes from the last checkpoint
+    procs = _two_processes(data, workdir)  # every process again: resumes from the last checkpoint (epoch 1's)
     for (p, _), (out, err) in zip(procs, _finish(procs)):
         assert p.returncode == 0, err[-4000:]
+        assert f"resuming {workdir} at step 3 (epoch 2)" in out
         _assert_as_one(out, one)

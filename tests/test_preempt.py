@@ -76,3 +76,12 @@ def test_the_fault_spec_names_what_is_wrong(monkeypatch):
     monkeypatch.setenv(faults.ENV, "train_step@1:SIGHUP")
     with pytest.raises(ValueError, match=r"DYNGAP_FAULT='train_step@1:SIGHUP': unknown signal 'SIGHUP'"):
         faults.point("train_step")
+
+
+def test_a_loaders_worker_processes_leave_preemption_to_the_training_process(tiny_records):
+    """SLURM signals every process of a job step: grain's workers ignore the preemption signals (they die with the
+    training process), so the run, not a loader error, decides what happens."""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "loader_workers_run.py"), tiny_records], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WORKERS 1 ALIVE 1" in proc.stdout and "SERVED" in proc.stdout, proc.stdout + proc.stderr[-2000:]

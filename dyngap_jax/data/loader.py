@@ -22,6 +22,7 @@ from PIL import Image
 
 from dyngap_jax.data.augment import BOX, FLIP, FrameAugment, sample_crop
 from dyngap_jax.data.memory import InMemoryLoader, even_part
+from dyngap_jax.data.workers import loader_worker_setup
 from dyngap_jax.data.records import Manifest, RecordError, decode_example, load_manifest, verify_shards
 
 IN_MEMORY_MAX_BYTES = 256 << 20
@@ -71,8 +72,15 @@ def check_manifest(manifest: Manifest, *, folder: str, name: str | None = None,
 
 
 class Decode(grain.transforms.Map):
+    """A record's bytes -> its example dict (the ``keep`` features and the label); the first operation of every
+    loader, so a worker process sets itself up when it unpickles it (:func:`~dyngap_jax.data.workers.loader_worker_setup`)."""
+
     def __init__(self, keep: Sequence[str] | None = None):
         self.keep = None if keep is None else tuple(keep) + ("label",)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        loader_worker_setup()
 
     def map(self, data: bytes):
         ex = decode_example(data)

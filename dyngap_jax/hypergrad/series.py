@@ -154,7 +154,7 @@ class LFMCode(Method):
     ``jax.tree_util.tree_leaves`` order (which sorts dict keys: for an MLP ``dense_0/bias`` before
     ``dense_0/kernel``, unlike PyTorch's registration order). ``tensor="first"`` names the
     parameter the model creates first, PyTorch's first for modules written in forward order; the
-    training setup resolves it to a path (:meth:`dyngap_jax.train.Run.alpha_method`).
+    training setup resolves it to a path (:func:`dyngap_jax.methods.lfm.resolve_estimator`).
     """
 
     name: ClassVar[str] = "lfm_code"

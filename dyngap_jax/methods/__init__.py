@@ -7,6 +7,7 @@ registered with :func:`register`; ``docs/design.md`` shows one written against t
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Mapping
 
 from dyngap_jax.methods.base import (
@@ -51,13 +52,17 @@ def option_names() -> tuple[str, ...]:
     return tuple(names)
 
 
+def _python_type(f: dataclasses.Field) -> type:
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))  # an annotation or a type
+    return bool if "bool" in t else int if t.startswith("int") else str if "str" in t else float
+
+
 def option_types() -> dict[str, type]:
     """Every registered method's options with their Python type (for config placeholders)."""
     out: dict[str, type] = {}
     for cls in METHODS.values():
         for f in dataclasses.fields(cls.Options):
-            t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))  # an annotation or a type
-            out.setdefault(f.name, bool if "bool" in t else int if t.startswith("int") else str if "str" in t else float)
+            out.setdefault(f.name, _python_type(f))
     return out
 
 
@@ -73,6 +78,13 @@ def options_from_config(name: str, options: Mapping[str, Any], field: str = "con
             raise ValueError(f"{field}.{key}: training method {name!r} has no option {key!r}"
                              + (f" (an option of {', '.join(owners)})" if owners else "")
                              + (f"; {name!r} takes {', '.join(sorted(own))}" if own else f"; {name!r} takes none"))
+    types = {f.name: _python_type(f) for f in dataclasses.fields(cls.Options)}
+    checks = {bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
+              int: lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+              float: lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)}
+    for key, value in given.items():
+        if not checks[types[key]](value):
+            raise ValueError(f"{field}.{key}: {name}'s option is a {types[key].__name__}, got {value!r}")
     try:
         return cls.Options(**given)
     except (TypeError, ValueError) as e:

@@ -110,8 +110,8 @@ def make_alpha_step(*, model, mm_loss: Callable, learned: LearnedAlpha, method: 
     The update is skipped (and counted in ``alpha.skipped``) when the estimate is non-finite or broke
     down, and, with ``require_converged``, when the solve did not reach its tolerance.
     ``precision``: every matmul and convolution of the step (``"float64"``: the model, batches,
-    parameters and solve in float64, under ``jax.enable_x64(True)``; the run's resolved
-    :class:`~dyngap_jax.train.sections.Precision` decides it). ``warm_start``: start the solve from
+    parameters and solve in float64, under ``jax.enable_x64(True)``; the run's resolved precision
+    decides it, ``cfg.precision``). ``warm_start``: start the solve from
     ``state.alpha_solution`` (the last solution, non-finite entries replaced by 0) and keep the new one.
     ``prepare``: the run's batch preparation (frames augmented on the device), traced inside the step;
     ``shardings = (state, batch, replicated)``; ``donate``: the input state's buffers are reused.

@@ -106,6 +106,7 @@ class Part:
     """
 
     name: ClassVar[str] = ""
+    history_keys: ClassVar[tuple[str, ...]] = ()  # entries of its epoch record kept in the run's history too
 
     def open(self, run, state: TrainState, saved: dict | None, *, donate: bool = True) -> None:
         """Compile what the part runs and build its loaders; ``saved``: its :meth:`to_json` of the checkpoint."""

@@ -40,15 +40,14 @@ def mm_loss_fn(kind: str, modalities: Sequence[str], temperature: float, per_pai
 
 def learned_alpha(cfg, alpha_steps_per_epoch: int) -> alpha_lib.LearnedAlpha:
     """The :class:`~dyngap_jax.alpha.LearnedAlpha` of ``config.alpha.learned`` (one weight per pair if
-    ``per_pair``). Its dtype, learning rate included, is the run's resolved ``cfg.precision.alpha_dtype``:
-    JAX's default float (a double in a float64 run), or with ``precision="float64"`` a double kept as
-    two float32s where JAX runs in 32 bits."""
+    ``per_pair``), kept to the run's resolved ``cfg.precision.alpha_dtype``, its learning rate included:
+    float32, or double precision (a float64 in a float64 run, else a pair of float32s)."""
     lcfg, mods = cfg.alpha.learned, cfg.model.modalities
     lr = alpha_lib.authors_lr_schedule(alpha_steps_per_epoch) if lcfg.schedule == "authors" else lcfg.learning_rate
     per_pair = lcfg.per_pair and cfg.alpha.strategy == "learned"
     return alpha_lib.LearnedAlpha(init=lcfg.init, learning_rate=lr, clip=tuple(lcfg.clip),
                                   num_pairs=max(1, len(mods) * (len(mods) - 1) // 2) if per_pair else None,
-                                  optimizer=lcfg.optimizer, precision=lcfg.precision)
+                                  optimizer=lcfg.optimizer, precision=cfg.precision.alpha_dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,10 @@ def initialize(cfg: Mapping[str, Any] | None = None) -> bool:
     and the others stop naming it (:mod:`dyngap_jax.parallel.liveness`).
     """
     cfg = dict(cfg or {})
-    timeout = int(cfg.get("heartbeat_timeout") or 30)
+    timeout = cfg.get("heartbeat_timeout")
+    timeout = 30 if timeout is None else timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 5:
+        raise ValueError(f"config.parallel.distributed.heartbeat_timeout: an integer >= 5 (seconds), got {timeout!r}")
     # JAX's own heartbeat is the backstop; dyngap_jax.parallel.liveness names a lost process first
     timeouts = {"heartbeat_timeout_seconds": 2 * timeout, "shutdown_timeout_seconds": 2 * timeout}
     if cfg.get("coordinator_address"):

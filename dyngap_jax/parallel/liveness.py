@@ -7,10 +7,13 @@ hang) with the peer's address, not its process. Here each process also counts up
 in the coordination service's key-value store every couple of seconds, from a thread of its own, and
 reads the others' counts: one that has not moved for ``config.parallel.distributed.heartbeat_timeout``
 seconds is lost, and this process prints one line naming it (index, host, pid) and exits with
-status 1 (without waiting on the shutdown barrier the lost process will never reach). Rerunning every
-process with the same command resumes from the last checkpoint. A process that exits normally marks
-its key, so the others do not mistake its end for a loss. JAX's own heartbeat timeout (twice this)
-stays as the backstop.
+status 1 (without waiting on the shutdown barrier the lost process will never reach). A process that
+stops with an error says so in its key (:func:`failed`), and the others stop at once, naming it. A
+process that exits normally (or preempted) marks its key, so the others do not mistake its end for a
+loss. Rerunning every process with the same command resumes from the last checkpoint. JAX's own
+heartbeat timeout (twice this) stays as the backstop, also where the coordinator's machine vanishes
+and a key-value call blocks. (JAX has no public handle on its distributed client: the watchdog uses
+``jax._src.distributed.global_state.client``.)
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import time
 
 PREFIX = "dyngap_jax/alive"
 EXITED = "exited"
+FAILED = "failed"
 LOST_STATUS = 1
 _WATCHDOG: "Watchdog | None" = None
 
@@ -38,6 +42,7 @@ class Watchdog:
         self.seen: dict[int, tuple[str, float]] = {}  # process -> (its last value, when it last changed)
         self.failing_since: float | None = None
         self.lost: str | None = None
+        self._lock = threading.Lock()  # a beat never overwrites the final mark
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="liveness", daemon=True)
 
@@ -47,9 +52,14 @@ class Watchdog:
         atexit.register(self.exited)
         return self
 
+    def _set(self, value: str) -> None:
+        self.client.key_value_set(f"{PREFIX}/{self.pid}", value, allow_overwrite=True)
+
     def _beat(self) -> None:
-        self.count += 1
-        self.client.key_value_set(f"{PREFIX}/{self.pid}", f"{self.count} {self.who}", allow_overwrite=True)
+        with self._lock:
+            if not self._stop.is_set():
+                self.count += 1
+                self._set(f"{self.count} {self.who}")
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
@@ -68,16 +78,18 @@ class Watchdog:
                 p = int(key.rsplit("/", 1)[-1])
                 if p == self.pid or value == EXITED:
                     self.seen.pop(p, None)
-                    continue
-                last = self.seen.get(p)
-                if last is None or last[0] != value:
+                elif value.startswith(FAILED):
+                    self._give_up(f"process {p} of {self.n} stopped with an error ({value[len(FAILED) + 1:]})")
+                elif p not in self.seen or self.seen[p][0] != value:
                     self.seen[p] = (value, now)
-                elif now - last[1] > self.timeout:
+                elif now - self.seen[p][1] > self.timeout:
                     who = value.split(" ", 1)[1] if " " in value else "?"
-                    self._give_up(f"process {p} of {self.n} ({who}) stopped responding {now - last[1]:.0f} s ago "
-                                  "(killed, or its machine lost)")
+                    self._give_up(f"process {p} of {self.n} ({who}) stopped responding {now - self.seen[p][1]:.0f} s "
+                                  "ago (killed, or its machine lost)")
 
     def _give_up(self, what: str) -> None:
+        if self._stop.is_set():  # this process is ending on its own: let it
+            return
         self.lost = what
         sys.stdout.flush()
         sys.stderr.write(f"error: {what}; process {self.pid} stops too. Rerun every process with the same command "
@@ -85,15 +97,23 @@ class Watchdog:
         sys.stderr.flush()
         os._exit(LOST_STATUS)  # the shutdown barrier would wait for the lost process: leave without it
 
+    def _finish(self, value: str) -> None:
+        with self._lock:
+            if self._stop.is_set():
+                return
+            self._stop.set()
+            try:
+                self._set(value)
+            except Exception:  # noqa: BLE001 - the coordinator is gone already
+                pass
+
     def exited(self) -> None:
         """Mark this process as ended normally (its count stops without it being lost)."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        try:
-            self.client.key_value_set(f"{PREFIX}/{self.pid}", EXITED, allow_overwrite=True)
-        except Exception:  # noqa: BLE001 - the coordinator is gone already
-            pass
+        self._finish(EXITED)
+
+    def failed(self, reason: str) -> None:
+        """Mark this process as stopping with an error: the others stop too, naming it."""
+        self._finish(f"{FAILED} {self.who}: {reason[:300]}")
 
 
 def start(timeout: float) -> Watchdog | None:
@@ -108,15 +128,18 @@ def start(timeout: float) -> Watchdog | None:
     return _WATCHDOG
 
 
-def wait_for_verdict(limit: float | None = None) -> None:
-    """After a failed collective: give the watchdog up to its timeout (or ``limit`` s) to name a lost process,
-    which ends this process with that message; returns if every process is still alive."""
+def after_error(error: BaseException, *, lost_possible: bool = True) -> None:
+    """A process of a multi-process run is about to stop with ``error``. If a collective may have failed on a
+    lost process (``lost_possible``), give the watchdog its timeout to name it (it ends this process with that
+    message); then tell the others this process stops."""
     w = _WATCHDOG
     if w is None:
         return
-    deadline = time.monotonic() + (limit if limit is not None else w.timeout + 3 * w.period)
-    while time.monotonic() < deadline and w.lost is None:
-        time.sleep(0.2)
+    if lost_possible:
+        deadline = time.monotonic() + w.timeout + 3 * w.period
+        while time.monotonic() < deadline and w.lost is None:
+            time.sleep(0.2)
+    w.failed(f"{type(error).__name__}: {error}")
 
 
-__all__ = ["Watchdog", "start", "wait_for_verdict"]
+__all__ = ["Watchdog", "after_error", "start"]

@@ -2,7 +2,7 @@
 
 ``run_comparison`` is what ``scripts/compare_hypergrads.py`` runs. Every estimator sees the same
 closures (L_CLS and L_MM on an inner train batch, L_CLS on an outer validation batch) at the same
-parameters: the training alpha step's own (:func:`dyngap_jax.train.steps.alpha_losses`, with its
+parameters: the training alpha step's own (:func:`dyngap_jax.methods.alpha_step.alpha_losses`, with its
 dropout key), so a row measures what training would apply.
 
 The reference is CG at a tight tolerance, computed in float64 by default. Why: the Hessian of a

@@ -42,6 +42,31 @@ class _BeforeMethods:
 _BEFORE_METHODS = tuple(f.name for f in dataclasses.fields(_BeforeMethods))
 
 
+def _legacy_target(like, message: str):
+    """The tree an older checkpoint of ``like``'s run was written in, from orbax's mismatch ``message`` (None: not
+    one of them): no ``method_state`` (before the method interface), and alpha kept as a pair of doubles where
+    it is now one (a float64 alpha under JAX's 64-bit mode, before issue 22)."""
+    if "method_state" not in message and "low" not in message:
+        return None
+    if "method_state" in message and getattr(like, "method_state", 0) is not None:
+        return None
+    alpha = like.alpha
+    if "low" in message and getattr(alpha, "low", 0) is None:
+        alpha = alpha.replace(low=jax.numpy.zeros_like(alpha.value))
+    fields = {f: getattr(like, f) for f in _BEFORE_METHODS}
+    fields["alpha"] = alpha
+    return _BeforeMethods(**fields) if "method_state" in message else like.replace(alpha=alpha)
+
+
+def _from_legacy(like, restored):
+    """``restored`` (an older tree) in ``like``'s: a pair-of-doubles alpha summed into its one double."""
+    alpha = restored.alpha
+    if getattr(like.alpha, "low", 0) is None and getattr(alpha, "low", None) is not None:
+        alpha = alpha.replace(value=alpha.value + alpha.low, low=None)
+    rest = [f for f in _BEFORE_METHODS + ("method_state",) if f != "alpha" and hasattr(restored, f)]
+    return like.replace(**{f: getattr(restored, f) for f in rest}, alpha=alpha)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint whose files do not match the hash written with it, or that orbax cannot read."""
 
@@ -175,10 +200,11 @@ class Checkpointer:
                 r = self._restore(step, like_state)
                 return r.state, r.extra
             except ValueError as e:
-                if getattr(like_state, "method_state", 0) is not None or "method_state" not in str(e):
+                legacy = _legacy_target(like_state, str(e))
+                if legacy is None:
                     raise
-            r = self._restore(step, _BeforeMethods(**{f: getattr(like_state, f) for f in _BEFORE_METHODS}))
-            return like_state.replace(**{f: getattr(r.state, f) for f in _BEFORE_METHODS}), r.extra
+            r = self._restore(step, legacy)
+            return _from_legacy(like_state, r.state), r.extra
         except Exception as e:  # orbax raises many types for unreadable files; name the folder
             raise CheckpointError(f"{self._step_dir(step)}: cannot be restored ({type(e).__name__}: {e})") from e
 

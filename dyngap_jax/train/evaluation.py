@@ -173,13 +173,15 @@ def metrics_table(results: Mapping[str, Mapping[str, float]], modalities: Sequen
 
 
 def summary_table(summary: Mapping, modalities: Sequence[str]) -> str:
-    """The end-of-run table: :func:`metrics_table` at the best validation epoch, and the final alpha."""
+    """The end-of-run table: :func:`metrics_table` at the best validation epoch, and the final alpha (where the
+    method has one) with the alpha steps' totals."""
     best = summary["best"]
     chosen = ("test never used for selection" if not best["metric"].startswith("test/")
               else "chosen on test, the authors' protocol: the test scores below are not an unbiased estimate")
     lines = [f"best epoch {best['epoch']} by {best['metric']} ({chosen})", "",
-             metrics_table({s: best.get(s) for s in ("validation", "test")}, modalities), "",
-             f"final alpha: {np.array2string(np.asarray(summary['final_alpha']), precision=4)}"]
+             metrics_table({s: best.get(s) for s in ("validation", "test")}, modalities)]
+    if "final_alpha" in summary:  # a method that weighs L_MM (LFM)
+        lines += ["", f"final alpha: {np.array2string(np.asarray(summary['final_alpha']), precision=4)}"]
     a = summary.get("alpha_steps") or {}
     if a.get("count"):
         residual = "n/a" if a["max_residual"] is None else f"{a['max_residual']:.2e}"

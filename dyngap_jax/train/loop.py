@@ -27,22 +27,23 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
 from tqdm import tqdm
 
 from dyngap_jax import faults, parallel
 from dyngap_jax.compilation import CompileCounter
+from dyngap_jax.data.records import RecordError
 from dyngap_jax.io import write_json
-from dyngap_jax.parallel import liveness
 from dyngap_jax.methods import Part, StepInfo, TrainState
-from dyngap_jax.train.checkpoint import Checkpointer
+from dyngap_jax.parallel import liveness
+from dyngap_jax.train.checkpoint import CheckpointError, Checkpointer
+from dyngap_jax.train.config import ConfigError, validate
 from dyngap_jax.train.evaluation import evaluate
 from dyngap_jax.train.loop_state import LoopState
 from dyngap_jax.train.plots import Plotter
 from dyngap_jax.train.preempt import Preempted, Preemption
 from dyngap_jax.train.setup import Run, setup
-from dyngap_jax.train.workdir import MetricsLogger, check_config, record_config, workdir_lock
+from dyngap_jax.train.workdir import MetricsLogger, WorkdirBusy, check_config, record_config, workdir_lock
 
 
 class TrainingDiverged(RuntimeError):
@@ -229,7 +230,7 @@ def _end_epoch(lp: _Loop, state: TrainState, loop: LoopState, record: dict) -> N
             folder.log.write({"epoch": t_epoch, "split": split, "step": step, **evals[split]}, step)
     for part in lp.parts:
         part.evaluated()
-    kept = [k for p in lp.parts for k in getattr(p, "history_keys", ()) if k in record]
+    kept = [k for p in lp.parts for k in p.history_keys if k in record]
     loop.history.append({"epoch": t_epoch, "train_loss": record.get("loss"), **{k: record[k] for k in kept},
                          **{f"{s}/{k}": v for s, e in evals.items() for k, v in e.items()}})
     faults.point("metrics_written")
@@ -260,23 +261,32 @@ def train(config, workdir: str, max_steps: int | None = None) -> dict:
     seconds, naming it (:mod:`dyngap_jax.parallel.liveness`).
     """
     counter = CompileCounter().start()
+    cfg, _ = validate(config)  # the preemption setting first: a signal while the run is set up and compiled counts too
+    with Preemption(cfg.train.preempt_signal) as preempt:
+        return _guarded(config, workdir, max_steps, counter, preempt)
+
+
+def _guarded(config, workdir: str, max_steps: int | None, counter: CompileCounter, preempt: Preemption) -> dict:
     run = setup(config)
     try:
         with workdir_lock(workdir):  # one run at a time in a folder
-            return _train(run, workdir, max_steps, counter)
+            return _train(run, workdir, max_steps, counter, preempt)
     except Exception as e:
         if jax.process_count() > 1 and not isinstance(e, Preempted):
-            liveness.wait_for_verdict()  # a collective failed: if a process was lost, the watchdog names it and exits
+            # a failed collective may mean a lost process (the watchdog then names it and ends this one); the
+            # run's own errors (divergence, a damaged checkpoint, a refused config) end every process alike
+            own = (TrainingDiverged, CheckpointError, ConfigError, RecordError, WorkdirBusy)
+            liveness.after_error(e, lost_possible=not isinstance(e, own))
         raise
 
 
-def _train(run: Run, workdir: str, max_steps: int | None, counter: CompileCounter) -> dict:
+def _train(run: Run, workdir: str, max_steps: int | None, counter: CompileCounter, preempt: Preemption) -> dict:
     check_config(run.cfg, workdir)  # refuse another run's folder before any work
     state = run.create_train_state()
     state = jax.device_put(state, run.shardings(state)[0])
     train_step, eval_step = run.train_step(state), run.eval_step(state)
     num_epochs = run.cfg.train.num_epochs
-    with _open_folder(run, workdir) as folder, Preemption(run.cfg.train.preempt_signal) as preempt:
+    with _open_folder(run, workdir) as folder:
         loop = LoopState()
         restored = folder.ckpt.restore_latest(state)
         summary_path = os.path.join(workdir, "summary.json")
@@ -294,6 +304,8 @@ def _train(run: Run, workdir: str, max_steps: int | None, counter: CompileCounte
         lp = _Loop(run, train_step, eval_step, run.method.parts(), folder, max_steps, preempt)
         if max_steps is not None and step >= max_steps:  # asked again for a stop already reached: train nothing
             lp.stop = "max_steps"
+        elif preempt.requested(step):  # signalled while the run was set up: its latest checkpoint stands
+            lp.stop = "preempted"
         for part in lp.parts:
             part.open(run, state, loop.parts.get(part.name))
         while loop.epoch < num_epochs and not lp.stop:
@@ -312,5 +324,5 @@ def _train(run: Run, workdir: str, max_steps: int | None, counter: CompileCounte
             if jax.process_index() == 0:
                 write_json(summary_path, summary)
     if lp.stop == "preempted" and loop.epoch < num_epochs:
-        raise Preempted(step, preempt.received or "SIGTERM", workdir)
+        raise Preempted(step, preempt.received or "SIGTERM", workdir, saved=restored is not None or step > 0)
     return summary

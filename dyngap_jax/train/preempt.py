@@ -1,11 +1,12 @@
 """Preemption: a scheduler's warning signal becomes a checkpoint at a step every process agrees on, then an exit.
 
 SLURM and cloud schedulers send SIGTERM (or, asked to, SIGUSR1 some time) before they kill a job.
-Inside :func:`dyngap_jax.train.train` the signal only sets a flag; the loop finishes the train step
-it is in, writes a checkpoint there (at an epoch's last step: the epoch's own, after its
-evaluation), closes its writers and raises :class:`Preempted`; the entry points exit with
-:data:`EXIT_STATUS` (75, ``EX_TEMPFAIL``: try again). Rerunning the same command resumes to exactly
-the uninterrupted result.
+Inside :func:`dyngap_jax.train.train` (from the moment its config is validated) the signal only sets a
+flag; the loop finishes the train step it is in, writes a checkpoint there (at an epoch's last step:
+the epoch's own, after its evaluation), closes its writers and raises :class:`Preempted`; a signal
+while the run is set up and compiled stops it before its first step, its latest checkpoint standing.
+The entry points exit with :data:`EXIT_STATUS` (75, ``EX_TEMPFAIL``: try again). Rerunning the
+same command resumes to exactly the uninterrupted result.
 
 With several processes (``jax.distributed``), a signal reaches them at different moments, and all
 must stop at the same step (a checkpoint is written by all of them together). JAX's preemption
@@ -27,9 +28,10 @@ EXIT_STATUS = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, the command may
 class Preempted(RuntimeError):
     """The run stopped on a preemption signal after writing a checkpoint at ``step``; rerun it to resume."""
 
-    def __init__(self, step: int, signal_name: str, workdir: str):
-        super().__init__(f"preempted by {signal_name} at step {step}: a checkpoint is saved in {workdir}; rerun the "
-                         "same command to resume")
+    def __init__(self, step: int, signal_name: str, workdir: str, saved: bool = True):
+        where = (f"at step {step}: a checkpoint is saved in {workdir}; rerun the same command to resume" if saved
+                 else f"before its first step: nothing to save in {workdir}; rerun the same command to start")
+        super().__init__(f"preempted by {signal_name} {where}")
         self.step, self.signal_name, self.workdir = step, signal_name, workdir
 
 
@@ -76,7 +78,8 @@ class Preemption:
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            if handler is not None:  # None: a handler not set from Python (JAX's C++ one), which cannot be put back
+                signal.signal(signum, handler)
         self._previous = {}
 
     def requested(self, step: int) -> bool:

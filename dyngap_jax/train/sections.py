@@ -198,7 +198,8 @@ class LearnedConfig:
     optimizer: str = field(alpha_lib.LearnedAlpha.optimizer, Choice("sgd", "adam"), "alpha's optimiser")
     per_pair: bool = field(False, Bool(), "one alpha per modality pair")
     precision: str = field(alpha_lib.LearnedAlpha.precision, Choice("float32", "float64"),
-                           "alpha kept to float32 or to double precision (the authors' Python float)")
+                           "alpha and its rate kept to float32 (a float64 run's: float64) or to double precision "
+                           "(the authors' Python float)")
 
 
 @dataclasses.dataclass(frozen=True)
