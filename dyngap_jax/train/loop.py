@@ -92,6 +92,7 @@ class _Loop:
     max_steps: int | None
     preempt: Preemption
     stop: str | None = None  # "max_steps" or "preempted": the loop ends after this step (or this epoch)
+    shape_checked: bool = False  # the first step kept the state's tree (a method's state has its shape from init)
 
 
 @dataclasses.dataclass
@@ -164,12 +165,13 @@ def _train_epoch(lp: _Loop, state: TrainState, loop: LoopState, step: int):
                             last=i + 1 == run.steps_per_epoch)
             for part in lp.parts:
                 state = part.before_step(state, info)
-            before = jax.tree_util.tree_structure(state) if ep.step == step else None
+            before = None if lp.shape_checked else jax.tree_util.tree_structure(state)
             state, m = lp.train_step(state, info.batch)
             if before is not None and jax.tree_util.tree_structure(state) != before:
                 raise ValueError(f"config.balance.method={run.cfg.balance.method!r}: its step changed the train "
                                  "state's structure; a method's state must have its shape from the start "
                                  "(Method.init_state)")
+            lp.shape_checked = True
             ep.step += 1
             ep.pending.append((ep.step, i + 1, m))
             faults.point("train_step")

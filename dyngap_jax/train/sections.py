@@ -33,6 +33,7 @@ from dyngap_jax.train.fields import (
     Text,
     When,
     field,
+    section_dict,
 )
 
 # matmul / convolution precisions (jax.default_matmul_precision): "default" is the backend's (TF32 for float32 on
@@ -126,8 +127,6 @@ class ModelConfig:
     projection_dim: int | None = field(None, Maybe(Int(1)), "a common feature width for L_MM (encoders of other widths)")
 
     def to_dict(self) -> dict:
-        from dyngap_jax.train.fields import section_dict
-
         return section_dict(self)
 
 
@@ -297,8 +296,6 @@ class Config:
 
     def to_dict(self) -> dict:
         """The config as ``config.json`` holds it (plain dicts and lists, derived values left out)."""
-        from dyngap_jax.train.fields import section_dict
-
         return section_dict(self)
 
 
