@@ -122,13 +122,15 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_rerun_resume
     """JAX's preemption service agrees on the step: both processes checkpoint there and exit 75."""
     data, one = one_process
     workdir = str(tmp_path / "two")
-    procs = _two_processes(data, workdir, (None, "train_step@4:SIGTERM"))
+    # early in the 6-step run: the agreed step is the newest step a process has reported, plus one, and a process
+    # under load can be a step or two ahead; agreed at the run's last step, the run would simply finish
+    procs = _two_processes(data, workdir, (None, "train_step@2:SIGTERM"))
     outs = _finish(procs)
     stops = []
     for (p, _), (out, err) in zip(procs, outs):
         assert p.returncode == 75, err[-4000:]
         stops.append(int(re.search(r"PREEMPTED (\d+)", out).group(1)))
-    assert stops[0] == stops[1] >= 4
+    assert stops[0] == stops[1] >= 2
     procs = _two_processes(data, workdir)
     for (p, _), (out, err) in zip(procs, _finish(procs)):
         assert p.returncode == 0, err[-4000:]
