@@ -4,6 +4,8 @@
     python -m scripts.bench_alpha_overhead --cases=cremad --av_size=16 --alpha_repeats=0 --trained_steps=100
                                              # CPU: does the default converge at the CREMA-D architecture (~1 h)
     python -m scripts.bench_alpha_overhead --cases=cremad --av_size=224 --av_batch=64    # on a GPU: the paper's shapes
+    python -m scripts.bench_alpha_overhead --cases=avmnist --points=initialisation --alpha_repeats=0 --repeats=1
+                                             # CPU: the exact step at AV-MNIST's narrow variant, as it is today
 
 For each case the config's ``ours_lb`` (the training default: CG on the normal equations damped by
 ``(1e-2 |lambda|_max)^2``, solved to the 1e-3 relative residual, warm start available) runs on synthetic
@@ -32,13 +34,16 @@ import jax
 import numpy as np
 from absl import flags
 
-from configs import cremad, mfeat
+from configs import avmnist, cremad, mfeat
 from dyngap_jax.studies.estimator import Estimator, relative_error
 from dyngap_jax.train import setup
 from scripts import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("cases", ["mfeat", "cremad"], "mfeat (fou+pix MLPs) and/or cremad (ResNet18 audio + video).")
+flags.DEFINE_list("cases", ["mfeat", "cremad"], "mfeat (fou+pix MLPs), cremad (ResNet18 audio + video) and/or avmnist "
+                  "(the narrow ResNet-18 pair at AV-MNIST's shapes: 129 x 101 spectrogram, 112 px image, batch 64).")
+flags.DEFINE_list("points", ["initialisation", "after training"], "Where the alpha step is measured.")
+flags.DEFINE_bool("config_batch", True, "Also measure at the config's alpha batch (besides the authors' 8 + 8).")
 flags.DEFINE_integer("trained_steps", 40, "Train steps before the 'after training' point.")
 flags.DEFINE_integer("repeats", 2, "Timed train steps and alpha steps per measurement (after a warm-up).")
 flags.DEFINE_integer("alpha_repeats", 1, "Timed alpha steps per measurement (after a warm-up); 0: one call, "
@@ -47,13 +52,15 @@ flags.DEFINE_integer("av_size", 64, "CREMA-D case: spectrogram and frame height/
 flags.DEFINE_integer("av_batch", 8, "CREMA-D case: the train batch (the paper: 64; CPU: keep small).")
 flags.DEFINE_bool("frontier", True, "mfeat: error against the float64 reference over iteration budgets.")
 
-STEPS_PER_EPOCH = {"mfeat": 21, "cremad": 105}
+STEPS_PER_EPOCH = {"mfeat": 21, "cremad": 105, "avmnist": 38}
 
 
 def case(name: str):
     """``(config, batch(n, seed))`` of a case, batches with a class signal so that training learns."""
     if name == "mfeat":
         cfg, shapes, batch_size = mfeat.get_config("ours_lb"), {"fou": (76,), "pix": (240,)}, 64
+    elif name == "avmnist":  # the model's inputs: the image after the frames path's resize to 112 px
+        cfg, shapes, batch_size = avmnist.get_config("ours_lb/narrow"), {"audio": (129, 101, 1), "image": (112, 112, 1)}, 64
     else:
         cfg, s = cremad.get_config("ours_lb"), FLAGS.av_size
         shapes, batch_size = {"audio": (s, s, 1), "video": (3, s, s, 3)}, FLAGS.av_batch
@@ -99,7 +106,7 @@ def measure(name: str) -> list[dict]:
     rows, seed = [], 100
     compile_s = {}
     earlier = None
-    for point in ("initialisation", "after training"):
+    for point in FLAGS.points:
         if point == "after training":
             for i in range(FLAGS.trained_steps):
                 if i == FLAGS.trained_steps - 7:
@@ -107,7 +114,7 @@ def measure(name: str) -> list[dict]:
                 state, _ = train_step(state, batch(B, i))
         t_train, _ = timed(lambda: train_step(state, batch(B, 0)), FLAGS.repeats)
         sizes = [(8, "8 + 8")] + ([(run.batch.alpha, f"{run.batch.alpha} + {run.batch.alpha} (config)")]
-                                  if run.batch.alpha != 8 else [])
+                                  if run.batch.alpha != 8 and FLAGS.config_batch else [])
         for n, label in sizes:
             if n not in compile_s:
                 t0 = time.perf_counter()
@@ -179,6 +186,9 @@ def frontier(run, state, batch, t_train) -> list[dict]:
 def main(argv):
     del argv
     rows = []
+    unknown = sorted(set(FLAGS.points) - {"initialisation", "after training"})
+    if unknown:
+        raise SystemExit(f"--points: {unknown} are not 'initialisation' or 'after training'")
     for name in FLAGS.cases:
         rows += measure(name)
     dev = jax.devices()[0]

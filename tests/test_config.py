@@ -312,6 +312,8 @@ def _all_configs():
         args = _base.method_args(mods)
         if name == "mfeat":
             args += ["ours_lb/all", "unimodal:kar/kar+zer", "ours_h/fou+fac+mor"]
+        if name == "avmnist":
+            args += [f"{a}/narrow" for a in args]
         for arg in args:
             yield name, arg, module
 
@@ -385,3 +387,26 @@ def test_one_resolved_precision(tiny_records):
                                               r"algorithm; it contradicts config\.train\.compute_dtype='float64'"):
             validate(_apply(tiny_config(tiny_records, "ours_lb"), {"train.compute_dtype": "float64",
                                                                     "train.matmul_precision": "BF16_BF16_F32_X3"}))
+
+
+def test_a_field_the_setup_does_not_read_leaves_a_finished_run_the_same_run():
+    """A grid's overrides for the learned alpha do not make its concat runs 'another config' (scripts.report
+    collects them); for the learned alpha they do."""
+    from configs import mfeat
+    from dyngap_jax.train import validate
+    from dyngap_jax.train.workdir import config_differences
+
+    def with_budget(method):
+        cfg = mfeat.get_config(method)
+        cfg.alpha.hypergrad.options.maxiter = 30
+        cfg.alpha.batch_size = 8
+        return validate(cfg)[0]
+
+    assert config_differences(validate(mfeat.get_config("concat"))[0].to_dict(), with_budget("concat")) == []
+    assert config_differences(validate(mfeat.get_config("ours_lb"))[0].to_dict(), with_budget("ours_lb")) == [
+        "alpha.batch_size", "alpha.hypergrad.options.maxiter"]
+    # a field the run reads still counts
+    other = mfeat.get_config("concat")
+    other.train.learning_rate = 0.1
+    assert config_differences(validate(mfeat.get_config("concat"))[0].to_dict(), validate(other)[0]) == [
+        "train.learning_rate"]

@@ -65,12 +65,16 @@ for _name, _factory in (("resnet18", resnet18), ("resnet34", resnet34), ("resnet
 
 
 def _video(factory):
-    def build(modality, num_frames=None, temporal="mean", num_channels=3, checkpoint=None):
+    def build(modality, num_frames=None, temporal="mean", num_channels=3, checkpoint=None, **resnet_kw):
+        """``resnet_kw``: the backbone's ``depths``, ``hidden_sizes``, ``embedding_size`` (not with a checkpoint)."""
         if checkpoint:
+            if resnet_kw:
+                raise ValueError(f"encoder for {modality!r}: with a `checkpoint` the architecture comes from it; "
+                                 f"drop {sorted(resnet_kw)}")
             backbone, variables = hf_import.import_resnet(checkpoint, modality=modality)
             variables = {collection: {"backbone": tree} for collection, tree in variables.items()}
         else:
-            backbone, variables = factory(num_channels=num_channels, modality=modality), None
+            backbone, variables = factory(num_channels=num_channels, modality=modality, **resnet_kw), None
         return VideoEncoder(backbone, num_frames=num_frames, temporal=temporal, modality=modality), variables
 
     return build
@@ -119,7 +123,9 @@ def build_encoder(spec: Mapping, modality: str):
         raise ValueError(f"model.encoders.{modality}.name: unknown encoder {name!r}; known: {sorted(ENCODERS)}")
     try:
         return ENCODERS[name](modality, **spec)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
+        if str(e).startswith("model."):
+            raise
         raise ValueError(f"model.encoders.{modality}: {e}") from None
 
 

@@ -123,14 +123,28 @@ class ResNet(nn.Module):
         return (pooled, x) if return_map else pooled
 
 
-def resnet18(num_channels: int = 3, **kw) -> ResNet:
-    return ResNet(depths=(2, 2, 2, 2), hidden_sizes=(64, 128, 256, 512), layer_type="basic", num_channels=num_channels, **kw)
-
-
-def resnet34(num_channels: int = 3, **kw) -> ResNet:
-    return ResNet(depths=(3, 4, 6, 3), hidden_sizes=(64, 128, 256, 512), layer_type="basic", num_channels=num_channels, **kw)
-
-
-def resnet50(num_channels: int = 3, **kw) -> ResNet:
-    return ResNet(depths=(3, 4, 6, 3), hidden_sizes=(256, 512, 1024, 2048), layer_type="bottleneck",
+def resnet(num_channels: int = 3, *, depths: Sequence[int], hidden_sizes: Sequence[int], layer_type: str = "basic",
+           embedding_size: int = 64, **kw) -> ResNet:
+    """A ResNet with its stages' ``depths`` (blocks) and ``hidden_sizes`` (widths) checked: one of each a stage,
+    positive integers (a config may narrow or shorten a ResNet-18: ``hidden_sizes=[16, 32, 64, 128]``)."""
+    depths, hidden_sizes = tuple(depths), tuple(hidden_sizes)
+    ok = lambda xs: xs and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in xs)
+    if not ok(depths) or not ok(hidden_sizes) or len(depths) != len(hidden_sizes):
+        raise ValueError(f"`depths` {list(depths)} and `hidden_sizes` {list(hidden_sizes)} must be positive integers, "
+                         "one of each a stage")
+    if not (isinstance(embedding_size, int) and embedding_size > 0):
+        raise ValueError(f"`embedding_size` must be a positive integer, got {embedding_size!r}")
+    return ResNet(depths=depths, hidden_sizes=hidden_sizes, layer_type=layer_type, embedding_size=embedding_size,
                   num_channels=num_channels, **kw)
+
+
+def resnet18(num_channels: int = 3, depths=(2, 2, 2, 2), hidden_sizes=(64, 128, 256, 512), **kw) -> ResNet:
+    return resnet(num_channels, depths=depths, hidden_sizes=hidden_sizes, layer_type="basic", **kw)
+
+
+def resnet34(num_channels: int = 3, depths=(3, 4, 6, 3), hidden_sizes=(64, 128, 256, 512), **kw) -> ResNet:
+    return resnet(num_channels, depths=depths, hidden_sizes=hidden_sizes, layer_type="basic", **kw)
+
+
+def resnet50(num_channels: int = 3, depths=(3, 4, 6, 3), hidden_sizes=(256, 512, 1024, 2048), **kw) -> ResNet:
+    return resnet(num_channels, depths=depths, hidden_sizes=hidden_sizes, layer_type="bottleneck", **kw)

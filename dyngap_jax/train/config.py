@@ -118,6 +118,9 @@ def _check_data(cfg: Config) -> None:
     for m in cfg.data.frames:
         if m not in mods:
             raise ConfigError(f"config.data.frames.{m}: not a modality of config.model.modalities {mods}")
+        lo, hi = cfg.data.frames[m].crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"config.data.frames.{m}.crop_scale: an area fraction range 0 < lo <= hi <= 1, got {(lo, hi)}")
     for m in cfg.data.masks:
         if m not in mods:
             raise ConfigError(f"config.data.masks: {m!r} is not a modality of config.model.modalities {mods}")
@@ -206,10 +209,8 @@ def _flat(d, prefix: str = "") -> dict:
     return out
 
 
-def ignored(cfg: Config) -> list[str]:
-    """A warning for each field the chosen setup does not read (the table's "read when") set to other than its default."""
-    defaults = _flat(plain(base_config("", "")))
-    values = _flat(cfg.to_dict())
+def unread(cfg: Config) -> dict[str, str]:
+    """``{dotted field: why}`` for every field the chosen setup does not read (the table's "read when")."""
     reasons: dict[str, str] = {}
     method = methods.get(cfg.balance.method)
     for path, s in all_rows():
@@ -218,6 +219,14 @@ def ignored(cfg: Config) -> list[str]:
             reasons[path] = f"config.balance.method={cfg.balance.method!r}"
         elif s.reads is not None and not s.reads.holds(cfg):
             reasons[path] = s.reads.why(cfg)
+    return reasons
+
+
+def ignored(cfg: Config) -> list[str]:
+    """A warning for each field the chosen setup does not read (the table's "read when") set to other than its default."""
+    defaults = _flat(plain(base_config("", "")))
+    values = _flat(cfg.to_dict())
+    reasons = unread(cfg)
     out = []
     if cfg.train.select_split == "test":
         out.append("config.train.select_split='test': the best epoch is chosen on the test split (the authors' code's "

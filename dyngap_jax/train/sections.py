@@ -103,6 +103,9 @@ class FrameConfig:
     normalize: bool = field(True, Bool(), "normalise with ImageNet's mean and std (RGB frames)")
     select: tuple | None = field(None, Maybe(Ints(0, None, "a list of stored frame indices to keep")),
                                  "keep these stored frames of each clip (None: all)")
+    random_resized_crop: bool = field(True, Bool(), "training: torchvision's random resized crop (off: the whole frame)")
+    crop_scale: tuple = field((0.08, 1.0), Pair(), "training: the crop's area fraction range")
+    flip: bool = field(True, Bool(), "training: a random horizontal flip (off for digits and text)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -187,7 +187,8 @@ class Run:
 
 
 def _frames(cfg: Config) -> dict[str, augment.FrameAugment]:
-    return {m: augment.FrameAugment(size=f.size, normalize=f.normalize, select=f.select)
+    return {m: augment.FrameAugment(size=f.size, normalize=f.normalize, select=f.select,
+                                    random_resized_crop=f.random_resized_crop, scale=f.crop_scale, flip=f.flip)
             for m, f in cfg.data.frames.items()}
 
 

@@ -23,8 +23,10 @@ RESUMABLE_CHANGES = ("progress", "data.worker_count", "data.verify_checksums", "
 def comparable_config(cfg) -> dict:
     """``cfg`` (a validated :class:`~dyngap_jax.train.config.Config`, or a config dict, validated here: the
     fields it leaves out take their defaults, so a run recorded before a field existed compares equal) as
-    JSON would store it, without the fields a resumed run may change."""
-    from dyngap_jax.train.config import validate
+    JSON would store it, without the fields a resumed run may change and without those its setup does not
+    read (a concat run is the same run whatever ``alpha.hypergrad`` says: a grid's overrides for the learned
+    alpha leave the other methods' finished runs valid)."""
+    from dyngap_jax.train.config import Config, unread, validate
 
     if isinstance(cfg, dict):
         try:
@@ -32,7 +34,8 @@ def comparable_config(cfg) -> dict:
         except ValueError:  # a recorded config this version cannot read: compared as it stands
             pass
     out = json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg, default=str))
-    for key in RESUMABLE_CHANGES:
+    leave_out = list(RESUMABLE_CHANGES) + (sorted(unread(cfg)) if isinstance(cfg, Config) else [])
+    for key in leave_out:
         *parents, leaf = key.split(".")
         d = out
         for p in parents:
