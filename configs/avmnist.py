@@ -10,11 +10,20 @@ stage, so that a run trains on a 2-core CPU in a few minutes. Widths and depths 
 ``--config.model.encoders.audio.hidden_sizes='(32, 64, 128, 256)'`` (both encoders' last width must
 agree: L_MM compares their features).
 
-The data: 3,000 recordings of 6 speakers, split by speaker (train 4 speakers = 2,000, validation
-nicolas = 500, test theo = 500), each paired with a distinct MNIST t10k image of its digit. Images
-keep their coarse shape only (AV-MNIST's degradation, 75 % of their PCA energy removed); frames are
-not cropped or flipped (a flipped digit is another digit). The degradation defaults were chosen by
-measurement (docs/results.md, "AV-MNIST: choosing the degradation"): see DEGRADATION below.
+The data (``data_prep.avmnist``'s defaults): 3,000 recordings of 6 speakers, each paired with a distinct
+MNIST image of its digit (t10k's, the files here), split by digit 2,400 / 300 / 300; the images keep the leading principal
+components holding 25 % of their energy (AV-MNIST's degradation), the audio has white noise at -5 dB.
+The 28 px images are resized to 112 px on the device, not cropped or flipped (a flipped digit is
+another digit). The degradation was chosen by measurement (3 seeds, ``/narrow``, test accuracy in %):
+
+    data                                   audio alone     image alone     concat
+    speaker split, no noise                45.27 ± 28.71   60.07 ± 0.95    70.27 ± 13.27
+    stratified, audio at -5 dB (default)   73.89 ± 2.04    60.89 ± 2.04    85.11 ± 1.17
+
+The default: audio clearly dominant, the image weaker but informative, concat above both, and under
+concat both modalities' own heads far below their unimodal runs (45 % and 52 %), as CREMA-D's weak
+modality is left untrained; the speaker split's audio varies too much over seeds to compare methods
+on (docs/results.md, "AV-MNIST").
 """
 from configs import _base
 
@@ -43,5 +52,5 @@ def get_config(arg: str = "ours_lb"):
                     "plateau_factor": 0.1, "checkpoint_every_steps": 0, "keep_checkpoints": 2, "select_metric": "acc"})
     c = _base.apply_method(c, method)
     if c.alpha.strategy == "learned" and c.alpha.when == "after_steps":
-        c.alpha.inner_iters = 10  # an alpha step every 10 of the epoch's 31 train steps
+        c.alpha.inner_iters = 10  # an alpha step every 10 train steps (an epoch: 37 of 64)
     return c

@@ -73,8 +73,8 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("avmnist_raw")
     images, labels = make_raw(root)
     out = str(tmp_path_factory.mktemp("avmnist") / "rec")
-    avmnist.run(str(root), out, test_speaker="carol", val_speaker="bob", image_energy_removed=0.6, audio_snr_db=10.0,
-                spec=SPEC)
+    avmnist.run(str(root), out, split="speaker", test_speaker="carol", val_speaker="bob", image_energy_removed=0.6,
+                audio_snr_db=10.0, spec=SPEC)
     return root, out, images, labels
 
 
@@ -101,8 +101,8 @@ def test_speaker_split_pairing_and_records(converted):
     want = avmnist.degrade_images(images[[_image_index(pairs[n]) for n in names]], pca)
     np.testing.assert_array_equal(test["image"], want)
     # the same pairing and noise again: identical shards
-    again = avmnist.run(str(root), out + "_again", test_speaker="carol", val_speaker="bob", image_energy_removed=0.6,
-                        audio_snr_db=10.0, spec=SPEC, workers=2)
+    again = avmnist.run(str(root), out + "_again", split="speaker", test_speaker="carol", val_speaker="bob",
+                        image_energy_removed=0.6, audio_snr_db=10.0, spec=SPEC, workers=2)
     assert [s["sha256"] for s in again.splits["test"]["shards"]] == [s["sha256"] for s in m.splits["test"]["shards"]]
 
 
@@ -120,13 +120,17 @@ def test_pca_energy_removed_matches_the_option(converted):
     # fitted on train only: other splits lose about as much, not exactly
     assert 0.4 < m.stats["image_energy_removed"]["test"] < 0.9
     # the definition, on floats: exactly the option; 0 removes nothing
-    for fraction in (0.25, 0.75, 0.9):
+    lam = np.linalg.svd(original.reshape(len(original), -1) - mean, compute_uv=False) ** 2
+    for fraction in (1e-17, 0.25, 0.75, 0.9):
         pca = avmnist.fit_pca(original, fraction)
+        # the fewest leading components: without the last kept one the tail would hold more than the fraction
+        k = pca["kept"]
+        assert 0 <= pca["beta"] <= 1 and lam[k:].sum() <= fraction * lam.sum() < lam[k - 1:].sum()
         x = original.reshape(len(original), -1) - pca["mean"]
         coeff = x @ pca["components"].T
         coeff[:, -1] *= pca["beta"]
         kept = coeff @ pca["components"]
-        assert np.sum((x - kept) ** 2) / np.sum(x ** 2) == pytest.approx(fraction, rel=1e-9)
+        assert np.sum((x - kept) ** 2) / np.sum(x ** 2) == pytest.approx(fraction, rel=1e-9, abs=1e-12)
     same = avmnist.degrade_images(images[:5], avmnist.fit_pca(original, 0.0))
     np.testing.assert_array_equal(same[..., 0], images[:5])
 
@@ -161,12 +165,25 @@ def test_stratified_split_and_plain_idx(tmp_path):
     assert {s: v["num_examples"] for s, v in m.splits.items()} == {"train": 60, "validation": 30, "test": 30}
     assert m.stats["speakers"]["test"] == sorted(SPEAKERS)
     assert "test_speaker" not in m.params and m.params["test_fraction"] == 0.25
+    # the command line: the defaults are stratified with noise at -5 dB; 'none' turns the noise off
+    cmd = [sys.executable, "-m", "data_prep.avmnist", "--raw_dir", str(tmp_path / "raw"), "--n_fft=64", "--hop=32",
+           "--spec_frames=20"]
+    proc = subprocess.run(cmd + ["--out_dir", str(tmp_path / "cli"), "--audio_snr_db=none"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    params = records.load_manifest(str(tmp_path / "cli")).params
+    assert (params["split"], params["audio_snr_db"], params["image_energy_removed"]) == ("stratified", None, 0.75)
+    proc = subprocess.run(cmd + ["--out_dir", str(tmp_path / "cli2"), "--audio_snr_db=loud"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--audio_snr_db='loud': a number of dB, or 'none'" in proc.stderr
+    assert not (tmp_path / "cli2").exists()
 
 
 def test_bad_inputs_are_named(tmp_path):
     make_raw(tmp_path / "raw")
     raw, rec = tmp_path / "raw", tmp_path / "raw" / "fsdd" / "recordings"
-    run = lambda out, **kw: avmnist.run(str(raw), str(tmp_path / out), test_speaker="carol", val_speaker="bob",
+    run = lambda out, **kw: avmnist.run(str(raw), str(tmp_path / out), split="speaker", test_speaker="carol",
+                                        val_speaker="bob",
                                         spec=SPEC, **kw)
     # a truncated IDX file
     images_gz = raw / "mnist" / "t10k-images-idx3-ubyte.gz"
@@ -175,7 +192,8 @@ def test_bad_inputs_are_named(tmp_path):
         data = f.read()
     with gzip.open(images_gz, "wb") as f:
         f.write(data[:-100])
-    with pytest.raises(BadInput, match=r"t10k-images-idx3-ubyte.gz: truncated or padded: the header declares \[80, 28, 28\]"):
+    with pytest.raises(BadInput, match=r"t10k-images-idx3-ubyte.gz: truncated or padded: "
+                                       r"the header declares \[80, 28, 28\]"):
         run("a")
     images_gz.write_bytes(good[: len(good) // 2])  # a cut download: the gzip stream ends early
     with pytest.raises(BadInput, match="t10k-images-idx3-ubyte.gz: unreadable"):
@@ -200,6 +218,9 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(BadInput, match="4_alice_1.wav: no samples"):
         run("a")
     sf.write(str(rec / "3_alice_0.wav"), np.zeros(1000, np.float32) + 0.1, 16000)
+    m = run("skipped_in_conversion", skip_bad=True)  # left out while converting: no pair listed either
+    assert {os.path.basename(b["file"]) for b in m.skipped} == {"3_alice_0.wav", "4_alice_1.wav"}
+    assert "3_alice_0" not in m.stats["pairs"] and "4_alice_1" not in m.stats["pairs"] and len(m.stats["pairs"]) == 58
     (rec / "notes.wav").write_bytes(b"")
     m = run("skipped", skip_bad=True)
     reasons = {os.path.basename(b["file"]): b["reason"] for b in m.skipped}
@@ -212,13 +233,14 @@ def test_bad_inputs_are_named(tmp_path):
         sf.write(str(rec / f"7_{s}_2.wav"), np.full(2000, 0.1, np.float32), 8000)
     for f in ("notes.wav", "3_alice_0.wav", "4_alice_1.wav"):
         os.unlink(rec / f)
-    with pytest.raises(BadInput, match=r"7_carol_2.wav: no MNIST image of digit 7 left to pair with \(the IDX files hold 8\)"):
+    with pytest.raises(BadInput, match=r"7_carol_2.wav: no MNIST image of digit 7 left to pair with "
+                                       r"\(the IDX files hold 8\)"):
         run("b")
     m = run("c", skip_bad=True)
     assert [os.path.basename(b["file"]) for b in m.skipped] == ["7_carol_2.wav"]
     # flags with impossible values name the flag
     with pytest.raises(ValueError, match="--test_speaker='dave': not a speaker"):
-        avmnist.run(str(raw), str(tmp_path / "d"), test_speaker="dave", spec=SPEC)
+        avmnist.run(str(raw), str(tmp_path / "d"), split="speaker", test_speaker="dave", spec=SPEC)
     with pytest.raises(ValueError, match="--image_energy_removed=1.0"):
         run("e", image_energy_removed=1.0)
 
@@ -237,12 +259,13 @@ def test_end_to_end_on_the_shared_data(tmp_path):
                 os.symlink(os.path.join(SHARED, "fsdd", "recordings", name), rec / name)
     out = tmp_path / "records"
     m = avmnist.run("", str(out), fsdd_dir=str(tmp_path / "fsdd"), mnist_dir=os.path.join(SHARED, "mnist"),
-                    test_speaker="theo", val_speaker="jackson", audio_snr_db=5.0)
+                    split="speaker", test_speaker="theo", val_speaker="jackson")
     assert m.params["mnist_images"] == 10000 and m.features["audio"].shape == [129, 101, 1]
     assert abs(m.stats["image_energy_removed"]["train"] - 0.75) < 0.0075
     env = dict(os.environ, PYTHONPATH=ROOT)
     work = str(tmp_path / "run")
-    train = [sys.executable, "-m", "scripts.train", "--config", os.path.join(ROOT, "configs", "avmnist.py") + ":concat/narrow",
+    config = os.path.join(ROOT, "configs", "avmnist.py") + ":concat/narrow"
+    train = [sys.executable, "-m", "scripts.train", "--config", config,
              "--workdir", work, f"--config.data_dir={out}", "--config.train.num_epochs=1",
              "--config.train.batch_size=25", "--config.data.worker_count=0"]
     proc = subprocess.run(train, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
