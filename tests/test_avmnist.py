@@ -285,7 +285,7 @@ def test_the_narrow_config_trains_on_the_converted_records_and_frame_options_app
     from dyngap_jax.train.setup import _frames
 
     _, out, _, _ = converted
-    cfg = config.get_config("ours_lb/narrow")
+    cfg = config.get_config("ours_h/narrow")  # (L_MM, no alpha step: its compilation alone takes ~2 min here)
     cfg.data_dir = out
     cfg.train.update({"num_epochs": 1, "batch_size": 10, "eval_batch_size": 20})
     cfg.data.worker_count = 0

@@ -20,22 +20,25 @@ RESUMABLE_CHANGES = ("progress", "data.worker_count", "data.verify_checksums", "
                      "train.preempt_signal")
 
 
-def comparable_config(cfg) -> dict:
-    """``cfg`` (a validated :class:`~dyngap_jax.train.config.Config`, or a config dict, validated here: the
-    fields it leaves out take their defaults, so a run recorded before a field existed compares equal) as
-    JSON would store it, without the fields a resumed run may change and without those its setup does not
-    read (a concat run is the same run whatever ``alpha.hypergrad`` says: a grid's overrides for the learned
-    alpha leave the other methods' finished runs valid)."""
-    from dyngap_jax.train.config import Config, unread, validate
+def _validated(cfg):
+    """``cfg`` as a :class:`~dyngap_jax.train.config.Config` (a config dict validated here: the fields it leaves out
+    take their defaults, so a run recorded before a field existed compares equal); as it stands if it cannot be."""
+    from dyngap_jax.train.config import validate
 
     if isinstance(cfg, dict):
         try:
-            cfg = validate(cfg)[0]
+            return validate(cfg)[0]
         except ValueError:  # a recorded config this version cannot read: compared as it stands
             pass
+    return cfg
+
+
+def comparable_config(cfg, leave_out=()) -> dict:
+    """``cfg`` (a Config or a config dict) as JSON would store it, without the fields a resumed run may change
+    and without ``leave_out`` (dotted fields)."""
+    cfg = _validated(cfg)
     out = json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg, default=str))
-    leave_out = list(RESUMABLE_CHANGES) + (sorted(unread(cfg)) if isinstance(cfg, Config) else [])
-    for key in leave_out:
+    for key in list(RESUMABLE_CHANGES) + list(leave_out):
         *parents, leaf = key.split(".")
         d = out
         for p in parents:
@@ -55,8 +58,18 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def config_differences(a, b) -> list[str]:
-    """The dotted fields in which two configs differ (resumable fields left out)."""
-    fa, fb = _flat(comparable_config(a)), _flat(comparable_config(b))
+    """The dotted fields in which two configs differ, leaving out the resumable fields and those either setup
+    does not read (a concat run is the same run whatever ``alpha.hypergrad`` says, so a grid's overrides for the
+    learned alpha leave the other methods' finished runs valid; where one setup reads a field the other does
+    not, the fields that decide it, always read, differ and are named)."""
+    from dyngap_jax.train.config import Config, unread
+
+    a, b = _validated(a), _validated(b)
+    leave_out = set()
+    for cfg in (a, b):
+        if isinstance(cfg, Config):
+            leave_out |= set(unread(cfg))
+    fa, fb = _flat(comparable_config(a, leave_out)), _flat(comparable_config(b, leave_out))
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
 
 
