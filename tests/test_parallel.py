@@ -141,7 +141,10 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_rerun_resume
 def test_one_process_killed_outright_stops_the_other_within_a_minute_naming_it(one_process, tmp_path):
     data, one = one_process
     workdir = str(tmp_path / "two")
-    procs = _two_processes(data, workdir, (None, "train_step@5"))  # process 1: SIGKILL inside epoch 2
+    # process 1: SIGKILL at the end of epoch 2, the first time it has waited for a checkpoint (epoch 1's) to be
+    # written: its part of it is on disk, so the rerun's step is known. (Killed mid-epoch instead, at a train step,
+    # the asynchronous write of epoch 1's checkpoint may or may not have finished on a loaded machine.)
+    procs = _two_processes(data, workdir, (None, "checkpoint_finished@1"))
     (p0, t0), (p1, _) = procs
     p1.wait(timeout=600)
     killed_at = time.monotonic()
