@@ -135,6 +135,25 @@ def test_an_unconverged_solve_is_counted_and_not_applied(tiny_records, tmp_path)
     assert not np.isclose(applied["final_alpha"], 0.5)
 
 
+def test_the_certified_stop_is_reported_per_step_and_a_missed_bound_is_not_applied(tiny_records, tmp_path, capsys):
+    cfg = tiny_config(tiny_records, "ours_lb", epochs=1)
+    with cfg.unlocked():
+        cfg.alpha.hypergrad.options.scalar_tol = 1e-2  # stop on the hypergradient's certified bound
+    summary = train(cfg, str(tmp_path / "certified"))
+    record = next(json.loads(l) for l in open(tmp_path / "certified" / "metrics.jsonl") if '"split": "train"' in l)
+    assert summary["alpha_steps"]["count"] == summary["alpha_steps"]["converged"] == 3
+    assert 0 < record["hypergrad_bound_max"] <= 1e-2 and summary["alpha_steps"]["max_bound"] == record["hypergrad_bound_max"]
+    assert record["hypergrad_seconds"] > 0 and summary["timing"]["alpha_step_seconds"] >= record["hypergrad_seconds"]
+    assert not np.isclose(summary["final_alpha"], 0.5)
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("epoch"))
+    assert "alpha steps 3/3 certified" in line and "HVPs" in line, line
+    with cfg.unlocked():
+        cfg.alpha.hypergrad.options.update({"scalar_tol": 1e-9, "maxiter": 2})  # far short of the accuracy asked
+    missed = train(cfg, str(tmp_path / "missed"))
+    assert missed["alpha_steps"] == {**missed["alpha_steps"], "count": 3, "converged": 0, "skipped": 3}
+    assert missed["final_alpha"] == 0.5 and missed["alpha_steps"]["max_bound"] > 1e-9
+
+
 def test_best_epoch_is_chosen_on_validation_only(tiny_records, tmp_path):
     cfg = tiny_config(tiny_records, "ours_h", epochs=3)
     summary = train(cfg, str(tmp_path))

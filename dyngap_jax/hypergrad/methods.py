@@ -198,7 +198,12 @@ def _estimate(problem: Problem, method: Method, inputs: dict, report_residual: b
     v = None
     if method.solves:
         v, method_info = method.estimate(problem, **inputs)
-        value = implicit_hypergradient(problem.cls_loss, problem.mm_loss, problem.params, problem.a, v, problem.cross_mode)
+        method_info = dict(method_info)
+        if "value" in method_info:  # the method's own (corrected) estimate of Eq. 3
+            value = method_info.pop("value")
+        else:
+            value = implicit_hypergradient(problem.cls_loss, problem.mm_loss, problem.params, problem.a, v,
+                                           problem.cross_mode)
         info.update(method_info)
         g = problem.outer_grad()  # a second trace of the same gradient; jit merges the two
         # a solve that stopped on a non-finite right-hand side must not pass for a clean zero

@@ -77,7 +77,9 @@ class Method:
     call it); ``solves`` (True: :meth:`estimate` returns ``v ~ H^{-1} grad L_outer`` and the value
     comes from Eq. 3; False: it returns the value itself); ``exact`` (it solves a stated linear
     system to a tolerance, and says whether it got there); ``inputs`` (call-time arguments such as
-    ``x0``, ``key`` or ``sampler``: arrays and callables, never config options).
+    ``x0``, ``key`` or ``sampler``: arrays and callables, never config options). A solving method
+    whose estimate is better than Eq. 3 applied to its ``v`` (an adjoint-corrected one) returns it
+    as ``info["value"]``.
 
     Options are checked when the object is made (an :class:`OptionError` names the option); a
     traced option (an iteration budget swept under one compilation) is checked only for its type.
@@ -161,6 +163,14 @@ class Problem:
 
     def outer_grad(self) -> PyTree:
         return jax.grad(self.outer_loss)(self.params)
+
+    def cross_vectors(self) -> PyTree:
+        """The cross term as vectors, ``d grad_theta L_total / d alpha_j`` stacked on a leading axis
+        (``[1, ...]`` leaves for a scalar alpha, ``g_MM - g_CLS``; ``[P, ...]`` for a vector one):
+        what :meth:`cross` contracts, for the methods that need it whole (a dual solve)."""
+        a = self.a
+        dtotal_da = lambda p: jnp.reshape(jax.jacrev(lambda b: self.total(p, b))(a), (-1,))  # linear in alpha
+        return jax.jacrev(dtotal_da)(self.params)
 
     def cross(self, v: PyTree) -> jax.Array:
         return cross_term(self.total, self.params, self.a, v, self.cross_mode)

@@ -12,6 +12,7 @@ and per run. The authors' released recipe is this method configured otherwise (`
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -160,7 +161,7 @@ class FixedAlpha(Part):
 
 ALPHA_KEYS = ("alpha_steps", "alpha_converged", "hypergrad_skipped", "hypergrad_iterations", "hypergrad_iterations_max",
               "hypergrad_hvps", "hypergrad_residual", "hypergrad_residual_max", "hypergrad_damping",
-              "hypergrad_hypergradient")
+              "hypergrad_hypergradient", "hypergrad_bound", "hypergrad_bound_max")
 
 
 class AlphaStep(Part):
@@ -181,6 +182,7 @@ class AlphaStep(Part):
     def __init__(self, lfm: LFM):
         self.lfm, self.acfg = lfm, lfm.cfg.alpha
         self.pending, self.log, self.before_evaluation = [], [], True
+        self.seconds = 0.0  # the alpha steps' wall time over the run (resumed runs add theirs)
         self.run, self.step_fn, self.outer_it, self.outer_fixed = None, None, None, None
 
     def compile(self, run, state, donate: bool = True):
@@ -203,6 +205,7 @@ class AlphaStep(Part):
                 state_ = saved["outer_iter"]
                 self.outer_it.set_state(state_.encode() if isinstance(state_, str) else state_)
         self.log = list(saved.get("log") or [])
+        self.seconds = float(saved.get("seconds") or 0.0)
         self.before_evaluation = not saved.get("evaluated", False)
 
     def before_step(self, state, info: StepInfo):
@@ -226,8 +229,11 @@ class AlphaStep(Part):
             inner = info.batch
         else:
             inner = parallel.shard_batch({k: v[:run.batch.local_alpha] for k, v in info.local.items()}, run.mesh)
+        jax.block_until_ready(state.params)  # the train steps queued before it: the time below is the alpha step's
+        t0 = time.perf_counter()
         state, res, usable = self.step_fn(state, inner, outer, self.before_evaluation)
-        self.pending.append((step, res, usable))
+        jax.block_until_ready(usable)
+        self.pending.append((step, res, usable, time.perf_counter() - t0))
         return state
 
     def evaluated(self):
@@ -236,11 +242,13 @@ class AlphaStep(Part):
     def fetch(self):
         if not self.pending:
             return
-        results = jax.device_get([r[1:] for r in self.pending])
-        for (step, _, _), (res, applied) in zip(self.pending, results):
+        results = jax.device_get([r[1:3] for r in self.pending])
+        for (step, _, _, seconds), (res, applied) in zip(self.pending, results):
             info = {k: (bool(v) if np.asarray(v).dtype == bool else float(v)) for k, v in res.info.items()}
             info["hypergradient"] = float(np.mean(np.asarray(res.value)))
             info["applied"] = bool(applied)
+            info["seconds"] = seconds
+            self.seconds += seconds
             self.log.append(info)
             if not info["applied"]:
                 logging.warning("alpha step at %d skipped: %s", step, info)
@@ -256,6 +264,12 @@ class AlphaStep(Part):
         if not record.get("alpha_steps"):
             return words
         skipped = f", {record['hypergrad_skipped']} skipped" if record["hypergrad_skipped"] else ""
+        if "hypergrad_seconds" in record:  # what the steps cost
+            skipped += f"; {record['hypergrad_hvps']:.0f} HVPs, {record['hypergrad_seconds']:.1f} s"
+        if "hypergrad_bound_max" in record:  # a solve stopped on the hypergradient's certified bound
+            return (words + f"  alpha steps {record['alpha_converged']}/{record['alpha_steps']} certified "
+                    f"({record['hypergrad_iterations']:.0f} it, relative bound max {record['hypergrad_bound_max']:.1e})"
+                    + skipped)
         if "hypergrad_residual_max" in record:  # a solve: did it reach its tolerance
             return (words + f"  alpha steps {record['alpha_converged']}/{record['alpha_steps']} converged "
                     f"({record['hypergrad_iterations']:.0f} it, residual max {record['hypergrad_residual_max']:.1e})"
@@ -269,10 +283,12 @@ class AlphaStep(Part):
         if self.outer_it is not None:
             it = self.outer_it.get_state()
             it = it.decode() if isinstance(it, bytes) else it
-        return {"outer_iter": it, "log": list(self.log), "evaluated": not self.before_evaluation}
+        return {"outer_iter": it, "log": list(self.log), "evaluated": not self.before_evaluation, "seconds": self.seconds}
 
     def summary(self, state, history):
-        return {"final_alpha": state.alpha.exact().tolist(), "alpha_steps": alpha_summary(history)}
+        # the wall time under "timing": what a process measured (a resumed run's differs), left out of comparisons
+        return {"final_alpha": state.alpha.exact().tolist(), "alpha_steps": alpha_summary(history),
+                "timing": {"alpha_step_seconds": self.seconds}}
 
 
 def alpha_diagnostics(hyper_log: list[dict]) -> dict:
@@ -291,16 +307,24 @@ def alpha_diagnostics(hyper_log: list[dict]) -> dict:
         out.update(hypergrad_residual=float(np.mean(residuals)), hypergrad_residual_max=float(np.max(residuals)))
     if finite("damping"):
         out["hypergrad_damping"] = float(np.mean(finite("damping")))
+    bounds = finite("bound_relative")
+    if bounds:
+        out.update(hypergrad_bound=float(np.mean(bounds)), hypergrad_bound_max=float(np.max(bounds)))
+    if any("seconds" in h for h in hyper_log):  # not kept in the history: a resumed run's time differs
+        out["hypergrad_seconds"] = float(np.sum([h.get("seconds", 0.0) for h in hyper_log]))
     return out
 
 
 def alpha_summary(history: list[dict]) -> dict:
     """The run's alpha steps from the epochs' diagnostics: ``count``, ``converged``, ``skipped``,
-    ``max_residual``, ``mean_iterations``, ``hvps`` (all 0 for a fixed strategy)."""
+    ``max_residual``, ``mean_iterations``, ``hvps`` (all 0 for a fixed strategy), and with the certified
+    stopping rule ``max_bound``, the largest relative error bound of a step."""
     eps = [h for h in history if h.get("alpha_steps")]
     count = sum(h["alpha_steps"] for h in eps)
     residuals = [h["hypergrad_residual_max"] for h in eps if "hypergrad_residual_max" in h]
-    return {"count": count, "converged": sum(h["alpha_converged"] for h in eps),
+    bounds = [h["hypergrad_bound_max"] for h in eps if "hypergrad_bound_max" in h]
+    extra = {"max_bound": max(bounds)} if bounds else {}
+    return {**extra, "count": count, "converged": sum(h["alpha_converged"] for h in eps),
             "skipped": sum(h["hypergrad_skipped"] for h in eps),
             "max_residual": max(residuals) if residuals else None,
             "mean_iterations": sum(h["hypergrad_iterations"] * h["alpha_steps"] for h in eps) / count if count else 0.0,
