@@ -61,6 +61,7 @@ def bilinear_cg(
     maxiter: int = 1000,
     x0: PyTree | None = None,
     record: int = 0,
+    batched: bool = True,
 ) -> tuple[PyTree, jax.Array, jax.Array, dict[str, jax.Array]]:
     """``J_j = u_j^T A^{-1} b`` for SPD ``A`` with ``lambda_min(A) >= mu > 0``, to a certified accuracy.
 
@@ -70,6 +71,8 @@ def bilinear_cg(
     ``x0`` warm-starts the primal (the duals start at 0). ``record``: with ``record = n > 0`` the
     estimates and bounds of iterations ``0 .. n-1`` (0: the start) are returned in
     ``info["history_estimate"]`` / ``info["history_bound"]`` (``[n, P]``; NaN past the last iteration).
+    ``batched``: the right-hand sides through one vmapped operator application (True), or one after
+    another through ``jax.lax.map`` (one copy of the operator's graph either way).
 
     Returns ``(x, J, bound, info)``: the primal iterate (what a later solve may warm-start from),
     the corrected estimates ``[P]``, their certified error bounds ``[P]``, and ``iterations``,
@@ -79,7 +82,7 @@ def bilinear_cg(
     """
     num = jax.tree_util.tree_leaves(duals)[0].shape[0]
     stack = lambda first, rest: jax.tree_util.tree_map(lambda f, r: jnp.concatenate([f[None], r]), first, rest)
-    batched = jax.vmap(matvec)
+    batched = jax.vmap(matvec) if batched else (lambda P: jax.lax.map(matvec, P))
     if x0 is None:
         x_start, r_start, initial = otu.tree_zeros_like(b), b, 0
     else:

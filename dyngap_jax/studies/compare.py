@@ -90,7 +90,8 @@ def markdown_table(rows: list[dict]) -> str:
 SWEEP_BUDGETS = {"cg": (1, 3, 10, 30, 100, 300), "minres": (3, 10, 30, 100, 300, 600), "neumann": (1, 5, 20, 50, 200), "unrolled": (1, 5, 20, 50)}
 
 
-APPROXIMATIONS = ("cg (config)", "cg truncated (the default until issue 13: d 1e-4, 30 iterations)", "minres 30", "cg damped 1.0", "identity", "neumann K=20", "ghadimi_wang b=20", "lfm_code (cross)",
+CERTIFIED = (0.3, 0.05)  # the scalar_tol of the certified rows
+APPROXIMATIONS = ("cg (config)", *(f"cg certified {t:g} (scalar_tol)" for t in CERTIFIED), "cg truncated (the default until issue 13: d 1e-4, 30 iterations)", "minres 30", "cg damped 1.0", "identity", "neumann K=20", "ghadimi_wang b=20", "lfm_code (cross)",
                   "lfm_code (authors)", "unrolled K=10")
 
 
@@ -126,8 +127,12 @@ def approximations(run: Run, pool) -> dict:
     lr = run.cfg.train.learning_rate
     method = config_method(run)
     config_dtype = "float64" if run.cfg.precision.alpha_float64 else None
+    # the certified stop on the config's system where it is CG on the normal equations, else on CG's default
+    system = method.options() if isinstance(method, hypergrad.CG) and method.operator == "normal" else {}
+    certified = {f"cg certified {t:g} (scalar_tol)": ("cg", {**system, "scalar_tol": t}, None) for t in CERTIFIED}
     return {
         "cg (config)": (method.name, method.options(), config_dtype),
+        **certified,
         "cg truncated (the default until issue 13: d 1e-4, 30 iterations)": ("cg", PREVIOUS_DEFAULT, None),
         "minres 30": ("minres", {"damping": 0.0, "tol": 1e-3, "maxiter": 30}, None),
         "cg damped 1.0": ("cg", {"operator": "damped", "damping": 1.0, "damping_mode": "absolute", "tol": 1e-6,
