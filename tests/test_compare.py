@@ -95,11 +95,17 @@ def test_the_training_default_meets_the_reference_of_its_own_system(tiny_records
     """The reference solves the system the config's CG states on each pair (its reported damping), in float64
     to 1e-10; the training default, solved to its 1e-3 tolerance in float32, is within 5 % with the right sign."""
     cfg = tiny_config(tiny_records)
+    certified = "cg certified 0.05 (scalar_tol)"
     res = compare.run_comparison(cfg, str(tmp_path / "run"), str(tmp_path / "out"), [4], batches=2,
-                                 sweep_budgets=None, methods=["cg (config)"], dense_max_params=0)["4"]
+                                 sweep_budgets=None, methods=["cg (config)", certified], dense_max_params=0)["4"]
     rows = {r["name"]: r for r in res["rows"]}
     config_row = rows["cg (config)"]
     assert config_row["ok"] and config_row["mean_rel_error"] <= 0.05 and config_row["sign_rate"] == 1.0
+    # the certified stop on the same system: its bound met, and the float64 reference within it
+    row = rows[certified]
+    assert row["ok"] and row["info"]["bound_relative"] <= 0.05
+    assert row["info"]["damping"] == pytest.approx(config_row["info"]["damping"], rel=1e-6)
+    assert row["rel_error"] <= 0.05 and row["sign_rate"] == 1.0
     assert all(res["checks"]["reference_converged"])
     # the reference's damping is the one the config's solve reported (relative: rho |lambda|_max, per pair)
     assert res["checks"]["reference"]["damping"][0] == pytest.approx(config_row["info"]["damping"], rel=1e-12)
