@@ -201,3 +201,21 @@ def test_scalar_tol_options_are_checked_by_name():
     with pytest.raises(ValueError, match=r"config.alpha.hypergrad.options.scalar_atol"):
         hypergrad.method_from_config({"method": "cg", "options": {"scalar_tol": 1e-2, "scalar_atol": -1.0}})
     assert hypergrad.make_method("cg", scalar_tol=1e-2).scalar_tol == 1e-2
+
+
+def test_a_warm_start_at_the_solution_stops_at_once():
+    cls, mm, outer, params = mlp_problem()
+    a = 0.3
+    H, g, u = _flat_problem(cls, mm, outer, params, a)
+    d = 1e-2
+    x = np.linalg.solve(H @ H + d * np.eye(len(g)), H @ g)
+    _, unravel = jax.flatten_util.ravel_pytree(params)
+    kw = dict(damping=d, damping_mode="absolute", scalar_tol=1e-6, maxiter=500)
+    warm = hypergrad.alpha_hypergradient(cls, mm, outer, params, a, "cg", x0=unravel(jnp.asarray(x)), **kw)
+    cold = hypergrad.alpha_hypergradient(cls, mm, outer, params, a, "cg", **kw)
+    assert int(warm.info["iterations"]) == 0 and bool(warm.ok) and int(cold.info["iterations"]) > 10
+    np.testing.assert_allclose(float(warm.value), float(_numpy_value(H, g, u, d)[0]), rtol=1e-9)
+    # a start from another system's solution, scaled, is never worse than a cold one
+    other = hypergrad.alpha_hypergradient(cls, mm, outer, params, a, "cg", x0=unravel(jnp.asarray(-3.0 * x[::-1])),
+                                          **kw)
+    assert bool(other.ok) and int(other.info["iterations"]) <= int(cold.info["iterations"]) + 2

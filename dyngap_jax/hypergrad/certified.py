@@ -68,7 +68,7 @@ def bilinear_cg(
     ``duals``: the ``u_j`` stacked on a leading axis (``[P, ...]`` leaves, the structure of ``b``).
     Stops when every entry's bound is within ``max(tol |J_j|, atol)``, after ``maxiter`` iterations,
     or on breakdown (a non-finite value, or ``p^T A p <= 0``: then ``A`` was not positive definite).
-    ``x0`` warm-starts the primal (the duals start at 0). ``record``: with ``record = n > 0`` the
+    ``x0`` warm-starts the primal, scaled by the ``c`` minimising ``|b - c A x0|`` (the duals start at 0). ``record``: with ``record = n > 0`` the
     estimates and bounds of iterations ``0 .. n-1`` (0: the start) are returned in
     ``info["history_estimate"]`` / ``info["history_bound"]`` (``[n, P]``; NaN past the last iteration).
     ``batched``: the right-hand sides through one vmapped operator application (True), or one after
@@ -85,8 +85,11 @@ def bilinear_cg(
     batched = jax.vmap(matvec) if batched else (lambda P: jax.lax.map(matvec, P))
     if x0 is None:
         x_start, r_start, initial = otu.tree_zeros_like(b), b, 0
-    else:
-        x_start, r_start, initial = x0, otu.tree_sub(b, matvec(x0)), 1
+    else:  # c x0 with c = argmin |b - c A x0|: a warm start from another system is never worse than 0
+        ax0 = matvec(x0)
+        aa = otu.tree_vdot(ax0, ax0)
+        c = jnp.where((aa > 0) & jnp.isfinite(aa), otu.tree_vdot(b, ax0) / jnp.where(aa > 0, aa, 1.0), 0.0)
+        x_start, r_start, initial = otu.tree_scale(c, x0), otu.tree_sub(b, otu.tree_scale(c, ax0)), 1
     X = stack(x_start, otu.tree_zeros_like(duals))
     R = stack(r_start, duals)
     norms0 = jnp.sqrt(_column_dots(stack(b, duals), stack(b, duals)))
