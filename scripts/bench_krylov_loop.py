@@ -11,37 +11,26 @@ compiled iteration a call and the loop in Python (the recurrence only: no bound,
 The batches are arguments of every compiled function, never constants XLA could fold. Prints a
 table: compile (with the first call) and the time of one solve, and their ratio.
 """
-import time
 
 import jax
 import jax.numpy as jnp
 from absl import flags
 
 from dyngap_jax import hypergrad
-from dyngap_jax.hypergrad.certified import bilinear_cg
+from dyngap_jax.hypergrad.certified import bilinear_cg, column_dots, scale_columns
 from dyngap_jax.methods.alpha_step import alpha_losses
 from dyngap_jax.train import setup
 from scripts import common
-from scripts.bench_alpha_overhead import STEPS_PER_EPOCH, case
+from scripts.bench_alpha_overhead import STEPS_PER_EPOCH, case, timed
 
 FLAGS = flags.FLAGS
 # (named apart from scripts.bench_alpha_overhead's flags, whose synthetic cases this reuses)
 flags.DEFINE_list("solve_cases", ["mfeat", "avmnist"], "mfeat (the MLPs) and/or avmnist (the narrow ResNet-18 pair).")
 flags.DEFINE_integer("iterations", 3, "CG iterations a solve (4 HVPs each: primal and dual, two a normal-operator product).")
 flags.DEFINE_integer("batch", 8, "Examples in the inner (and outer) batch.")
-flags.DEFINE_integer("solve_repeats", 2, "Timed solves after the first.")
+flags.DEFINE_integer("solve_repeats", 2, "Timed solves after a warm-up (besides the first, timed with its compilation).")
 
 MU = 1e-4  # the absolute damping: its value does not change the cost
-
-
-def _columns(scale, tree):
-    return jax.tree_util.tree_map(lambda x: scale.reshape((-1,) + (1,) * (x.ndim - 1)) * x, tree)
-
-
-def _dots(a, b):
-    leaves = [jnp.sum((x * y).reshape(x.shape[0], -1), 1) for x, y in zip(jax.tree_util.tree_leaves(a),
-                                                                          jax.tree_util.tree_leaves(b))]
-    return sum(leaves[1:], leaves[0])
 
 
 def solvers(run, state):
@@ -71,11 +60,11 @@ def solvers(run, state):
     @jax.jit
     def iteration(params, inner, X, R, P):
         AP = jax.vmap(operator(problem(params, inner)))(P)
-        rr = _dots(R, R)
-        gamma = rr / _dots(P, AP)
-        X = jax.tree_util.tree_map(jnp.add, X, _columns(gamma, P))
-        R = jax.tree_util.tree_map(jnp.subtract, R, _columns(gamma, AP))
-        return X, R, jax.tree_util.tree_map(jnp.add, R, _columns(_dots(R, R) / rr, P))
+        rr = column_dots(R, R)
+        gamma = rr / column_dots(P, AP)
+        X = jax.tree_util.tree_map(jnp.add, X, scale_columns(gamma, P))
+        R = jax.tree_util.tree_map(jnp.subtract, R, scale_columns(gamma, AP))
+        return X, R, jax.tree_util.tree_map(jnp.add, R, scale_columns(column_dots(R, R) / rr, P))
 
     def host(params, inner):
         X, R, P = start(params, inner)
@@ -86,14 +75,9 @@ def solvers(run, state):
     return {"while loop (today)": in_loop, "host-driven": host}
 
 
-def timed(fn, *args):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(FLAGS.solve_repeats):
-        jax.block_until_ready(fn(*args))
-    return first, (time.perf_counter() - t0) / max(FLAGS.solve_repeats, 1)
+def first_and_solve(fn, *args):
+    """``(seconds of the first call, with its compilation; seconds a call after it)``."""
+    return timed(lambda: fn(*args), 0)[0], timed(lambda: fn(*args), FLAGS.solve_repeats)[0]
 
 
 def main(argv):
@@ -106,7 +90,7 @@ def main(argv):
         state = run.create_train_state()
         inner = run.prepare_batch(batch(FLAGS.batch, 1))
         n = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-        times = {label: timed(fn, state.params, inner) for label, fn in solvers(run, state).items()}
+        times = {label: first_and_solve(fn, state.params, inner) for label, fn in solvers(run, state).items()}
         host = times["host-driven"][1]
         for label, (first, solve) in times.items():
             print(f"| {name} | {n:,} | {FLAGS.batch} | {FLAGS.iterations} | {label} | {first:.1f} | {solve:.3f} | "

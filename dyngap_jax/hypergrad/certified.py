@@ -31,12 +31,12 @@ import optax.tree_utils as otu
 PyTree = Any
 
 
-def _columns(scale: jax.Array, tree: PyTree) -> PyTree:
+def scale_columns(scale: jax.Array, tree: PyTree) -> PyTree:
     """Scale each column ``k`` (the leading axis of every leaf) of ``tree`` by ``scale[k]``."""
     return jax.tree_util.tree_map(lambda x: scale.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype) * x, tree)
 
 
-def _column_dots(a: PyTree, b: PyTree) -> jax.Array:
+def column_dots(a: PyTree, b: PyTree) -> jax.Array:
     """``[a_k . b_k for each column k]``: the per-column inner products of two stacked pytrees."""
     leaves = [jnp.sum((x * y).reshape(x.shape[0], -1), axis=1)
               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))]
@@ -61,7 +61,6 @@ def bilinear_cg(
     maxiter: int = 1000,
     x0: PyTree | None = None,
     record: int = 0,
-    batched: bool = True,
 ) -> tuple[PyTree, jax.Array, jax.Array, dict[str, jax.Array]]:
     """``J_j = u_j^T A^{-1} b`` for SPD ``A`` with ``lambda_min(A) >= mu > 0``, to a certified accuracy.
 
@@ -71,8 +70,6 @@ def bilinear_cg(
     ``x0`` warm-starts the primal, scaled by the ``c`` minimising ``|b - c A x0|`` (the duals start at 0). ``record``: with ``record = n > 0`` the
     estimates and bounds of iterations ``0 .. n-1`` (0: the start) are returned in
     ``info["history_estimate"]`` / ``info["history_bound"]`` (``[n, P]``; NaN past the last iteration).
-    ``batched``: the right-hand sides through one vmapped operator application (True), or one after
-    another through ``jax.lax.map`` (one copy of the operator's graph either way).
 
     Returns ``(x, J, bound, info)``: the primal iterate (what a later solve may warm-start from),
     the corrected estimates ``[P]``, their certified error bounds ``[P]``, and ``iterations``,
@@ -82,7 +79,7 @@ def bilinear_cg(
     """
     num = jax.tree_util.tree_leaves(duals)[0].shape[0]
     stack = lambda first, rest: jax.tree_util.tree_map(lambda f, r: jnp.concatenate([f[None], r]), first, rest)
-    batched = jax.vmap(matvec) if batched else (lambda P: jax.lax.map(matvec, P))
+    batched = jax.vmap(matvec)
     if x0 is None:
         x_start, r_start, initial = otu.tree_zeros_like(b), b, 0
     else:  # c x0 with c = argmin |b - c A x0|: a warm start from another system is never worse than 0
@@ -92,16 +89,16 @@ def bilinear_cg(
         x_start, r_start, initial = otu.tree_scale(c, x0), otu.tree_sub(b, otu.tree_scale(c, ax0)), 1
     X = stack(x_start, otu.tree_zeros_like(duals))
     R = stack(r_start, duals)
-    norms0 = jnp.sqrt(_column_dots(stack(b, duals), stack(b, duals)))
-    rr0 = _column_dots(R, R)
+    norms0 = jnp.sqrt(column_dots(stack(b, duals), stack(b, duals)))
+    rr0 = column_dots(R, R)
     dtype = rr0.dtype
     mu = jnp.asarray(mu, dtype)
     c0 = jnp.full((num + 1,), 1.0, dtype) / mu
 
     def estimate(X, R, rr, c):
-        x_dot_u = _column_dots(jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x[0], x[1:].shape), X),
+        x_dot_u = column_dots(jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x[0], x[1:].shape), X),
                                duals)
-        y_dot_r = _column_dots(jax.tree_util.tree_map(lambda x: x[1:], X),
+        y_dot_r = column_dots(jax.tree_util.tree_map(lambda x: x[1:], X),
                                jax.tree_util.tree_map(lambda r: jnp.broadcast_to(r[0], r[1:].shape), R))
         err2 = jnp.maximum(c * rr, 0.0)  # Gauss-Radau upper bounds of the squared A-norm errors
         return x_dot_u + y_dot_r, jnp.sqrt(err2[0] * err2[1:])
@@ -121,16 +118,16 @@ def bilinear_cg(
     def body(carry):
         k, X, R, P, rr, c, _, _, _, hist = carry
         AP = jax.tree_util.tree_map(lambda y, p: y.astype(p.dtype), batched(P), P)  # a damping may promote
-        pap = _column_dots(P, AP)
+        pap = column_dots(P, AP)
         live = rr > 0  # a column solved exactly (its residual 0) stays where it is
         safe_pap = jnp.where(live & (pap > 0), pap, 1.0)
         gamma = jnp.where(live, rr / safe_pap, 0.0)
-        X = otu.tree_add(X, _columns(gamma, P))
-        R = otu.tree_sub(R, _columns(gamma, AP))
-        rr_new = _column_dots(R, R)
+        X = otu.tree_add(X, scale_columns(gamma, P))
+        R = otu.tree_sub(R, scale_columns(gamma, AP))
+        rr_new = column_dots(R, R)
         delta = jnp.where(live, rr_new / jnp.where(live, rr, 1.0), 0.0)
         c = jnp.where(live, _gauss_radau(c, gamma, delta, mu), c)
-        P = otu.tree_add(R, _columns(delta, P))
+        P = otu.tree_add(R, scale_columns(delta, P))
         broke = jnp.any(live & (pap <= 0)) | ~jnp.all(jnp.isfinite(rr_new)) | ~jnp.all(jnp.isfinite(pap))
         J, bound = estimate(X, R, rr_new, c)
         if record:
