@@ -9,6 +9,7 @@ import pytest
 
 from tiny_data import make_tiny_records, tiny_config
 
+from dyngap_jax.methods.alpha_step import resolve_loop
 from dyngap_jax.studies import compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +83,8 @@ def test_comparison_measures_what_the_training_alpha_step_applies(tiny_records):
     outer = next(iter(run.loader("validation", train=True, epoch=4)))
     method, mm_loss = run.method.estimator, run.method.mm_loss
     _, trained, _ = alpha_step(state, inner, outer)
-    measured = Estimator(run.model, mm_loss, state, method.name, method.options())(inner, outer, repeats=1)
+    loop = resolve_loop(cfg.alpha.hypergrad.loop)  # where training's solver loops run (host-driven on a CPU)
+    measured = Estimator(run.model, mm_loss, state, method.name, method.options(), loop=loop)(inner, outer, repeats=1)
     np.testing.assert_allclose(measured["value"], np.asarray(trained.value), rtol=1e-5)
     assert measured["info"]["iterations"] == float(trained.info["iterations"])
     # a different dropout key gives a different value: the agreement above is not by accident

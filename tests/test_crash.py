@@ -191,6 +191,7 @@ def test_a_run_folder_written_before_the_method_interface_evaluates_and_resumes_
     cfg = tiny_config(tiny_records, "ours_lb", epochs=2)
     with cfg.unlocked():
         cfg.alpha.hypergrad.warm_start = True
+        cfg.alpha.hypergrad.loop = "device"  # the old code's solver loops (host-driven ones round otherwise)
     resumed = train(cfg, workdir)
     fresh = train(cfg, str(tmp_path / "fresh"))
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]

@@ -12,10 +12,12 @@ The house, one module per family:
 * :mod:`~dyngap_jax.hypergrad.methods`: the registry (:func:`make_method`, :func:`method_from_config`)
   and :func:`alpha_hypergradient`;
 * building blocks: :func:`hvp` / :func:`make_hvp`, :func:`conjugate_gradient`, :func:`minres`,
-  :func:`neumann_series`, :func:`power_iteration`.
+  :func:`neumann_series`, :func:`power_iteration`; :mod:`~dyngap_jax.hypergrad.loops`: their loops in
+  XLA or driven from the host (:class:`HostLoops`).
 """
 from dyngap_jax.hypergrad.exact import CG, CG_OPERATORS, MINRES, Dense
 from dyngap_jax.hypergrad.hvp import HVP_MODES, hvp, hvp_forward_over_reverse, hvp_reverse_over_reverse, make_hvp
+from dyngap_jax.hypergrad.loops import HostLoops
 from dyngap_jax.hypergrad.methods import (
     METHOD_CLASSES,
     METHODS,
@@ -38,7 +40,7 @@ from dyngap_jax.hypergrad.solvers import conjugate_gradient, minres, neumann_ser
 from dyngap_jax.hypergrad.unrolled import FiniteDifference, Unrolled, lbfgs_minimize
 
 __all__ = [
-    "CG", "CG_OPERATORS", "Dense", "FiniteDifference", "GhadimiWang", "HVP_MODES", "HypergradResult", "Identity",
+    "CG", "CG_OPERATORS", "Dense", "FiniteDifference", "GhadimiWang", "HVP_MODES", "HostLoops", "HypergradResult", "Identity",
     "LFMCode", "LFM_REDUCTIONS", "METHODS", "METHOD_CLASSES", "MINRES", "Method", "Neumann", "OptionError",
     "Problem", "Unrolled", "alpha_hypergradient", "conjugate_gradient", "cross_term", "hvp",
     "hvp_forward_over_reverse", "hvp_reverse_over_reverse", "implicit_hypergradient", "lbfgs_minimize",

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
+from dyngap_jax.hypergrad import loops
+
 PyTree = Any
 
 
@@ -135,7 +137,7 @@ def bilinear_cg(
                 jnp.where(k + 1 < record, jnp.stack([J, bound], -1), hist[record - 1]))
         return k + 1, X, R, P, rr_new, c, J, bound, broke, hist
 
-    k, X, R, _, rr, _, J, bound, broke, hist = jax.lax.while_loop(cond, body, init)
+    k, X, R, _, rr, _, J, bound, broke, hist = loops.while_loop(cond, body, init, name="certified cg")
     rel = jnp.sqrt(rr) / jnp.where(norms0 > 0, norms0, 1.0)
     x = jax.tree_util.tree_map(lambda leaf: leaf[0], X)
     info = {"iterations": k, "matvecs": k * (num + 1) + initial, "residual": rel[0], "dual_residual": jnp.max(rel[1:]),

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
+from dyngap_jax.hypergrad import loops
+
 PyTree = Any
 
 
@@ -76,7 +78,7 @@ def conjugate_gradient(
                   "matvecs": inf["matvecs"] + again["matvecs"]}
         return n + 1, x_new, merged
 
-    _, x, info = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), x, info))
+    _, x, info = loops.while_loop(cond, body, (jnp.zeros((), jnp.int32), x, info), name="cg restart")
     return x, info
 
 
@@ -125,7 +127,7 @@ def _cg_run(matvec, b, x0, tol, atol, maxiter, scale_x0=False):
         )
 
     init = (jnp.zeros((), jnp.int32), x0, r0, r0, rr0, ~jnp.isfinite(rr0), jnp.zeros((), bool))
-    k, x, _, _, _, broke, nonpositive = jax.lax.while_loop(cond, body, init)
+    k, x, _, _, _, broke, nonpositive = loops.while_loop(cond, body, init, name="cg")
 
     true_r = otu.tree_sub(b, matvec(x))
     r_norm = otu.tree_norm(true_r)
@@ -212,7 +214,7 @@ def minres(
         broke = ~jnp.isfinite(phibar) | ~jnp.isfinite(alfa)
         return (k + 1, x, r1, r2, y, jnp.where(done, 1.0, beta), oldb, dbar, epsln, phibar, cs, sn, w, w2, broke)
 
-    out = jax.lax.while_loop(cond, body, init)
+    out = loops.while_loop(cond, body, init, name="minres")
     k, x, broke = out[0], out[1], out[14]
     r_norm = otu.tree_norm(otu.tree_sub(b, matvec(x)))
     rel = jnp.where(b_norm > 0, r_norm / jnp.where(b_norm > 0, b_norm, 1.0), r_norm)
@@ -268,5 +270,5 @@ def power_iteration(
         n = otu.tree_norm(av)
         return otu.tree_scale(1.0 / jnp.where(n > 0, n, 1.0), av), lam
 
-    v, lam = jax.lax.fori_loop(0, num_iters, body, (v, jnp.zeros((), otu.tree_norm(v).dtype)))
+    v, lam = loops.fori_loop(0, num_iters, body, (v, jnp.zeros((), otu.tree_norm(v).dtype)), name="power iteration")
     return lam, {"matvecs": jnp.asarray(num_iters)}

@@ -24,6 +24,17 @@ from dyngap_jax.methods.state import TrainState, forward
 
 # the call-time inputs the training loop can give a hypergradient method
 TRAINING_INPUTS = ("sampler", "key")
+# where the solvers' iterations run (config.alpha.hypergrad.loop; "auto" resolved by resolve_loop)
+LOOPS = ("device", "host")
+
+
+def resolve_loop(loop: str, backend: str | None = None) -> str:
+    """``config.alpha.hypergrad.loop``: ``"auto"`` is ``"host"`` on a CPU, where an HVP runs ~10x slower
+    inside an XLA while loop (docs/benchmarks.md), and ``"device"`` elsewhere (no host round trip an
+    iteration); ``"device"`` and ``"host"`` as they are."""
+    if loop == "auto":
+        return "host" if (backend or jax.default_backend()) == "cpu" else "device"
+    return loop
 
 
 def with_precision(precision: str):
@@ -103,7 +114,8 @@ def _identity(batch):
 def make_alpha_step(*, model, mm_loss: Callable, learned: LearnedAlpha, method: hypergrad.Method,
                     require_converged: bool = False, shardings=None, precision: str = "highest",
                     warm_start: bool = False, prepare: Callable | None = None, donate: bool = False,
-                    hvp_remat: str = "none", batch_norm: str = "batch"):
+                    hvp_remat: str = "none", batch_norm: str = "batch", loop: str = "device",
+                    progress: Callable | None = None):
     """``alpha_step(state, inner_batch, outer_batch, train_bn=True) -> (state, result, applied)``: Algorithm 1's
     alpha update (see the module docstring).
 
@@ -121,9 +133,15 @@ def make_alpha_step(*, model, mm_loss: Callable, learned: LearnedAlpha, method: 
     ``"authors"``, as the authors' code: in training mode when ``train_bn`` (the caller passes it
     until the run's first evaluation) and then the running averages move once, as their
     training-mode forward on the inner batch moves them, else in evaluation mode.
+    ``loop`` (``config.alpha.hypergrad.loop``, resolved): ``"device"``, the step one program, its solver
+    loops XLA while loops; ``"host"``, the solvers' iterations driven from the host, one compiled
+    iteration a call (:class:`dyngap_jax.hypergrad.loops.HostLoops`; ``progress(name, iteration, seconds)``
+    is called after each).
     """
     if batch_norm not in ("batch", "running", "authors"):
         raise ValueError(f"config.alpha.batch_norm: unknown {batch_norm!r}; known: batch, running, authors")
+    if loop not in LOOPS:
+        raise ValueError(f"config.alpha.hypergrad.loop: unknown {loop!r}; known: {', '.join(LOOPS)}")
     float64 = precision == "float64"
     prepare = prepare or _identity
     run_model = models.with_dtype(model, jnp.float64) if float64 else model
@@ -163,6 +181,10 @@ def make_alpha_step(*, model, mm_loss: Callable, learned: LearnedAlpha, method: 
         return new, res.replace(solution=None), usable
 
     donate_argnums = (0,) if donate else ()
+    if loop == "host":  # every phase reads the inputs with their shardings; the last returns the step's outputs
+        out_shardings = None if shardings is None else (shardings[0], shardings[2], shardings[2])
+        return CompiledAlphaStep(hypergrad.HostLoops(alpha_step, donate_argnums=donate_argnums,
+                                                     out_shardings=out_shardings, progress=progress), float64)
     if shardings is None:
         step = jax.jit(alpha_step, donate_argnums=donate_argnums)
     else:
@@ -191,5 +213,5 @@ class CompiledAlphaStep:
             return self.step.lower(state, inner, outer, jnp.asarray(train_bn, bool))
 
 
-__all__ = ["CompiledAlphaStep", "TRAINING_INPUTS", "alpha_key", "alpha_losses", "make_alpha_step", "subbatch_sampler",
+__all__ = ["CompiledAlphaStep", "LOOPS", "TRAINING_INPUTS", "alpha_key", "alpha_losses", "make_alpha_step", "resolve_loop", "subbatch_sampler",
            "with_precision"]

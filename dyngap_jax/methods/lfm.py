@@ -22,7 +22,7 @@ from absl import logging
 
 from dyngap_jax import alpha as alpha_lib
 from dyngap_jax import hypergrad, losses, parallel
-from dyngap_jax.methods.alpha_step import TRAINING_INPUTS, make_alpha_step
+from dyngap_jax.methods.alpha_step import TRAINING_INPUTS, make_alpha_step, resolve_loop
 from dyngap_jax.methods.base import Method, Part, StepContext, StepInfo
 
 
@@ -159,6 +159,8 @@ class FixedAlpha(Part):
         return {"final_alpha": state.alpha.exact().tolist(), "alpha_steps": alpha_summary(history)}
 
 
+PROGRESS_SECONDS = 15.0  # a host-driven solve longer than this logs where it is, this often
+
 ALPHA_KEYS = ("alpha_steps", "alpha_converged", "hypergrad_skipped", "hypergrad_iterations", "hypergrad_iterations_max",
               "hypergrad_hvps", "hypergrad_residual", "hypergrad_residual_max", "hypergrad_damping",
               "hypergrad_hypergradient", "hypergrad_bound", "hypergrad_bound_max")
@@ -183,6 +185,7 @@ class AlphaStep(Part):
         self.lfm, self.acfg = lfm, lfm.cfg.alpha
         self.pending, self.log, self.before_evaluation = [], [], True
         self.seconds = 0.0  # the alpha steps' wall time over the run (resumed runs add theirs)
+        self.current_step, self.progress_next, self.step_t0 = 0, PROGRESS_SECONDS, time.perf_counter()
         self.run, self.step_fn, self.outer_it, self.outer_fixed = None, None, None, None
 
     def compile(self, run, state, donate: bool = True):
@@ -192,7 +195,16 @@ class AlphaStep(Part):
                                require_converged=lfm.require_converged, shardings=run.shardings(state),
                                precision="float64" if p.alpha_float64 else p.alpha_matmul,
                                warm_start=lfm.warm_start, prepare=run.prepare, donate=donate,
-                               hvp_remat=self.acfg.hypergrad.remat, batch_norm=self.acfg.batch_norm)
+                               hvp_remat=self.acfg.hypergrad.remat, batch_norm=self.acfg.batch_norm,
+                               loop=resolve_loop(self.acfg.hypergrad.loop), progress=self._progress)
+
+    def _progress(self, name: str, iteration: int, seconds: float):
+        """A long alpha step (host-driven loops) says where it is on the log, every ``PROGRESS_SECONDS``."""
+        elapsed = time.perf_counter() - self.step_t0
+        if elapsed >= self.progress_next:
+            logging.info("alpha step at step %d: %s iteration %d (%.0f s into the step)", self.current_step, name,
+                         iteration, elapsed)
+            self.progress_next = elapsed + PROGRESS_SECONDS
 
     def open(self, run, state, saved, *, donate=True):
         self.run, self.step_fn = run, self.compile(run, state, donate)
@@ -230,7 +242,8 @@ class AlphaStep(Part):
         else:
             inner = parallel.shard_batch({k: v[:run.batch.local_alpha] for k, v in info.local.items()}, run.mesh)
         jax.block_until_ready(state.params)  # the train steps queued before it: the time below is the alpha step's
-        t0 = time.perf_counter()
+        self.current_step, self.progress_next = step, PROGRESS_SECONDS
+        t0 = self.step_t0 = time.perf_counter()
         state, res, usable = self.step_fn(state, inner, outer, self.before_evaluation)
         jax.block_until_ready(usable)
         self.pending.append((step, res, usable, time.perf_counter() - t0))

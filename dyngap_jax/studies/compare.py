@@ -32,7 +32,7 @@ from dyngap_jax.train.evaluation import load_run_state
 from dyngap_jax.train.loop import train
 from dyngap_jax.train.setup import Run
 from dyngap_jax.methods import LFM
-from dyngap_jax.methods.alpha_step import alpha_losses
+from dyngap_jax.methods.alpha_step import alpha_losses, resolve_loop
 from dyngap_jax.methods.lfm import resolve_estimator
 
 
@@ -198,11 +198,12 @@ def compare_at(run: Run, state, *, batches: int = 3, reference: Reference = Refe
     if unknown:
         raise ValueError(f"compare: unknown methods {unknown}; known: {sorted(known)}")
     method = config_method(run)
-    estimator = lambda spec: Estimator(model, mm, state, spec[0], spec[1], spec[2], precision)
+    loop = resolve_loop(run.cfg.alpha.hypergrad.loop)  # where training's solver loops run (host-driven on a CPU)
+    estimator = lambda spec: Estimator(model, mm, state, spec[0], spec[1], spec[2], precision, loop)
     # the config's method first: the system it states on each pair is what the reference solves
     config_runs = [estimator(known["cg (config)"])(i, o, repeats=2) for i, o in pairs]
     dampings = [reference.damping_on(method, r["info"]) for r in config_runs]
-    ref_est = Estimator(model, mm, state, "cg", reference.options(method), reference.dtype)
+    ref_est = Estimator(model, mm, state, "cg", reference.options(method), reference.dtype, loop=loop)
     refs = [ref_est(i, o, dynamic={"damping": d}) for (i, o), d in zip(pairs, dampings)]
     span = f"{min(dampings):.3g}" if max(dampings) == min(dampings) else f"{min(dampings):.3g} to {max(dampings):.3g}"
     ref_name = (f"reference: cg {reference.system(method)}, damping {span}, tol {reference.tol:g} ({reference.dtype})")
@@ -244,12 +245,12 @@ def compare_at(run: Run, state, *, batches: int = 3, reference: Reference = Refe
         ):
             pts = []
             # CG's and MINRES's iteration budget is a traced bound of its while loop: one compilation for the whole sweep
-            shared = Estimator(model, mm, state, name, extra, None, precision) if name in ("cg", "minres") else None
+            shared = Estimator(model, mm, state, name, extra, None, precision, loop) if name in ("cg", "minres") else None
             for v in sweep_budgets.get(name, ()):
                 if shared is not None:
                     r = shared(i, o, dynamic={key: np.int32(v)})
                 else:
-                    r = measure(model, mm, state, i, o, name, {**extra, key: v}, repeats=1, precision=precision)
+                    r = measure(model, mm, state, i, o, name, {**extra, key: v}, repeats=1, precision=precision, loop=loop)
                 hvps = r["info"].get("hvp_count", 0) or v
                 pts.append((float(hvps), relative_error(r["value"], refs[0]["value"]), r["run_s"]))
             sweep[label] = pts

@@ -36,11 +36,13 @@ class Estimator:
     batches and alpha in float64 (under ``jax.enable_x64``); the traced loss is checked to hold no
     lower-precision floating-point value, so a "float64" result never carries float32 rounding.
     ``precision``: every matmul's and convolution's (``jax.default_matmul_precision``; "highest" in
-    float64), as the training alpha step sets it.
+    float64), as the training alpha step sets it. ``loop``: where the solver loops run, as the
+    training alpha step's ``config.alpha.hypergrad.loop`` (resolved: ``"device"`` or ``"host"``; with
+    ``"host"`` the compile time is the first call's less a run's, and no memory estimate is made).
     """
 
     def __init__(self, model, mm_loss, state, method: str, options: Mapping[str, Any], dtype: str | None = None,
-                 precision: str = "highest"):
+                 precision: str = "highest", loop: str = "device"):
         name, fields = _split(method, options)
         hypergrad.make_method(name, **fields)  # an unknown method or a bad option fails here
         if dtype is not None:
@@ -48,7 +50,7 @@ class Estimator:
         self.model, self.mm_loss, self.method, self.options = model, mm_loss, method, dict(options)
         self.dtype = dtype
         self.precision = "highest" if dtype == "float64" else precision
-        self.state = state
+        self.state, self.loop = state, loop
         self._compiled = None
         self._cast_state = None
         self.compile_s = 0.0
@@ -93,17 +95,28 @@ class Estimator:
                             f"reference dtype {self.dtype}: the model's losses still compute in {low} (a module that "
                             "ignores its dtype field or casts explicitly); use --reference_dtype=float32")
                 t0 = time.perf_counter()
-                self._compiled = jax.jit(self._fn(state)).lower(*args).compile()
-                self.compile_s = time.perf_counter() - t0
-                mem = self._compiled.memory_analysis()
-                if mem is not None:
-                    self.peak_bytes = int(getattr(mem, "temp_size_in_bytes", 0) + getattr(mem, "argument_size_in_bytes", 0)
-                                          + getattr(mem, "output_size_in_bytes", 0))
+                first = self.loop == "host"
+                if first:  # compiled program by program on the first call
+                    self._compiled = hypergrad.HostLoops(self._fn(state))
+                else:
+                    self._compiled = jax.jit(self._fn(state)).lower(*args).compile()
+                    self.compile_s = time.perf_counter() - t0
+                    mem = self._compiled.memory_analysis()
+                    if mem is not None:
+                        self.peak_bytes = int(getattr(mem, "temp_size_in_bytes", 0)
+                                              + getattr(mem, "argument_size_in_bytes", 0)
+                                              + getattr(mem, "output_size_in_bytes", 0))
+            else:
+                first = False
+            t0 = time.perf_counter()
             res = jax.block_until_ready(self._compiled(*args))  # warm-up
+            warm_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             for _ in range(repeats):
                 res = jax.block_until_ready(self._compiled(*args))
             run_s = (time.perf_counter() - t0) / repeats
+            if first:
+                self.compile_s = max(warm_s - run_s, 0.0)
             info = {k: (bool(v) if np.asarray(v).dtype == bool else float(v)) for k, v in jax.device_get(res.info).items()}
             return {"value": np.asarray(res.value, np.float64), "info": info, "run_s": run_s,
                     "compile_s": self.compile_s, "peak_bytes": self.peak_bytes, "ok": bool(res.ok)}
@@ -126,9 +139,9 @@ def _float_dtypes(jaxpr) -> set:
 
 
 def measure(model, mm_loss, state, inner, outer, method: str, options: Mapping[str, Any], repeats: int = 2,
-            dtype: str | None = None, precision: str = "highest") -> dict:
+            dtype: str | None = None, precision: str = "highest", loop: str = "device") -> dict:
     """One estimator on one batch pair: value, info, compile and run time (s), XLA's memory estimate (bytes)."""
-    return Estimator(model, mm_loss, state, method, options, dtype, precision)(inner, outer, repeats)
+    return Estimator(model, mm_loss, state, method, options, dtype, precision, loop)(inner, outer, repeats)
 
 
 def relative_error(value, reference) -> float:

@@ -216,6 +216,8 @@ class HypergradConfig:
                            "(float64: its model and solve in float64)")
     warm_start: bool = field(False, Bool(), "start each solve from the last solution (kept in the train state)")
     remat: str = field("none", Choice(*REMAT_POLICIES), "what the forward pass under each HVP keeps")
+    loop: str = field("auto", Choice("auto", "device", "host"), "where the solvers' iterations run: in one XLA "
+                      "program (device) or one compiled iteration a call (host); auto: host on a CPU")
     # derived: the method object, its options checked (the authors' "first" tensor is resolved by setup)
     estimator: Any = None
 

@@ -15,9 +15,10 @@ from dyngap_jax.train.config import ConfigError
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
-# fields that may change between a run and its resumption (display, input workers, device layout)
+# fields that may change between a run and its resumption (display, input workers, device layout, where the
+# solver loops run)
 RESUMABLE_CHANGES = ("progress", "data.worker_count", "data.verify_checksums", "parallel", "train.log_every_steps",
-                     "train.preempt_signal")
+                     "train.preempt_signal", "alpha.hypergrad.loop")
 
 
 def _validated(cfg):
