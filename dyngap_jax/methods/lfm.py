@@ -12,6 +12,7 @@ and per run. The authors' released recipe is this method configured otherwise (`
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from tqdm import tqdm
 
 from dyngap_jax import alpha as alpha_lib
 from dyngap_jax import hypergrad, losses, parallel
@@ -159,7 +161,7 @@ class FixedAlpha(Part):
         return {"final_alpha": state.alpha.exact().tolist(), "alpha_steps": alpha_summary(history)}
 
 
-PROGRESS_SECONDS = 15.0  # a host-driven solve longer than this logs where it is, this often
+PROGRESS_SECONDS = 15.0  # a host-driven alpha step longer than this prints where it is, this often
 
 ALPHA_KEYS = ("alpha_steps", "alpha_converged", "hypergrad_skipped", "hypergrad_iterations", "hypergrad_iterations_max",
               "hypergrad_hvps", "hypergrad_residual", "hypergrad_residual_max", "hypergrad_damping",
@@ -199,11 +201,14 @@ class AlphaStep(Part):
                                loop=resolve_loop(self.acfg.hypergrad.loop), progress=self._progress)
 
     def _progress(self, name: str, iteration: int, seconds: float):
-        """A long alpha step (host-driven loops) says where it is on the log, every ``PROGRESS_SECONDS``."""
+        """A long alpha step (host-driven loops) prints where it is every ``PROGRESS_SECONDS`` (the project's
+        progress is printed, whatever absl's verbosity; by the first process only)."""
         elapsed = time.perf_counter() - self.step_t0
         if elapsed >= self.progress_next:
-            logging.info("alpha step at step %d: %s iteration %d (%.0f s into the step)", self.current_step, name,
-                         iteration, elapsed)
+            if jax.process_index() == 0:
+                tqdm.write(f"  alpha step at step {self.current_step}: {name} iteration {iteration} "
+                           f"({elapsed:.0f} s into the step)")  # above the epoch's progress bar, if one is drawn
+                sys.stdout.flush()
             self.progress_next = elapsed + PROGRESS_SECONDS
 
     def open(self, run, state, saved, *, donate=True):
