@@ -9,8 +9,9 @@ from dyngap_jax import compilation
 from dyngap_jax.hypergrad import HostLoops, conjugate_gradient, minres, power_iteration
 from dyngap_jax.hypergrad.certified import bilinear_cg
 from dyngap_jax.methods.alpha_step import make_alpha_step, resolve_loop
-from tests.test_precision import batch, image_config
 from dyngap_jax.train import setup
+from test_precision import batch, image_config
+from tiny_data import make_tiny_records
 
 
 def solves(A, b, labels):
@@ -98,3 +99,26 @@ def test_the_alpha_step_is_the_same_host_driven_or_in_one_program(scalar_tol):
     np.testing.assert_allclose(float(res.value), float(ref.value), rtol=1e-3)
     np.testing.assert_allclose(float(new.alpha.value), float(ref_state.alpha.value), rtol=1e-5)
     assert jax.tree_util.tree_leaves(copy.params)[0].is_deleted()  # the last phase donated the input state
+
+
+@pytest.fixture(scope="module")
+def tiny_records(tmp_path_factory):
+    return make_tiny_records(str(tmp_path_factory.mktemp("tiny") / "rec"))
+
+
+def test_a_long_host_driven_alpha_step_prints_where_it_is(tiny_records, tmp_path, monkeypatch, capsys):
+    from tiny_data import tiny_config
+
+    from dyngap_jax.methods import lfm
+    from dyngap_jax.train import train
+
+    monkeypatch.setattr(lfm, "PROGRESS_SECONDS", 0.0)  # every iteration counts as long here
+    cfg = tiny_config(tiny_records, "ours_lb", epochs=1)
+    with cfg.unlocked():
+        cfg.alpha.hypergrad.loop = "host"
+    summary = train(cfg, str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    steps = summary["alpha_steps"]["count"]
+    assert steps >= 1
+    assert out.count(": power iteration iteration 1 (") == steps  # the solve's loops by name, each iteration
+    assert ": cg iteration 2 (" in out and "alpha step at step " in out
