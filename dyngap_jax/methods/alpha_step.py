@@ -213,5 +213,5 @@ class CompiledAlphaStep:
             return self.step.lower(state, inner, outer, jnp.asarray(train_bn, bool))
 
 
-__all__ = ["CompiledAlphaStep", "LOOPS", "TRAINING_INPUTS", "alpha_key", "alpha_losses", "make_alpha_step", "resolve_loop", "subbatch_sampler",
-           "with_precision"]
+__all__ = ["CompiledAlphaStep", "LOOPS", "TRAINING_INPUTS", "alpha_key", "alpha_losses", "make_alpha_step",
+           "resolve_loop", "subbatch_sampler", "with_precision"]

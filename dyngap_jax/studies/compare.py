@@ -245,12 +245,14 @@ def compare_at(run: Run, state, *, batches: int = 3, reference: Reference = Refe
         ):
             pts = []
             # CG's and MINRES's iteration budget is a traced bound of its while loop: one compilation for the whole sweep
-            shared = Estimator(model, mm, state, name, extra, None, precision, loop) if name in ("cg", "minres") else None
+            shared = (Estimator(model, mm, state, name, extra, None, precision, loop) if name in ("cg", "minres")
+                      else None)
             for v in sweep_budgets.get(name, ()):
                 if shared is not None:
                     r = shared(i, o, dynamic={key: np.int32(v)})
                 else:
-                    r = measure(model, mm, state, i, o, name, {**extra, key: v}, repeats=1, precision=precision, loop=loop)
+                    r = measure(model, mm, state, i, o, name, {**extra, key: v}, repeats=1, precision=precision,
+                                loop=loop)
                 hvps = r["info"].get("hvp_count", 0) or v
                 pts.append((float(hvps), relative_error(r["value"], refs[0]["value"]), r["run_s"]))
             sweep[label] = pts
