@@ -71,6 +71,30 @@ def test_host_driven_loops_compile_once_and_leave_the_iterations_out_of_the_prog
     assert whiles[1:] == [0, 0, 0, 0, 1, 0, 0, 0, 0, 0], whiles
 
 
+def test_each_input_signature_has_its_own_programs_and_loops_under_a_transformation_stay_xla_loops():
+    from dyngap_jax.hypergrad import loops
+
+    def fn(x):  # the body's value depends on the shape (a mean): a stale body would be silently wrong
+        top = loops.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] - jnp.mean(c[1]) + 1.0), (0, x))[1]
+        inner = jax.lax.cond(jnp.sum(x) > -1e9, lambda: loops.fori_loop(0, 4, lambda i, c: c * 2.0, x),
+                             lambda: x)  # under a cond: not the function's own trace, stays lax's
+        return top, inner
+
+    driven = HostLoops(fn)
+    for n in (3, 4, 3):
+        x = jnp.arange(float(n))
+        for got, want in zip(driven(x), jax.jit(fn)(x)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+        assert driven.count == 1
+    assert len(driven.signatures) == 2
+
+    def bad(x):
+        return loops.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1][:1]), (0, x))
+
+    with pytest.raises(TypeError, match="not its carry's type"):
+        HostLoops(bad)(jnp.ones(3))
+
+
 def test_resolve_loop():
     assert resolve_loop("auto", "cpu") == "host" and resolve_loop("auto", "gpu") == "device"
     assert resolve_loop("device", "cpu") == "device" and resolve_loop("host", "gpu") == "host"

@@ -199,7 +199,7 @@ class CompiledAlphaStep:
 
     def __init__(self, step, x64: bool):
         self.step, self.x64 = step, x64
-        functools.update_wrapper(self, step)
+        functools.update_wrapper(self, step, updated=())
 
     def _context(self):
         return jax.enable_x64(True) if self.x64 else contextlib.nullcontext()
