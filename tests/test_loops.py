@@ -37,7 +37,7 @@ def system():
 def test_host_driven_loops_equal_the_one_program_solves_and_report_every_iteration(system):
     ref = jax.jit(solves)(*system)
     seen = []
-    driven = HostLoops(solves, progress=lambda name, i, s: seen.append((name, i)))
+    driven = HostLoops(solves, progress=lambda name, i: seen.append((name, i)))
     out = driven(*system)
     for r, o in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(out)):
         np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=2e-5, atol=1e-6)
@@ -146,3 +146,43 @@ def test_a_long_host_driven_alpha_step_prints_where_it_is(tiny_records, tmp_path
     assert steps >= 1
     assert out.count(": power iteration iteration 1 (") == steps  # the solve's loops by name, each iteration
     assert ": cg iteration 2 (" in out and "alpha step at step " in out
+
+
+MESH_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from dyngap_jax import compilation
+from dyngap_jax.hypergrad import HostLoops, conjugate_gradient
+mesh = jax.make_mesh((4,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+def f(A, b):
+    x, info = conjugate_gradient(lambda v: A @ v, b, tol=1e-5, maxiter=50)
+    return x, info["iterations"]
+m = np.random.default_rng(0).standard_normal((32, 32))
+A = jax.device_put(jnp.asarray(m @ m.T + np.eye(32), jnp.float32), NamedSharding(mesh, P("d", None)))
+b = jax.device_put(jnp.arange(32.0), NamedSharding(mesh, P("d")))
+driven = HostLoops(f)
+with compilation.CompileCounter() as counter:
+    x, its = driven(A, b)
+    first = counter.by_function()
+other = (A * 2.0, b + 1.0)
+with compilation.CompileCounter() as counter:
+    driven(*other)
+    again = counter.by_function()
+ref = jax.jit(f)(A, b)
+assert first == {"jit(f)": 3}, first  # phase 0, CG's body, the last phase
+assert again == {}, again
+assert int(its) == int(ref[1]) > 5 and np.allclose(np.asarray(x), np.asarray(ref[0]), rtol=1e-5, atol=1e-6)
+print("OK")
+"""
+
+
+def test_on_a_mesh_a_loop_body_compiles_once_its_carry_keeping_the_phase_s_shardings():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import itertools
 import threading
-import time
 from typing import Any, Callable
 
 import jax
@@ -156,8 +155,8 @@ class HostLoops:
     ``donate_argnums`` / ``out_shardings``: the last phase's (it returns ``fn``'s outputs; the earlier
     phases read ``args`` and donate nothing). Every phase takes ``args`` with the shardings they have;
     a loop's iterations keep its carry's shardings. ``context``: a callable returning a context manager
-    entered around every trace and call (a precision, ``jax.enable_x64``). ``progress(name, iteration,
-    seconds)``: called on the host once an iteration is dispatched. Programs are kept per input
+    entered around every trace and call (a precision, ``jax.enable_x64``). ``progress(name, iteration)``:
+    called on the host once an iteration is dispatched. Programs are kept per input
     signature (tree, shapes, dtypes): other shapes trace and compile their own. One call at a time.
     """
 
@@ -232,12 +231,12 @@ class HostLoops:
                 del out
                 # the carry keeps the shardings the phase gave it (no second compilation of the body)
                 iterate = self._body(programs, k, (tuple(c.sharding for c in carry), go.sharding))
-                t0, n = time.perf_counter(), 0
+                n = 0
                 while bool(go):
                     carry, go = iterate(body_consts, cond_consts, carry)
                     n += 1
                     if self.progress is not None:
-                        self.progress(programs.loops[k].name, n, time.perf_counter() - t0)
+                        self.progress(programs.loops[k].name, n)
                 results.append(carry)
                 del carry, body_consts, cond_consts  # the next phase makes its own
 

@@ -135,7 +135,7 @@ def make_alpha_step(*, model, mm_loss: Callable, learned: LearnedAlpha, method: 
     training-mode forward on the inner batch moves them, else in evaluation mode.
     ``loop`` (``config.alpha.hypergrad.loop``, resolved): ``"device"``, the step one program, its solver
     loops XLA while loops; ``"host"``, the solvers' iterations driven from the host, one compiled
-    iteration a call (:class:`dyngap_jax.hypergrad.loops.HostLoops`; ``progress(name, iteration, seconds)``
+    iteration a call (:class:`dyngap_jax.hypergrad.loops.HostLoops`; ``progress(name, iteration)``
     is called after each).
     """
     if batch_norm not in ("batch", "running", "authors"):

@@ -200,7 +200,7 @@ class AlphaStep(Part):
                                hvp_remat=self.acfg.hypergrad.remat, batch_norm=self.acfg.batch_norm,
                                loop=resolve_loop(self.acfg.hypergrad.loop), progress=self._progress)
 
-    def _progress(self, name: str, iteration: int, seconds: float):
+    def _progress(self, name: str, iteration: int):
         """A long alpha step (host-driven loops) prints where it is every ``PROGRESS_SECONDS`` (the project's
         progress is printed, whatever absl's verbosity; by the first process only)."""
         elapsed = time.perf_counter() - self.step_t0

@@ -85,6 +85,7 @@ class Estimator:
         with self._x64():
             state, inner, outer = self._prepare(inner, outer)
             args = (state.params, state.alpha.value, inner, outer, dynamic)
+            first = self._compiled is None and self.loop == "host"
             if self._compiled is None:
                 if self.dtype is not None:
                     c, m, o = alpha_losses(self.model, self.mm_loss, state, inner, outer)
@@ -94,11 +95,10 @@ class Estimator:
                         raise ValueError(
                             f"reference dtype {self.dtype}: the model's losses still compute in {low} (a module that "
                             "ignores its dtype field or casts explicitly); use --reference_dtype=float32")
-                t0 = time.perf_counter()
-                first = self.loop == "host"
-                if first:  # compiled program by program on the first call
+                if self.loop == "host":  # compiled program by program on the first call, timed there
                     self._compiled = hypergrad.HostLoops(self._fn(state))
                 else:
+                    t0 = time.perf_counter()
                     self._compiled = jax.jit(self._fn(state)).lower(*args).compile()
                     self.compile_s = time.perf_counter() - t0
                     mem = self._compiled.memory_analysis()
@@ -106,8 +106,6 @@ class Estimator:
                         self.peak_bytes = int(getattr(mem, "temp_size_in_bytes", 0)
                                               + getattr(mem, "argument_size_in_bytes", 0)
                                               + getattr(mem, "output_size_in_bytes", 0))
-            else:
-                first = False
             t0 = time.perf_counter()
             res = jax.block_until_ready(self._compiled(*args))  # warm-up
             warm_s = time.perf_counter() - t0
