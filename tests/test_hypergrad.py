@@ -668,3 +668,38 @@ def test_an_exhausted_budget_is_reported_not_converged():
     res = hypergrad.alpha_hypergradient(cls, mm, cls, params, 0.3, "cg", maxiter=3)
     assert int(res.info["iterations"]) == 3 and not bool(res.info["converged"]) and not bool(res.ok)
     assert float(res.info["residual"]) > 1e-3
+
+
+def test_power_iteration_warm_start_and_tolerance():
+    """A tolerance stops the power iteration on the Rayleigh quotient's change; a warm start from its own last
+    iterate stops after two steps with the same |lambda|_max within that tolerance (against eigvalsh)."""
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.standard_normal((30, 30)))
+    eigs = np.concatenate([np.linspace(-2.0, 3.0, 28), [-4.0, 5.0]])
+    A = (q * eigs) @ q.T
+    like = {"u": jnp.zeros(12), "w": jnp.zeros((3, 6))}
+    flat = lambda t: jnp.concatenate([t["u"], t["w"].ravel()])
+    unflat = lambda f: {"u": f[:12], "w": f[12:].reshape(3, 6)}
+    matvec = lambda t: unflat(jnp.asarray(A, jnp.float32) @ flat(t))
+    key = jax.random.PRNGKey(0)
+    fixed, info = hypergrad.power_iteration(matvec, like, key, 7)
+    assert int(info["matvecs"]) == 7
+    cold, info = hypergrad.power_iteration(matvec, like, key, 1000, tol=1e-6)
+    top = np.max(np.abs(np.linalg.eigvalsh(A)))
+    assert 2 < int(info["matvecs"]) < 1000 and abs(abs(float(cold)) - top) < 1e-4 * top
+    warm, winfo = hypergrad.power_iteration(matvec, like, key, 1000, v0=info["vector"], tol=1e-6)
+    assert int(winfo["matvecs"]) == 2 and abs(float(warm) - float(cold)) <= 1e-6 * abs(float(cold)) + 1e-6
+    # a zero (or non-finite) start is the cold one
+    zero, zinfo = hypergrad.power_iteration(matvec, like, key, 1000, v0=jax.tree_util.tree_map(jnp.zeros_like, like),
+                                            tol=1e-6)
+    assert float(zero) == float(cold) and int(zinfo["matvecs"]) == int(info["matvecs"])
+    # through CG: the carried vector warm-starts the next solve's power iteration
+    params, cls, mm = mlp_setup()
+    opts = {"power_iters": 200, "power_tol": 1e-3}
+    first = hypergrad.alpha_hypergradient(cls, mm, cls, params, 0.3, "cg", **opts)
+    second = hypergrad.alpha_hypergradient(cls, mm, cls, params, 0.3, "cg", v0=first.carry["power_vector"], **opts)
+    assert int(second.info["power_iterations"]) == 2 < int(first.info["power_iterations"])
+    assert int(first.info["hvp_count"]) - int(second.info["hvp_count"]) >= int(first.info["power_iterations"]) - 2 - 4
+    np.testing.assert_allclose(float(second.info["lambda_max"]), float(first.info["lambda_max"]), rtol=2e-3)
+    assert bool(first.ok) and bool(second.ok)
+    np.testing.assert_allclose(float(second.value), float(first.value), rtol=1e-2)

@@ -93,6 +93,8 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_records, tmp_path):
     cfg = tiny_config(tiny_records, "ours_lb")
     with cfg.unlocked():
         cfg.alpha.hypergrad.warm_start = True  # the last solution is part of the state to resume
+        cfg.alpha.hypergrad.warm_power = True  # and so is the power iteration's last iterate
+        cfg.alpha.hypergrad.options.power_tol = 1e-2
     full = train(cfg, str(tmp_path / "full"))
     part = train(cfg, str(tmp_path / "resumed"), max_steps=4)  # 3 steps an epoch: stops inside epoch 2
     assert part["stopped_at"] == 4
@@ -118,6 +120,10 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_records, tmp_path):
     va, vb = (np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(s.alpha_solution)]) for s in (sa, sb))
     assert np.abs(va).max() > 0
     np.testing.assert_allclose(vb, va, rtol=1e-5, atol=1e-7)
+    pa, pb = (np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(s.method_state["power_vector"])])
+              for s in (sa, sb))
+    np.testing.assert_allclose(np.linalg.norm(pa), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(pb, pa, rtol=1e-5, atol=1e-7)
 
 
 def test_an_unconverged_solve_is_counted_and_not_applied(tiny_records, tmp_path):

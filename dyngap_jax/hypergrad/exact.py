@@ -28,10 +28,11 @@ DAMPING_MODES = ("relative", "absolute")
 DEFAULT_DAMPING = {"relative": 1e-2, "absolute": 1e-4}
 
 
-def _lambda_max(matvec, like, iters: int):
-    """``|lambda|_max`` of ``matvec`` by power iteration from a fixed start (the same on every call)."""
-    lam, _ = power_iteration(matvec, like, jax.random.PRNGKey(0), iters)
-    return jnp.abs(lam)
+def _lambda_max(matvec, like, iters: int, v0=None, tol=None):
+    """``(|lambda|_max, info)`` of ``matvec`` by power iteration from ``v0`` or a fixed random start (the same on
+    every call); see :func:`~dyngap_jax.hypergrad.solvers.power_iteration`."""
+    lam, info = power_iteration(matvec, like, jax.random.PRNGKey(0), iters, v0=v0, tol=tol)
+    return jnp.abs(lam), info
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +57,15 @@ class CG(Method):
     ``normal`` and ``damped``, 0 for ``plain`` and ``gauss_newton``. ``info["damping"]`` is the
     absolute value the stated system used.
 
+    ``power_iters``: the power iteration's iterations; ``power_tol`` (None: all of them) stops it
+    earlier, once ``|lambda|_max``'s relative change between two iterations is at most ``power_tol``;
+    input ``v0`` warm-starts it (the previous solve's ``carry["power_vector"]``: the curvature's top
+    direction moves little between alpha steps). ``info["power_iterations"]`` counts them.
+
     ``tol`` / ``atol``: stop when ``|r| <= max(tol |b|, atol)`` (``info["residual"]`` is the true
     relative residual of the stated system, recomputed); ``maxiter``: iteration budget (a solve
     that runs out is reported unconverged); ``restarts``: restart from the true residual when
-    rounding made CG stop early. Inputs: ``x0`` (warm start, the structure of ``params``),
+    rounding made CG stop early. Inputs: ``x0`` (warm start, the structure of ``params``), ``v0``,
     ``gn_model``.
 
     ``scalar_tol`` (None: the residual rule above) stops on the hypergradient itself instead: the
@@ -74,7 +80,7 @@ class CG(Method):
 
     name: ClassVar[str] = "cg"
     exact: ClassVar[bool] = True
-    inputs: ClassVar[tuple[str, ...]] = ("x0", "gn_model")
+    inputs: ClassVar[tuple[str, ...]] = ("x0", "v0", "gn_model")
 
     operator: str = "normal"
     damping: float | None = None
@@ -84,6 +90,7 @@ class CG(Method):
     maxiter: int = 1000
     restarts: int = 0
     power_iters: int = 20
+    power_tol: float | None = None
     scalar_tol: float | None = None
     scalar_atol: float = 0.0
 
@@ -96,6 +103,7 @@ class CG(Method):
         self._number("maxiter", integer=True, minimum=0)
         self._number("restarts", integer=True, minimum=0)
         self._number("power_iters", integer=True, minimum=1)
+        self._number("power_tol", minimum=0.0, allow_none=True)
         self._number("scalar_tol", minimum=0.0, allow_none=True)
         self._number("scalar_atol", minimum=0.0)
         if self.scalar_tol is not None:
@@ -127,9 +135,10 @@ class CG(Method):
     def required_inputs(self):
         return ("gn_model",) if self.operator == "gauss_newton" else ()
 
-    def estimate(self, problem: Problem, x0=None, gn_model=None):
-        if x0 is not None:
-            check_like(x0, problem.params, "x0")
+    def estimate(self, problem: Problem, x0=None, v0=None, gn_model=None):
+        for name, tree in (("x0", x0), ("v0", v0)):
+            if tree is not None:
+                check_like(tree, problem.params, name)
         hvp = problem.hvp()
         g = problem.outer_grad()
         if self.operator == "gauss_newton":
@@ -144,11 +153,12 @@ class CG(Method):
             base = lambda v: vjp_fn(head_hvp(jvp_fn(v)))[0]
         else:
             base = hvp
-        extra, lam = 0, jnp.asarray(jnp.nan)
+        extra, lam, power = 0, jnp.asarray(jnp.nan), {}
         damping = self.damping_value
         if self.relative:
-            lam = _lambda_max(base, g, self.power_iters)
-            extra = self.power_iters
+            lam, pinfo = _lambda_max(base, g, self.power_iters, v0, self.power_tol)
+            extra = pinfo["matvecs"]
+            power = {"power_iterations": jnp.asarray(extra), "power_vector": pinfo["vector"]}
             damping = (damping * lam) ** 2 if self.operator == "normal" else damping * lam
         b, per_matvec = g, 1
         if self.operator == "normal":
@@ -157,10 +167,11 @@ class CG(Method):
         else:
             matvec = damped(base, damping)
         if self.scalar_tol is not None:
-            return self._certified(problem, matvec, b, x0, damping, per_matvec, extra, lam)
+            x, info = self._certified(problem, matvec, b, x0, damping, per_matvec, extra, lam)
+            return x, {**info, **power}
         x, info = conjugate_gradient(matvec, b, x0, tol=self.tol, atol=self.atol, maxiter=self.maxiter,
                                      restarts=self.restarts, scale_x0=True)
-        info = dict(info)
+        info = {**info, **power}
         info["hvp_count"] = info.pop("matvecs") * per_matvec + extra
         info["damping"] = jnp.asarray(damping)
         info["lambda_max"] = lam

@@ -184,8 +184,11 @@ def alpha_hypergradient(
 
     already_traced = any(is_tracer(x) for x in jax.tree_util.tree_leaves((params, a, dynamic)))
     # Called eagerly, compile the whole estimate once rather than dispatch it op by op.
-    value, info, solution = (run if already_traced else jax.jit(run))(params, a, dynamic)
-    return HypergradResult(value=value, info=info, method=spec.name, solution=solution)
+    value, info, solution, carry = (run if already_traced else jax.jit(run))(params, a, dynamic)
+    return HypergradResult(value=value, info=info, method=spec.name, solution=solution, carry=carry)
+
+
+CARRIED = ("power_vector",)  # what a method's info may hold for its next call (HypergradResult.carry)
 
 
 def _estimate(problem: Problem, method: Method, inputs: dict, report_residual: bool):
@@ -195,10 +198,11 @@ def _estimate(problem: Problem, method: Method, inputs: dict, report_residual: b
         "converged": jnp.asarray(True),
         "breakdown": jnp.asarray(False),
     }
-    v = None
+    v, carry = None, None
     if method.solves:
         v, method_info = method.estimate(problem, **inputs)
         method_info = dict(method_info)
+        carry = {k: method_info.pop(k) for k in CARRIED if k in method_info} or None
         if "value" in method_info:  # the method's own (corrected) estimate of Eq. 3
             value = method_info.pop("value")
         else:
@@ -219,4 +223,4 @@ def _estimate(problem: Problem, method: Method, inputs: dict, report_residual: b
     info["finite"] = finite & jnp.all(jnp.isfinite(value))
     info["hvp_forward_over_reverse"] = jnp.asarray(problem.hvp_mode == "forward_over_reverse")
     info["cross_forward_over_reverse"] = jnp.asarray(problem.cross_mode == "forward_over_reverse")
-    return value, {k: jnp.asarray(x) for k, x in info.items()}, v
+    return value, {k: jnp.asarray(x) for k, x in info.items()}, v, carry

@@ -43,13 +43,16 @@ class HypergradResult:
     the method solved; NaN where it solves none), ``hvp_count``, ``converged``, ``breakdown``
     and ``finite``, plus method-specific entries. ``solution``: the ``v ~ H^{-1} grad L_outer``
     the value was formed from (the methods that build one; None otherwise), what a warm start
-    passes to the next solve. It is a pytree of arrays, so a result passes through ``jax.jit``.
+    passes to the next solve. ``carry``: what else a method hands to its next call (CG's
+    ``power_vector``, its power iteration's last iterate, for the input ``v0``), a dict, or None. It
+    is a pytree of arrays, so a result passes through ``jax.jit``.
     """
 
     value: jax.Array
     info: dict[str, jax.Array]
     method: str = struct.field(pytree_node=False)
     solution: Any = None
+    carry: Any = None
 
     @property
     def ok(self) -> jax.Array:

@@ -257,18 +257,44 @@ def neumann_series(
 
 
 def power_iteration(
-    matvec: Callable[[PyTree], PyTree], like: PyTree, key: jax.Array, num_iters: int = 20
+    matvec: Callable[[PyTree], PyTree], like: PyTree, key: jax.Array, num_iters: int = 20, *, v0: PyTree | None = None,
+    tol: float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Largest-magnitude eigenvalue of symmetric ``A`` by power iteration from a random start."""
+    """Largest-magnitude eigenvalue of symmetric ``A`` by power iteration.
+
+    From a random start (``key``), or from ``v0`` (a warm start: the previous call's ``info["vector"]``;
+    a zero or non-finite ``v0`` falls back to the random start). ``tol=None``: ``num_iters``
+    iterations; else stop once the Rayleigh quotient's relative change between two iterations is at
+    most ``tol`` (at least two iterations, at most ``num_iters``). ``info``: ``matvecs`` and
+    ``vector``, the last normalised iterate ``A^k v0 / |A^k v0|``.
+    """
     v = otu.tree_random_like(key, like)
     v = otu.tree_scale(1.0 / otu.tree_norm(v), v)
+    if v0 is not None:
+        n0 = otu.tree_norm(v0)
+        usable = (n0 > 0) & jnp.isfinite(n0)
+        v = otu.tree_where(usable, otu.tree_scale(1.0 / jnp.where(usable, n0, 1.0), v0), v)
+    dtype = otu.tree_norm(v).dtype
 
-    def body(_, carry):
-        v, _ = carry
+    def step(v):
         av = matvec(v)
-        lam = otu.tree_vdot(v, av)
         n = otu.tree_norm(av)
-        return otu.tree_scale(1.0 / jnp.where(n > 0, n, 1.0), av), lam
+        return otu.tree_scale(1.0 / jnp.where(n > 0, n, 1.0), av), otu.tree_vdot(v, av)
 
-    v, lam = loops.fori_loop(0, num_iters, body, (v, jnp.zeros((), otu.tree_norm(v).dtype)), name="power iteration")
-    return lam, {"matvecs": jnp.asarray(num_iters)}
+    if tol is None:
+        v, lam = loops.fori_loop(0, num_iters, lambda _, c: step(c[0]), (v, jnp.zeros((), dtype)),
+                                 name="power iteration")
+        return lam, {"matvecs": jnp.asarray(num_iters), "vector": v}
+
+    def cond(carry):
+        k, _, lam, prev = carry
+        return (k < num_iters) & ((k < 2) | (jnp.abs(lam - prev) > tol * jnp.abs(lam)))
+
+    def body(carry):
+        k, v, lam, _ = carry
+        v, new = step(v)
+        return k + 1, v, new, lam
+
+    zero = jnp.zeros((), dtype)
+    k, v, lam, _ = loops.while_loop(cond, body, (jnp.zeros((), jnp.int32), v, zero, zero), name="power iteration")
+    return lam, {"matvecs": k, "vector": v}

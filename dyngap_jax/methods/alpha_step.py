@@ -113,7 +113,7 @@ def _identity(batch):
 
 def make_alpha_step(*, model, mm_loss: Callable, learned: LearnedAlpha, method: hypergrad.Method,
                     require_converged: bool = False, shardings=None, precision: str = "highest",
-                    warm_start: bool = False, prepare: Callable | None = None, donate: bool = False,
+                    warm_start: bool = False, warm_power: bool = False, prepare: Callable | None = None, donate: bool = False,
                     hvp_remat: str = "none", batch_norm: str = "batch", loop: str = "device",
                     progress: Callable | None = None):
     """``alpha_step(state, inner_batch, outer_batch, train_bn=True) -> (state, result, applied)``: Algorithm 1's
@@ -125,6 +125,9 @@ def make_alpha_step(*, model, mm_loss: Callable, learned: LearnedAlpha, method: 
     parameters and solve in float64, under ``jax.enable_x64(True)``; the run's resolved precision
     decides it, ``cfg.precision``). ``warm_start``: start the solve from
     ``state.alpha_solution`` (the last solution, non-finite entries replaced by 0) and keep the new one.
+    ``warm_power``: start the method's power iteration (input ``v0``) from
+    ``state.method_state["power_vector"]`` and keep its last iterate there (also when the step is not
+    applied: it is an estimate of the curvature's top direction either way).
     ``prepare``: the run's batch preparation (frames augmented on the device), traced inside the step;
     ``shardings = (state, batch, replicated)``; ``donate``: the input state's buffers are reused.
     ``hvp_remat``: :func:`dyngap_jax.hypergrad.alpha_hypergradient`'s (``config.alpha.hypergrad.remat``).
@@ -165,6 +168,8 @@ def make_alpha_step(*, model, mm_loss: Callable, learned: LearnedAlpha, method: 
             inputs["key"] = jax.random.fold_in(alpha_key(state), 2)
         if warm_start:
             inputs["x0"] = _cast(_finite_or_zero(state.alpha_solution), a.dtype)
+        if warm_power:
+            inputs["v0"] = _cast(_finite_or_zero(state.method_state["power_vector"]), a.dtype)
         res = hypergrad.alpha_hypergradient(cls_loss, inner_mm, outer_loss, work.params, a, method, hvp_remat=hvp_remat,
                                             **inputs)
         usable = res.ok if require_converged else res.info["finite"] & ~res.info["breakdown"]
@@ -178,7 +183,10 @@ def make_alpha_step(*, model, mm_loss: Callable, learned: LearnedAlpha, method: 
             new = new.replace(model_state=jax.lax.cond(train_bn, moved, lambda: state.model_state))
         if warm_start:
             new = new.replace(alpha_solution=_cast(_finite_or_zero(res.solution), jnp.float32))
-        return new, res.replace(solution=None), usable
+        if warm_power:
+            vector = _cast(_finite_or_zero(res.carry["power_vector"]), jnp.float32)
+            new = new.replace(method_state={**state.method_state, "power_vector": vector})
+        return new, res.replace(solution=None, carry=None), usable
 
     donate_argnums = (0,) if donate else ()
     if loop == "host":  # every phase reads the inputs with their shardings; the last returns the step's outputs

@@ -74,7 +74,7 @@ class LFM(Method):
         self.mm_loss = mm_loss_fn(cfg.loss.mm, cfg.model.modalities, cfg.loss.temperature, per_pair)
         self.scale = cfg.loss.scale
         self.fixed = None if self.learned_strategy else alpha_lib.fixed_strategy(acfg.strategy)
-        self.learned, self.estimator = None, None
+        self.learned, self.estimator, self.warm_power = None, None, False
         if self.learned_strategy:
             inner = acfg.inner_iters
             self.learned = learned_alpha(cfg, max(1, info.steps_per_epoch // inner) if inner else 1)
@@ -86,11 +86,21 @@ class LFM(Method):
             require = acfg.hypergrad.require_converged
             self.require_converged = self.estimator.exact if require is None else require
             self.warm_start = acfg.hypergrad.warm_start and "x0" in self.estimator.inputs
+            # the power iteration's last iterate kept for the next step, where the method runs one
+            self.warm_power = (acfg.hypergrad.warm_power and "v0" in self.estimator.inputs
+                               and bool(getattr(self.estimator, "relative", False)))
 
     def init_fields(self, params) -> dict:
         learned = self.learned or alpha_lib.LearnedAlpha(init=0.0)
         solution = jax.tree_util.tree_map(jnp.zeros_like, params) if self.learned and self.warm_start else None
         return {"alpha": learned.create(), "alpha_solution": solution, "method_state": self.init_state(params)}
+
+    def init_state(self, params):
+        """With ``alpha.hypergrad.warm_power``: ``{"power_vector": zeros like params}`` (a zero start is the cold
+        one), else None."""
+        if not self.warm_power:
+            return None
+        return {"power_vector": jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), params)}
 
     def loss(self, ctx: StepContext, params):
         out, model_state = ctx.forward(params)
@@ -196,7 +206,7 @@ class AlphaStep(Part):
         return make_alpha_step(model=run.model, mm_loss=lfm.mm_loss, learned=lfm.learned, method=lfm.estimator,
                                require_converged=lfm.require_converged, shardings=run.shardings(state),
                                precision="float64" if p.alpha_float64 else p.alpha_matmul,
-                               warm_start=lfm.warm_start, prepare=run.prepare, donate=donate,
+                               warm_start=lfm.warm_start, warm_power=lfm.warm_power, prepare=run.prepare, donate=donate,
                                hvp_remat=self.acfg.hypergrad.remat, batch_norm=self.acfg.batch_norm,
                                loop=resolve_loop(self.acfg.hypergrad.loop), progress=self._progress)
 

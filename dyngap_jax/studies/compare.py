@@ -148,11 +148,13 @@ def approximations(run: Run, pool) -> dict:
     }
 
 
-def _batches(run: Run, n):
-    """``n`` (inner, outer) pairs of the alpha step's batch size: train and validation batches, augmented, as
-    the model's inputs (what the alpha step's closures see once it has prepared the loader's batches)."""
-    inner = iter(run.loader("train", train=True, epoch=123, infinite=True, batch_size=run.batch.alpha))
-    outer = iter(run.loader("validation", train=True, epoch=456, infinite=True, batch_size=run.batch.alpha))
+def draw_pairs(run: Run, n: int, batch_size: int | None = None, epochs=(123, 456), splits=("train", "validation")):
+    """``n`` (inner, outer) pairs of ``batch_size`` (default: the alpha step's): train and validation batches,
+    augmented, as the model's inputs (what the alpha step's closures see once it has prepared the loader's
+    batches). ``epochs`` seed the two loaders' shuffles."""
+    size = run.batch.alpha if batch_size is None else batch_size
+    inner = iter(run.loader(splits[0], train=True, epoch=epochs[0], infinite=True, batch_size=size))
+    outer = iter(run.loader(splits[1], train=True, epoch=epochs[1], infinite=True, batch_size=size))
     ready = lambda b: jax.device_get(run.prepare_batch(b))
     return [(ready(next(inner)), ready(next(outer))) for _ in range(n)]
 
@@ -191,7 +193,7 @@ def compare_at(run: Run, state, *, batches: int = 3, reference: Reference = Refe
     """
     model, mm = run.model, _lfm(run).mm_loss
     precision = config_precision(run)
-    pairs = _batches(run, batches)
+    pairs = draw_pairs(run, batches)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     known = approximations(run, _pool(model, mm, state, pairs))
     unknown = sorted(set(methods or ()) - set(known))

@@ -79,7 +79,7 @@ class Estimator:
         return fn
 
     def __call__(self, inner, outer, repeats: int = 1, dynamic: Mapping[str, Any] | None = None) -> dict:
-        """Run on one batch pair. ``dynamic``: options passed as traced arrays (e.g. CG's ``maxiter``), so
+        """Run on one batch pair (once, then ``repeats`` timed times; 0: the first run is timed). ``dynamic``: options passed as traced arrays (e.g. CG's ``maxiter``), so
         one compilation serves every value; the same keys must be given on every call."""
         dynamic = {k: np.asarray(v) for k, v in (dynamic or {}).items()}
         with self._x64():
@@ -112,7 +112,7 @@ class Estimator:
             t0 = time.perf_counter()
             for _ in range(repeats):
                 res = jax.block_until_ready(self._compiled(*args))
-            run_s = (time.perf_counter() - t0) / repeats
+            run_s = (time.perf_counter() - t0) / repeats if repeats else warm_s
             if first:
                 self.compile_s = max(warm_s - run_s, 0.0)
             info = {k: (bool(v) if np.asarray(v).dtype == bool else float(v)) for k, v in jax.device_get(res.info).items()}

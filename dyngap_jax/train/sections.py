@@ -215,6 +215,8 @@ class HypergradConfig:
     precision: str = field("highest", Choice(*HYPERGRAD_PRECISIONS), "every matmul and convolution of the alpha step "
                            "(float64: its model and solve in float64)")
     warm_start: bool = field(False, Bool(), "start each solve from the last solution (kept in the train state)")
+    warm_power: bool = field(False, Bool(), "start the power iteration of a relative damping from the last step's "
+                             "top direction (kept in the train state); with the method's power_tol it stops early")
     remat: str = field("none", Choice(*REMAT_POLICIES), "what the forward pass under each HVP keeps")
     loop: str = field("auto", Choice("auto", "device", "host"), "where the solvers' iterations run: in one XLA "
                       "program (device) or one compiled iteration a call (host); auto: host on a CPU")
