@@ -703,3 +703,37 @@ def test_power_iteration_warm_start_and_tolerance():
     np.testing.assert_allclose(float(second.info["lambda_max"]), float(first.info["lambda_max"]), rtol=2e-3)
     assert bool(first.ok) and bool(second.ok)
     np.testing.assert_allclose(float(second.value), float(first.value), rtol=1e-2)
+
+
+def test_iterative_refinement_reaches_the_stated_precision_from_a_coarse_operator():
+    """CG's iterations on a bfloat16-rounded operator (a reduced precision a CPU does not have) with the residuals
+    at float32 (``true_matvec``): each restart is a round of iterative refinement, and the solve meets a tolerance
+    the coarse operator alone cannot (against numpy's float64 solve)."""
+    rng = np.random.default_rng(5)
+    q, _ = np.linalg.qr(rng.standard_normal((60, 60)))
+    A = (q * np.geomspace(1e-2, 1.0, 60)) @ q.T
+    b = rng.standard_normal(60)
+    exact = jnp.asarray(A, jnp.float32)
+    coarse = jnp.asarray(A, jnp.bfloat16)
+    true_mv = lambda v: exact @ v
+    fast_mv = lambda v: (coarse @ v.astype(jnp.bfloat16)).astype(jnp.float32)
+    bj = jnp.asarray(b, jnp.float32)
+    x_ref = np.linalg.solve(A, b)
+    alone, info = hypergrad.conjugate_gradient(fast_mv, bj, tol=1e-5, maxiter=500)
+    true_res = np.linalg.norm(b - A @ np.asarray(alone, np.float64)) / np.linalg.norm(b)
+    assert true_res > 1e-3  # the coarse operator's own solution is not the stated system's
+    x, info = hypergrad.conjugate_gradient(fast_mv, bj, tol=1e-5, maxiter=500, restarts=8, true_matvec=true_mv)
+    assert bool(info["converged"]) and float(info["residual"]) <= 1e-5 * 1.001
+    np.testing.assert_allclose(float(info["residual"]), np.linalg.norm(b - A @ np.asarray(x, np.float64))
+                               / np.linalg.norm(b), rtol=1e-2, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(x), x_ref, rtol=0, atol=1e-3 * np.abs(x_ref).max())
+    # through CG's option: a refined solve equals the one at the caller's precision within the tolerance
+    params, cls, mm = mlp_setup()
+    plain = hypergrad.alpha_hypergradient(cls, mm, cls, params, 0.3, "cg", tol=1e-5)
+    refined = hypergrad.alpha_hypergradient(cls, mm, cls, params, 0.3, "cg", tol=1e-5, krylov_precision="default")
+    assert bool(plain.ok) and bool(refined.ok)
+    np.testing.assert_allclose(float(refined.value), float(plain.value), rtol=1e-3)
+    with pytest.raises(ValueError, match="krylov_precision"):
+        hypergrad.make_method("cg", krylov_precision="float16")
+    with pytest.raises(ValueError, match="krylov_precision"):
+        hypergrad.make_method("cg", krylov_precision="default", scalar_tol=0.1)

@@ -132,3 +132,20 @@ def test_bfloat16_compute_keeps_float32_parameters_losses_and_a_float32_alpha_st
     _, m32 = run32.compile_steps(state, donate=False)[0](state, b)
     np.testing.assert_allclose(float(m["loss"]), float(m32["loss"]), rtol=3e-2)
     assert float(m["loss"]) != float(m32["loss"])
+
+
+def test_a_refined_alpha_step_iterates_at_the_reduced_precision_and_checks_at_highest():
+    """alpha.hypergrad.precision='refined': the step at highest, its CG's HVPs at the reduced precision."""
+    cfg = image_config("refined", conv=False)
+    run = setup(cfg, data=False, example=batch(2, False))
+    assert run.cfg.precision.alpha_matmul == "highest" and run.method.estimator.krylov_precision == "default"
+    state = run.create_train_state(jax.random.PRNGKey(0))
+    _, _, alpha_step = run.compile_steps(state, donate=False)
+    found = [prec for _, prec, r in ops(alpha_step.lower(state, batch(4, False), batch(4, False)).as_text())
+             if not re.search(r"tensor<f(32|64)>", r)]
+    assert found.count("DEFAULT, DEFAULT") > 20 and found.count("HIGHEST, HIGHEST") > 20, set(found)
+    for bad, match in ((("method", "minres"), "refines a CG"), (("options", {"scalar_tol": 0.1}), "scalar_tol")):
+        c = image_config("refined", conv=False)
+        setattr(c.alpha.hypergrad, *bad) if bad[0] == "method" else c.alpha.hypergrad.options.update(bad[1])
+        with pytest.raises(ValueError, match=match):
+            setup(c, data=False, example=batch(2, False))

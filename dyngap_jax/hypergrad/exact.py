@@ -35,6 +35,20 @@ def _lambda_max(matvec, like, iters: int, v0=None, tol=None):
     return jnp.abs(lam), info
 
 
+# the reduced precisions a CG's iterations may run at (``krylov_precision``); on a CPU all compute in float32
+KRYLOV_PRECISIONS = ("default", "high", "bfloat16", "tensorfloat32", "BF16_BF16_F32", "BF16_BF16_F32_X3",
+                     "TF32_TF32_F32", "TF32_TF32_F32_X3")
+
+
+def at_precision(fn, precision: str):
+    """``fn`` with every matmul and convolution it traces at ``precision`` (the caller's elsewhere)."""
+    def wrapped(*args):
+        with jax.default_matmul_precision(precision):
+            return fn(*args)
+
+    return wrapped
+
+
 @dataclasses.dataclass(frozen=True)
 class CG(Method):
     """IFT with ``H^{-1} g`` by conjugate gradient on Hessian-vector products, solved to ``tol``.
@@ -68,6 +82,14 @@ class CG(Method):
     rounding made CG stop early. Inputs: ``x0`` (warm start, the structure of ``params``), ``v0``,
     ``gn_model``.
 
+    ``krylov_precision`` (None: every operator application at the caller's matmul precision): the
+    power iteration and the CG iterations run their HVPs at this faster, less accurate precision
+    (``"default"``: TF32 on NVIDIA GPUs; a dot algorithm such as ``"BF16_BF16_F32_X3"``) while the
+    right-hand side ``H g``, every residual that decides convergence and the value stay at the
+    caller's: iterative refinement, ``refinements`` rounds at most (each a CG run on the true
+    residual, :func:`~dyngap_jax.hypergrad.solvers.conjugate_gradient`'s ``true_matvec``). The solve
+    is then as exact as the caller's precision makes it; only its iterations are cheaper.
+
     ``scalar_tol`` (None: the residual rule above) stops on the hypergradient itself instead: the
     solve ends when every entry is known to ``max(scalar_tol |value|, scalar_atol)``, certified by
     a Gauss-Radau bound on an adjoint-corrected estimate (:func:`~dyngap_jax.hypergrad.certified.bilinear_cg`:
@@ -93,6 +115,8 @@ class CG(Method):
     power_tol: float | None = None
     scalar_tol: float | None = None
     scalar_atol: float = 0.0
+    krylov_precision: str | None = None
+    refinements: int = 3
 
     def validate(self):
         self._choice("operator", CG_OPERATORS)
@@ -106,6 +130,13 @@ class CG(Method):
         self._number("power_tol", minimum=0.0, allow_none=True)
         self._number("scalar_tol", minimum=0.0, allow_none=True)
         self._number("scalar_atol", minimum=0.0)
+        self._number("refinements", integer=True, minimum=1)
+        if self.krylov_precision is not None:
+            self._choice("krylov_precision", KRYLOV_PRECISIONS)
+            if self.scalar_tol is not None:
+                self._fail("krylov_precision", "`krylov_precision` refines the residual rule's solve; the certified "
+                                               "stop (`scalar_tol`) bounds its error from the iterations' own scalars, "
+                                               "which a reduced precision would not keep: set one of them")
         if self.scalar_tol is not None:
             if self.operator not in ("normal", "gauss_newton"):
                 self._fail("scalar_tol", f"`scalar_tol` certifies the hypergradient on a system whose smallest "
@@ -153,24 +184,27 @@ class CG(Method):
             base = lambda v: vjp_fn(head_hvp(jvp_fn(v)))[0]
         else:
             base = hvp
+        fast = lambda f: f if self.krylov_precision is None else at_precision(f, self.krylov_precision)
         extra, lam, power = 0, jnp.asarray(jnp.nan), {}
         damping = self.damping_value
         if self.relative:
-            lam, pinfo = _lambda_max(base, g, self.power_iters, v0, self.power_tol)
+            lam, pinfo = _lambda_max(fast(base), g, self.power_iters, v0, self.power_tol)
             extra = pinfo["matvecs"]
             power = {"power_iterations": jnp.asarray(extra), "power_vector": pinfo["vector"]}
             damping = (damping * lam) ** 2 if self.operator == "normal" else damping * lam
         b, per_matvec = g, 1
         if self.operator == "normal":
-            matvec = damped(lambda v: hvp(hvp(v)), damping)
+            op = lambda v: hvp(hvp(v))
             b, per_matvec, extra = hvp(g), 2, extra + 1
         else:
-            matvec = damped(base, damping)
+            op = base
+        matvec = damped(op, damping)
         if self.scalar_tol is not None:
             x, info = self._certified(problem, matvec, b, x0, damping, per_matvec, extra, lam)
             return x, {**info, **power}
-        x, info = conjugate_gradient(matvec, b, x0, tol=self.tol, atol=self.atol, maxiter=self.maxiter,
-                                     restarts=self.restarts, scale_x0=True)
+        restarts, true = (self.restarts, None) if self.krylov_precision is None else (self.refinements, matvec)
+        x, info = conjugate_gradient(damped(fast(op), damping), b, x0, tol=self.tol, atol=self.atol,
+                                     maxiter=self.maxiter, restarts=restarts, scale_x0=True, true_matvec=true)
         info = {**info, **power}
         info["hvp_count"] = info.pop("matvecs") * per_matvec + extra
         info["damping"] = jnp.asarray(damping)

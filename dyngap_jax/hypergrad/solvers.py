@@ -39,6 +39,7 @@ def conjugate_gradient(
     maxiter: int = 100,
     restarts: int = 0,
     scale_x0: bool = False,
+    true_matvec: Callable[[PyTree], PyTree] | None = None,
 ) -> tuple[PyTree, dict[str, jax.Array]]:
     """Solve ``A x = b`` by conjugate gradient; ``A`` (given as ``matvec``) should be symmetric positive definite.
 
@@ -49,6 +50,12 @@ def conjugate_gradient(
     drifted from the true one ``b - A x`` by rounding, common on ill-conditioned systems, or
     ``maxiter`` ran out), start again from ``x`` with the true residual, up to this many times (each
     restart may take ``maxiter`` more iterations).
+
+    ``true_matvec``: the operator the system is stated with, where ``matvec`` is a cheaper, less
+    accurate application of it (a reduced matmul precision): the iterations use ``matvec``; every
+    starting residual and the final true residual, which decides ``converged``, use ``true_matvec``,
+    so each restart is a round of iterative refinement (the correction solved at the fast precision,
+    the residual it corrects at the stated one).
 
     Stops when the recursive ``|r| <= MARGIN max(tol |b|, atol)`` (see :data:`MARGIN`), after
     ``maxiter`` iterations, or on breakdown: a search direction with ``p^T A p <= 0`` (the operator
@@ -62,7 +69,8 @@ def conjugate_gradient(
     """
     if restarts < 0:
         raise ValueError(f"conjugate_gradient: `restarts` must be >= 0, got {restarts}")
-    x, info = _cg_run(matvec, b, x0, tol, atol, maxiter, scale_x0)
+    true_matvec = true_matvec or matvec
+    x, info = _cg_run(matvec, b, x0, tol, atol, maxiter, scale_x0, true_matvec)
     if restarts == 0:
         return x, info
 
@@ -73,7 +81,7 @@ def conjugate_gradient(
 
     def body(carry):
         n, x, inf = carry
-        x_new, again = _cg_run(matvec, b, x, tol, atol, maxiter)
+        x_new, again = _cg_run(matvec, b, x, tol, atol, maxiter, False, true_matvec)
         merged = {**again, "iterations": inf["iterations"] + again["iterations"],
                   "matvecs": inf["matvecs"] + again["matvecs"]}
         return n + 1, x_new, merged
@@ -82,7 +90,8 @@ def conjugate_gradient(
     return x, info
 
 
-def _cg_run(matvec, b, x0, tol, atol, maxiter, scale_x0=False):
+def _cg_run(matvec, b, x0, tol, atol, maxiter, scale_x0=False, true_matvec=None):
+    true_matvec = true_matvec or matvec
     b_norm = otu.tree_norm(b)
     threshold = jnp.maximum(tol * b_norm, atol)
     if x0 is None:
@@ -90,7 +99,7 @@ def _cg_run(matvec, b, x0, tol, atol, maxiter, scale_x0=False):
         r0 = b
         initial_matvecs = 0
     else:
-        ax0 = matvec(x0)
+        ax0 = true_matvec(x0)
         if scale_x0:  # c x0 with c = argmin |b - c A x0|: a start never worse than 0 in residual
             aa = otu.tree_vdot(ax0, ax0)
             c = jnp.where((aa > 0) & jnp.isfinite(aa), otu.tree_vdot(b, ax0) / jnp.where(aa > 0, aa, 1.0), 0.0)
@@ -129,7 +138,7 @@ def _cg_run(matvec, b, x0, tol, atol, maxiter, scale_x0=False):
     init = (jnp.zeros((), jnp.int32), x0, r0, r0, rr0, ~jnp.isfinite(rr0), jnp.zeros((), bool))
     k, x, _, _, _, broke, nonpositive = loops.while_loop(cond, body, init, name="cg")
 
-    true_r = otu.tree_sub(b, matvec(x))
+    true_r = otu.tree_sub(b, true_matvec(x))
     r_norm = otu.tree_norm(true_r)
     rel = jnp.where(b_norm > 0, r_norm / jnp.where(b_norm > 0, b_norm, 1.0), r_norm)
     # The recursive residual CG stops on drifts from the true one by rounding; allow 0.1 %.

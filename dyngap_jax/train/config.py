@@ -154,6 +154,12 @@ def _check_alpha(cfg: Config) -> Config:
         estimator = hypergrad.method_from_config({"method": h.method, "options": h.options})
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if h.precision == "refined":  # the step at highest, its CG's iterations at the reduced precision
+        if not isinstance(estimator, hypergrad.CG) or estimator.scalar_tol is not None:
+            raise ConfigError(f"config.alpha.hypergrad.precision='refined' refines a CG solve stopped on its "
+                              f"residual; config.alpha.hypergrad.method={h.method!r}"
+                              + (" with options.scalar_tol set" if isinstance(estimator, hypergrad.CG) else ""))
+        estimator = dataclasses.replace(estimator, krylov_precision=estimator.krylov_precision or "default")
     return dataclasses.replace(cfg, alpha=dataclasses.replace(a, hypergrad=dataclasses.replace(h, estimator=estimator)))
 
 
@@ -194,7 +200,7 @@ def resolve_precision(cfg: Config) -> Precision:
                               "(or run inside jax.enable_x64(True))")
     alpha_float64 = float64 or h.precision == "float64"
     return Precision(compute_dtype=t.compute_dtype, matmul=t.matmul_precision, alpha_float64=alpha_float64,
-                     alpha_matmul="highest" if alpha_float64 else h.precision,
+                     alpha_matmul="highest" if alpha_float64 or h.precision == "refined" else h.precision,
                      alpha_dtype="float64" if float64 or cfg.alpha.learned.precision == "float64" else "float32",
                      x64=float64)
 

@@ -38,9 +38,10 @@ from dyngap_jax.train.fields import (
 
 # matmul / convolution precisions (jax.default_matmul_precision): "default" is the backend's (TF32 for float32 on
 # NVIDIA GPUs), "highest" full float32; the 3-pass dot algorithms reach about 1e-5 on matmuls but leave
-# convolutions at the default; the alpha step may also run its model and solve in "float64"
+# convolutions at the default; the alpha step may also run its model and solve in "float64", or "refined": at
+# "highest" with its CG's iterations at a reduced precision (iterative refinement; see hypergrad.CG.krylov_precision)
 MATMUL_PRECISIONS = ("default", "high", "highest", "BF16_BF16_F32_X3", "TF32_TF32_F32_X3")
-HYPERGRAD_PRECISIONS = MATMUL_PRECISIONS + ("float64",)
+HYPERGRAD_PRECISIONS = MATMUL_PRECISIONS + ("float64", "refined")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "none")
 
@@ -213,7 +214,8 @@ class HypergradConfig:
     require_converged: bool | None = field(None, Maybe(Bool()), "apply only converged solves (None: the method's "
                                            "`exact`)")
     precision: str = field("highest", Choice(*HYPERGRAD_PRECISIONS), "every matmul and convolution of the alpha step "
-                           "(float64: its model and solve in float64)")
+                           "(float64: its model and solve in float64; refined: highest, with CG's iterations at "
+                           "its krylov_precision, default 'default', and iterative refinement)")
     warm_start: bool = field(False, Bool(), "start each solve from the last solution (kept in the train state)")
     warm_power: bool = field(False, Bool(), "start the power iteration of a relative damping from the last step's "
                              "top direction (kept in the train state); with the method's power_tol it stops early")
