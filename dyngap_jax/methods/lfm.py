@@ -320,7 +320,8 @@ class AlphaStep(Part):
 
 
 def alpha_diagnostics(hyper_log: list[dict]) -> dict:
-    """An epoch's alpha steps: how many, converged, skipped; iterations, HVPs, residuals, damping."""
+    """An epoch's alpha steps: how many, converged, skipped; iterations, HVPs, residuals, damping, and the power
+    iterations and ``|lambda|_max`` of a relative damping."""
     if not hyper_log:
         return {}
     finite = lambda k: [h[k] for h in hyper_log if k in h and np.isfinite(h[k])]
@@ -335,6 +336,9 @@ def alpha_diagnostics(hyper_log: list[dict]) -> dict:
         out.update(hypergrad_residual=float(np.mean(residuals)), hypergrad_residual_max=float(np.max(residuals)))
     if finite("damping"):
         out["hypergrad_damping"] = float(np.mean(finite("damping")))
+    if finite("power_iterations"):  # a relative damping's |lambda|_max: its cost and its value
+        out["hypergrad_power_iterations"] = float(np.mean(finite("power_iterations")))
+        out["hypergrad_lambda_max"] = float(np.mean(finite("lambda_max")))
     bounds = finite("bound_relative")
     if bounds:
         out.update(hypergrad_bound=float(np.mean(bounds)), hypergrad_bound_max=float(np.max(bounds)))

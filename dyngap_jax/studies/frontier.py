@@ -168,7 +168,7 @@ def plot(result: dict, path: str, title: str) -> None:
             ax.loglog([conf[key]], [conf["total"]], "*", color=c, ms=10)
             ax.axhline(conf["sampling"], color=c, ls=":", lw=0.8)
         ax.set_xlabel(label)
-        ax.set_ylabel("total error vs large-sample reference")
+    axes[0].set_ylabel("total error vs large-sample reference")
     axes[0].legend(fontsize=6, ncol=2)
     fig.suptitle(f"{title} (star: the config's stop; dotted: sampling error)", fontsize=9)
     save_figure(fig, path)
