@@ -76,6 +76,7 @@ def apply_method(c: ml_collections.ConfigDict, arg: str) -> ml_collections.Confi
     elif name in ("ours_lb", "ours_lb_vector"):
         c.alpha.strategy = "learned"
         c.alpha.learned.per_pair = name == "ours_lb_vector"
+        c.alpha.hypergrad.warm_power = True  # a relative damping's power iteration from the last step's (issue 25)
     elif name == "lfm_code":
         c.alpha.strategy = "learned"
         c.loss.mm = "js"

@@ -4,11 +4,13 @@
     python -m scripts.bench_alpha_overhead --cases=cremad --av_size=16 --alpha_repeats=0 --trained_steps=100
                                              # CPU: does the default converge at the CREMA-D architecture (~1 h)
     python -m scripts.bench_alpha_overhead --cases=cremad --av_size=224 --av_batch=64    # on a GPU: the paper's shapes
+    python -m scripts.bench_alpha_overhead --cases=cremad --av_size=224 --av_batch=64 --precisions=highest,refined \
+        --frontier=False                     # on a GPU: the refined step (CG's iterations at TF32) beside highest
     python -m scripts.bench_alpha_overhead --cases=avmnist --points=initialisation --alpha_repeats=0 --repeats=1
                                              # CPU: the exact step at AV-MNIST's narrow variant, as it is today
 
 For each case the config's ``ours_lb`` (the training default: CG on the normal equations damped by
-``(1e-2 |lambda|_max)^2``, solved to the 1e-3 relative residual, warm start available) runs on synthetic
+``(0.1 |lambda|_max)^2``, solved to the 1e-3 relative residual, warm start available) runs on synthetic
 batches with a class signal, at initialisation and after ``--trained_steps`` train steps:
 
 * the train step's time (batch ``B``), and the alpha step's on 8 + 8 examples (the authors' setting)
@@ -51,6 +53,8 @@ flags.DEFINE_integer("alpha_repeats", 1, "Timed alpha steps per measurement (aft
 flags.DEFINE_integer("av_size", 64, "CREMA-D case: spectrogram and frame height/width (the paper: 257x299, 224).")
 flags.DEFINE_integer("av_batch", 8, "CREMA-D case: the train batch (the paper: 64; CPU: keep small).")
 flags.DEFINE_bool("frontier", True, "mfeat: error against the float64 reference over iteration budgets.")
+flags.DEFINE_list("precisions", ["config"], "alpha.hypergrad.precision of the measured alpha steps, side by side "
+                  "(config: the case's; e.g. highest,refined on a GPU: refined runs CG's iterations at TF32).")
 
 STEPS_PER_EPOCH = {"mfeat": 21, "cremad": 105, "avmnist": 38}
 
@@ -92,10 +96,12 @@ def timed(fn, repeats):
     return (time.perf_counter() - t0) / repeats, out
 
 
-def measure(name: str) -> list[dict]:
+def measure(name: str, precision: str = "config") -> list[dict]:
     cfg, batch = case(name)
     with cfg.unlocked():
         cfg.alpha.hypergrad.warm_start = True  # measured against cold starts below
+        if precision != "config":
+            cfg.alpha.hypergrad.precision = precision
     run = setup(cfg, data=False, example=batch(2, 0), steps_per_epoch=STEPS_PER_EPOCH[name])
     B = run.batch.train
     state = run.create_train_state(jax.random.PRNGKey(0))
@@ -134,13 +140,13 @@ def measure(name: str) -> list[dict]:
                 t_alpha, (_, res, applied) = timed(lambda: alpha_step(st, inner, outer), FLAGS.alpha_repeats)
                 info = jax.device_get(res.info)
                 k = k_default if n == run.batch.alpha else 1
-                rows.append({"case": name, "point": point, "alpha batch": label, "start": start,
+                rows.append({"case": name, "precision": cfg.alpha.hypergrad.precision, "point": point, "alpha batch": label, "start": start,
                              "converged": bool(info["converged"]), "iterations": int(info["iterations"]),
                              "HVPs": int(info["hvp_count"]), "residual": float(info["residual"]),
                              "alpha step s": t_alpha, "train steps": t_alpha / t_train, "k": k,
                              "epoch ratio": 1 + k * t_alpha / (run.steps_per_epoch * t_train),
                              "compile s": compile_s[n], "train step s": t_train})
-    if name == "mfeat" and FLAGS.frontier:
+    if name == "mfeat" and FLAGS.frontier and precision == FLAGS.precisions[0]:
         rows += frontier(run, state, batch, t_train)
     return rows
 
@@ -190,16 +196,17 @@ def main(argv):
     if unknown:
         raise SystemExit(f"--points: {unknown} are not 'initialisation' or 'after training'")
     for name in FLAGS.cases:
-        rows += measure(name)
+        for precision in FLAGS.precisions:
+            rows += measure(name, precision)
     dev = jax.devices()[0]
     print(f"\n{dev.platform} ({dev.device_kind}); CREMA-D case at {FLAGS.av_size} px, batch {FLAGS.av_batch}; "
           f"epoch ratio = (S train steps + k alpha steps) / S train steps, S = {STEPS_PER_EPOCH}")
-    head = (f"{'case':<7} {'point':<15} {'alpha batch':<16} {'start':<18} {'conv.':<5} {'iter.':>6} {'HVPs':>6} "
+    head = (f"{'case':<7} {'precision':<9} {'point':<15} {'alpha batch':<16} {'start':<18} {'conv.':<5} {'iter.':>6} {'HVPs':>6} "
             f"{'residual':>9} {'alpha s':>8} {'x train step':>12} {'k':>3} {'epoch ratio':>11} {'compile s':>9}")
     print(head + "\n" + "-" * len(head))
     for r in rows:
         if "point" in r:
-            print(f"{r['case']:<7} {r['point']:<15} {r['alpha batch']:<16} {r['start']:<18} {str(r['converged']):<5} "
+            print(f"{r['case']:<7} {r['precision']:<9} {r['point']:<15} {r['alpha batch']:<16} {r['start']:<18} {str(r['converged']):<5} "
                   f"{r['iterations']:>6} {r['HVPs']:>6} {r['residual']:>9.2e} {r['alpha step s']:>8.3f} "
                   f"{r['train steps']:>12.1f} {r['k']:>3} {r['epoch ratio']:>11.2f} {r['compile s']:>9.1f}")
     section(rows, "mfeat damping", "mfeat, 8 + 8 examples after training: the relative damping rho of the stated "

@@ -10,7 +10,9 @@ estimate, the one training applies), and after each of --corrected_budgets itera
 adjoint-corrected estimate. Each is compared with its pair's converged float64 solve (solver error)
 and with the large-sample float64 reference, the same system on --reference_inner train examples and
 the whole validation split (total error); the pair's converged solve against the reference is the
-sampling error. Output: results.md (a table per point), results.json, frontier_step<N>.png.
+sampling error. --other_dampings solves the large-sample reference of other relative dampings rho too, to set
+the config's damping against: how far the stated system moves the value, beside how far the batch does.
+Output: results.md (a table per point), results.json, frontier_step<N>.png.
 """
 import os
 
@@ -29,6 +31,8 @@ flags.DEFINE_integer("pairs", 4, "Inner/outer pairs per batch size.")
 flags.DEFINE_list("budgets", ["3", "10", "30", "100"], "CG iterations of the primal estimate.")
 flags.DEFINE_list("corrected_budgets", ["3", "10", "30"], "CG iterations of the adjoint-corrected estimate.")
 flags.DEFINE_integer("reference_inner", 1024, "Train examples in the large-sample reference.")
+flags.DEFINE_list("other_dampings", [], "Relative dampings rho of other systems: their large-sample value beside "
+                  "the config's (how far the stated system moves it).")
 flags.mark_flags_as_required(["config", "workdir", "out_dir"])
 FLAGS = flags.FLAGS
 
@@ -41,10 +45,18 @@ def _ints(name):
     return tuple(int(v) for v in values)
 
 
+def _floats(name):
+    try:
+        return [float(v) for v in getattr(FLAGS, name) or []]
+    except ValueError:
+        raise app.UsageError(f"--{name}: numbers, got {getattr(FLAGS, name)}") from None
+
+
 def main(argv):
     del argv
     spec = frontier.FrontierSpec(batch_sizes=_ints("batch_sizes"), pairs=FLAGS.pairs, budgets=_ints("budgets"),
-                                 corrected_budgets=_ints("corrected_budgets"), reference_inner=FLAGS.reference_inner)
+                                 corrected_budgets=_ints("corrected_budgets"), reference_inner=FLAGS.reference_inner,
+                                 other_dampings=tuple(_floats("other_dampings")))
     try:
         spec.validate()
     except ValueError as e:

@@ -175,6 +175,9 @@ def test_a_run_folder_written_before_the_method_interface_evaluates_and_resumes_
         recorded = json.load(f)
     assert "balance" not in recorded and "preempt_signal" not in recorded["train"]
     recorded["data_dir"] = tiny_records  # the records it was trained on, made anew (the same bytes)
+    # the system its options left to the defaults of their day (before issue 25): rho 1e-2, 20 power iterations
+    # from a cold start; a recorded None now means the new defaults, so the run states the old ones to resume exactly
+    recorded["alpha"]["hypergrad"]["options"].update({"damping": 1e-2, "power_tol": 0.0})
     with open(path, "w") as f:
         json.dump(recorded, f)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None)
@@ -192,11 +195,15 @@ def test_a_run_folder_written_before_the_method_interface_evaluates_and_resumes_
     with cfg.unlocked():
         cfg.alpha.hypergrad.warm_start = True
         cfg.alpha.hypergrad.loop = "device"  # the old code's solver loops (host-driven ones round otherwise)
+        # the old code's system (before issue 25's defaults): rho 1e-2, 20 power iterations from a cold start
+        cfg.alpha.hypergrad.warm_power = False
+        cfg.alpha.hypergrad.options.update({"damping": 1e-2, "power_tol": 0.0})
     resumed = train(cfg, workdir)
     fresh = train(cfg, str(tmp_path / "fresh"))
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
     for ha, hb in zip(resumed["history"], fresh["history"]):
-        assert ha.keys() == hb.keys()
+        # epoch 1 is the old code's record: it lacks only the diagnostics added since (issue 25's power iteration)
+        assert set(hb) - set(ha) <= {"hypergrad_power_iterations", "hypergrad_lambda_max"} and set(ha) <= set(hb)
         for k in ha:
             np.testing.assert_allclose(ha[k], hb[k], rtol=1e-6, err_msg=k)
     np.testing.assert_allclose(resumed["final_alpha"], fresh["final_alpha"], rtol=1e-6)

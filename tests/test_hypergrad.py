@@ -611,7 +611,7 @@ def _numpy_normal_solve(cls, mm, outer, params, a, damping):
 
 @pytest.mark.parametrize("problem", ["quadratic", "mlp"])
 def test_default_solve_converges_to_its_stated_system(problem):
-    """CG's defaults: the normal equations damped by (1e-2 |lambda|_max)^2, solved to the 1e-3 residual."""
+    """CG's defaults: the normal equations damped by (0.1 |lambda|_max)^2, solved to the 1e-3 residual."""
     if problem == "quadratic":
         P = QuadraticBilevel.random(12, seed=0, condition=1e3)
         cls, mm, outer, params, a = P.cls_loss, P.mm_loss, P.outer_loss, P.pack(P.solution(0.3)), 0.3
@@ -623,9 +623,11 @@ def test_default_solve_converges_to_its_stated_system(problem):
     assert bool(res.ok) and float(info["residual"]) <= 1e-3
     ref, H, v, unravel = _numpy_normal_solve(cls, mm, outer, params, a, float(info["damping"]))
     lam = np.max(np.abs(np.linalg.eigvalsh(H)))
-    # the stated system: d = (rho |lambda|_max)^2, lambda_max from 20 power iterations (within 1 %)
-    np.testing.assert_allclose(float(info["lambda_max"]), lam, rtol=1e-2)
-    np.testing.assert_allclose(float(info["damping"]), (1e-2 * float(info["lambda_max"])) ** 2, rtol=1e-12)
+    # the stated system: d = (rho |lambda|_max)^2, |lambda|_max from at most 20 power iterations, stopped when it
+    # changes by less than 5 % (a Rayleigh quotient: never above the top |eigenvalue|)
+    assert 0.5 * lam <= float(info["lambda_max"]) <= lam * (1 + 1e-5)
+    assert 2 <= int(info["power_iterations"]) <= 20
+    np.testing.assert_allclose(float(info["damping"]), (0.1 * float(info["lambda_max"])) ** 2, rtol=1e-12)
     # solved to the tolerance: the value is that system's, to the accuracy a 1e-3 residual allows
     cond = (lam**2 + float(info["damping"])) / float(info["damping"])
     assert abs(float(res.value) - ref) <= 1e-3 * cond * abs(ref)

@@ -45,7 +45,9 @@ class FrontierSpec:
     """What :func:`frontier_at` measures. ``reference_inner``: train examples in the large-sample reference
     (capped at the training split); its outer batch is the whole validation split. ``budgets``: CG
     iterations of the primal estimate; ``corrected_budgets``: of the adjoint-corrected one (empty: not run).
-    ``tol``/``maxiter``: the converged solves' (the reference's and each pair's)."""
+    ``tol``/``maxiter``: the converged solves' (the reference's and each pair's). ``other_dampings``: relative
+    dampings rho of other systems whose large-sample reference is also solved, to set the config's damping
+    against (how far another rho moves the value, beside how far the alpha batch moves it)."""
 
     batch_sizes: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
     pairs: int = 4
@@ -54,6 +56,7 @@ class FrontierSpec:
     reference_inner: int = 1024
     tol: float = 1e-10
     maxiter: int = 10_000
+    other_dampings: tuple[float, ...] = ()
 
     def validate(self) -> None:
         for name in ("batch_sizes", "budgets", "corrected_budgets"):
@@ -64,6 +67,8 @@ class FrontierSpec:
             raise ValueError("frontier: `batch_sizes` and `budgets` need at least one value each")
         if self.pairs < 2:
             raise ValueError(f"frontier: `pairs` must be at least 2 (errors are spreads over pairs), got {self.pairs}")
+        if any(not rho > 0 for rho in self.other_dampings):
+            raise ValueError(f"frontier: `other_dampings` must be positive, got {list(self.other_dampings)}")
         if self.reference_inner < max(self.batch_sizes):
             raise ValueError(f"frontier: `reference_inner`={self.reference_inner} is smaller than the largest alpha "
                              f"batch {max(self.batch_sizes)}")
@@ -114,7 +119,14 @@ def frontier_at(run: Run, state, spec: FrontierSpec = FrontierSpec(), log=print)
     ref = Estimator(model, mm, state, "cg", converged, "float64", loop=loop)(*big, repeats=0)
     reference = ref["value"]
     out = {"reference": {"value": np.asarray(reference).tolist(), "info": ref["info"], "inner": inner_n,
-                         "outer": outer_n}, "rows": []}
+                         "outer": outer_n}, "rows": [], "other_dampings": []}
+    for rho in spec.other_dampings:  # the same data, another stated system
+        other = Estimator(model, mm, state, "cg", {**converged, "damping": rho, "damping_mode": "relative"}, "float64",
+                          loop=loop)(*big, repeats=0)
+        shift = _norm(np.asarray(other["value"]) - np.asarray(reference)) / max(_norm(reference), 1e-300)
+        out["other_dampings"].append({"rho": rho, "value": np.asarray(other["value"]).tolist(), "difference": shift,
+                                      "iterations": other["info"]["iterations"], "hvps": other["info"]["hvp_count"]})
+        log(f"  rho {rho:g}: large-sample value {np.asarray(other['value'])}, {shift:.3g} relative to the config's")
     for bs in spec.batch_sizes:
         pairs = draw_pairs(run, spec.pairs, bs, epochs=(1000 + bs, 2000 + bs))
         exact = Estimator(model, mm, state, "cg", converged, "float64", loop=loop)
@@ -185,14 +197,22 @@ def run_frontier(config, workdir: str, out_dir: str, points: Sequence[int], spec
     for p in points:
         train(config, workdir, max_steps=int(p))
         run, state, step = load_run_state(config, workdir, "latest")
+        if step != int(p):
+            raise ValueError(f"frontier: the run in {workdir} is at step {step}, past {p}, and its checkpoint there is "
+                             "gone; use a new --workdir (points in increasing order)")
         res = frontier_at(run, state, spec)
         png = f"frontier_step{step}.png"
         plot(res, os.path.join(out_dir, png), f"{config.dataset}, step {step}")
         r = res["reference"]
+        rho = config_method(run).damping_value
         report += [f"## After {step} training steps", "",
                    f"Reference: {r['inner']} train + {r['outer']} validation examples, value "
-                   f"{np.array2string(np.asarray(r['value']), precision=5)}, {r['info']['iterations']:.0f} iterations, "
-                   f"residual {r['info']['residual']:.1e}.", "", markdown(res), "", f"![frontier]({png})", ""]
+                   f"{np.array2string(np.asarray(r['value']), precision=5)} (rho {rho:g}), {r['info']['iterations']:.0f} "
+                   f"iterations, residual {r['info']['residual']:.1e}, damping {r['info']['damping']:.3g}."]
+        report += [f"The same data at rho {o['rho']:g}: {np.array2string(np.asarray(o['value']), precision=5)}, "
+                   f"{o['difference']:.3g} of the reference's magnitude away ({o['iterations']:.0f} iterations)."
+                   for o in res["other_dampings"]]
+        report += ["", markdown(res), "", f"![frontier]({png})", ""]
         results[str(step)] = res
         atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1, default=float))
         atomic_write_text(os.path.join(out_dir, "results.md"), "\n".join(report) + "\n")
