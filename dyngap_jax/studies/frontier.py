@@ -8,7 +8,8 @@ hypergradient of the same damped system over much more data, has two parts:
   reference**: the same method's system on a large train batch (inner) and the whole validation split
   (outer), in float64, converged;
 * **solver error**: the step's estimate (at the run's precision, stopped after ``k`` iterations, or by
-  the config's own rule) against its pair's converged solve.
+  the config's own rule) against its pair's converged solve of the system the estimate states (the
+  damping its power iteration gave, in float64).
 
 :func:`frontier_at` measures both for several alpha batch sizes and iteration budgets, over several
 pairs each, for two estimators of the same system: the primal one the training step applies
@@ -129,18 +130,23 @@ def frontier_at(run: Run, state, spec: FrontierSpec = FrontierSpec(), log=print)
         log(f"  rho {rho:g}: large-sample value {np.asarray(other['value'])}, {shift:.3g} relative to the config's")
     for bs in spec.batch_sizes:
         pairs = draw_pairs(run, spec.pairs, bs, epochs=(1000 + bs, 2000 + bs))
-        exact = Estimator(model, mm, state, "cg", converged, "float64", loop=loop)
-        exacts = [exact(i, o, repeats=0) for i, o in pairs]
-        ex_values = [r["value"] for r in exacts]
         primal = Estimator(model, mm, state, "cg", {**options, "restarts": 0}, None, precision, loop)
         corrected = Estimator(model, mm, state, "cg", {**options, "scalar_tol": 0.0}, None, precision, loop)
         runs = [("primal", f"config (tol {options['tol']:g})", primal, {"maxiter": options["maxiter"],
                                                                          "tol": options["tol"]})]
         runs += [("primal", f"{k} iterations", primal, {"maxiter": k, "tol": 0.0}) for k in spec.budgets]
         runs += [("corrected", f"{k} iterations", corrected, {"maxiter": k}) for k in spec.corrected_budgets]
+        ex_values = None
         for kind, budget, est, dyn in runs:
             res = [est(i, o, repeats=1, dynamic={k: np.asarray(v, np.int32 if k == "maxiter" else np.float32)
                                                  for k, v in dyn.items()}) for i, o in pairs]
+            if ex_values is None:
+                # each pair's exact value: the system its estimates state (the damping their power iteration gave,
+                # the same for every budget), solved in float64, so the solver error is the solve's alone
+                exact = Estimator(model, mm, state, "cg", {**converged, "damping_mode": "absolute"}, "float64",
+                                  loop=loop)
+                ex_values = [exact(i, o, repeats=0, dynamic={"damping": np.float64(r["info"]["damping"])})["value"]
+                             for (i, o), r in zip(pairs, res)]
             hvps = float(np.mean([r["info"]["hvp_count"] for r in res]))
             row = {"batch": bs, "estimate": kind, "budget": budget, "hvps": hvps, "example_hvps": hvps * 2 * bs,
                    "iterations": float(np.mean([r["info"]["iterations"] for r in res])),
