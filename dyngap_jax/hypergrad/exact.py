@@ -69,8 +69,8 @@ class CG(Method):
     ``power_iters`` steps of power iteration (reported as ``info["lambda_max"]``); with
     ``"absolute"`` it is ``d`` or ``mu`` itself. ``None``: 0.1 relative or 1e-4 absolute for
     ``normal`` and ``damped``, 0 for ``plain`` and ``gauss_newton`` (0.1: issue 25's error budget,
-    ``docs/benchmarks.md``; with 1e-2, the default before, a solve took ~7x the HVPs for a value
-    that moves less between the two than from one alpha batch to the next). ``info["damping"]`` is the
+    ``docs/benchmarks.md``: with 1e-2, the default before, a solve took ~6x the HVPs, and the two
+    values differ about as much as one alpha batch's from another's). ``info["damping"]`` is the
     absolute value the stated system used.
 
     ``power_iters``: the power iteration's most iterations; ``power_tol`` (0: all of them) stops it
