@@ -149,3 +149,7 @@ def test_a_refined_alpha_step_iterates_at_the_reduced_precision_and_checks_at_hi
         setattr(c.alpha.hypergrad, *bad) if bad[0] == "method" else c.alpha.hypergrad.options.update(bad[1])
         with pytest.raises(ValueError, match=match):
             setup(c, data=False, example=batch(2, False))
+    c = image_config("float64", conv=False)  # a float32 precision inside a float64 step is refused by name
+    c.alpha.hypergrad.options.krylov_precision = "default"
+    with pytest.raises(ValueError, match="krylov_precision.*float64"):
+        setup(c, data=False, example=batch(2, False))

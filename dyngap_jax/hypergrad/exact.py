@@ -135,6 +135,10 @@ class CG(Method):
         self._number("refinements", integer=True, minimum=1)
         if self.krylov_precision is not None:
             self._choice("krylov_precision", KRYLOV_PRECISIONS)
+            if self.operator == "gauss_newton":
+                self._fail("krylov_precision", "`krylov_precision` with operator='gauss_newton': its Jacobian "
+                                               "products are linearised once, at the caller's precision, so only "
+                                               "the loss head's HVP would run faster; use operator='normal'")
             if self.scalar_tol is not None:
                 self._fail("krylov_precision", "`krylov_precision` refines the residual rule's solve; the certified "
                                                "stop (`scalar_tol`) bounds its error from the iterations' own scalars, "
@@ -190,7 +194,8 @@ class CG(Method):
         extra, lam, power = 0, jnp.asarray(jnp.nan), {}
         damping = self.damping_value
         if self.relative:
-            lam, pinfo = _lambda_max(fast(base), g, self.power_iters, v0, self.power_tol or None)
+            tol = None if not is_tracer(self.power_tol) and self.power_tol == 0 else self.power_tol
+            lam, pinfo = _lambda_max(fast(base), g, self.power_iters, v0, tol)
             extra = pinfo["matvecs"]
             power = {"power_iterations": jnp.asarray(extra), "power_vector": pinfo["vector"]}
             damping = (damping * lam) ** 2 if self.operator == "normal" else damping * lam

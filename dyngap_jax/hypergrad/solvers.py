@@ -293,7 +293,7 @@ def power_iteration(
     if tol is None:
         v, lam = loops.fori_loop(0, num_iters, lambda _, c: step(c[0]), (v, jnp.zeros((), dtype)),
                                  name="power iteration")
-        return lam, {"matvecs": jnp.asarray(num_iters), "vector": v}
+        return lam, {"matvecs": jnp.asarray(num_iters, jnp.int32), "vector": v}
 
     def cond(carry):
         k, _, lam, prev = carry

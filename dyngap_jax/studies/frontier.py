@@ -17,7 +17,7 @@ pairs each, for two estimators of the same system: the primal one the training s
 (``-(u^T x_k + y_k^T r_k)``, the dual run beside the primal: twice the HVPs an iteration, error the
 product of the two solves' errors). Errors are root-mean-square over pairs, relative to the
 reference's magnitude; HVPs are counted as the solver reports them (the power iteration, ``H g``
-and the Hessian residual included), and ``example-HVPs`` (HVPs x inner+outer examples) is the work
+and the Hessian residual included), and ``example-HVPs`` (HVPs x the inner batch's examples) is the work
 when an HVP's cost grows with the batch. The point is the trade the issue asks about: where the
 sampling error dominates, iterations past it buy nothing, and a larger batch may buy more per HVP.
 """
@@ -108,7 +108,13 @@ def frontier_at(run: Run, state, spec: FrontierSpec = FrontierSpec(), log=print)
     model, mm = run.model, _lfm(run).mm_loss
     precision, loop = config_precision(run), resolve_loop(run.cfg.alpha.hypergrad.loop)
     options = method.options()
-    converged = {**options, "tol": spec.tol, "maxiter": spec.maxiter, "restarts": 3, "scalar_tol": None}
+    if options.get("krylov_precision") is not None:
+        raise ValueError("frontier: the config's CG runs its iterations at a reduced precision (krylov_precision, "
+                         "alpha.hypergrad.precision='refined'); measure the step at one precision")
+    # the converged solves (the references' and each pair's) with a converged |lambda|_max for the references'
+    # own dampings (a pair's exact solve takes its estimates' damping instead)
+    converged = {**options, "tol": spec.tol, "maxiter": spec.maxiter, "restarts": 3, "scalar_tol": None,
+                 "power_tol": 1e-4, "power_iters": 1000}
     manifest = run.manifest.splits
     inner_n = min(spec.reference_inner, manifest["train"]["num_examples"] - len(run.heldout))
     outer_n = manifest["validation"]["num_examples"]
@@ -148,7 +154,7 @@ def frontier_at(run: Run, state, spec: FrontierSpec = FrontierSpec(), log=print)
                 ex_values = [exact(i, o, repeats=0, dynamic={"damping": np.float64(r["info"]["damping"])})["value"]
                              for (i, o), r in zip(pairs, res)]
             hvps = float(np.mean([r["info"]["hvp_count"] for r in res]))
-            row = {"batch": bs, "estimate": kind, "budget": budget, "hvps": hvps, "example_hvps": hvps * 2 * bs,
+            row = {"batch": bs, "estimate": kind, "budget": budget, "hvps": hvps, "example_hvps": hvps * bs,
                    "iterations": float(np.mean([r["info"]["iterations"] for r in res])),
                    "residual": float(np.median([r["info"]["residual"] for r in res])),
                    "run_s": float(np.mean([r["run_s"] for r in res])),
@@ -175,7 +181,7 @@ def plot(result: dict, path: str, title: str) -> None:
     fig, axes = new_figure(1, 2, figsize=(10, 3.8))
     sizes = sorted({r["batch"] for r in result["rows"]})
     colours = [f"C{i}" for i in range(len(sizes))]
-    for ax, key, label in ((axes[0], "hvps", "HVPs an alpha step"), (axes[1], "example_hvps", "example-HVPs (HVPs x 2 batch)")):
+    for ax, key, label in ((axes[0], "hvps", "HVPs an alpha step"), (axes[1], "example_hvps", "example-HVPs (HVPs x inner batch)")):
         for bs, c in zip(sizes, colours):
             rows = [r for r in result["rows"] if r["batch"] == bs]
             for kind, style in (("primal", "o-"), ("corrected", "s--")):

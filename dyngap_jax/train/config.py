@@ -154,6 +154,10 @@ def _check_alpha(cfg: Config) -> Config:
         estimator = hypergrad.method_from_config({"method": h.method, "options": h.options})
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    float64 = h.precision == "float64" or cfg.train.compute_dtype == "float64"
+    if float64 and getattr(estimator, "krylov_precision", None) is not None:
+        raise ConfigError(f"config.alpha.hypergrad.options.krylov_precision={estimator.krylov_precision!r}: a float32 "
+                          "precision in a float64 alpha step (its products would be cast down); leave it unset")
     if h.precision == "refined":  # the step at highest, its CG's iterations at the reduced precision
         if not isinstance(estimator, hypergrad.CG) or estimator.scalar_tol is not None:
             raise ConfigError(f"config.alpha.hypergrad.precision='refined' refines a CG solve stopped on its "
