@@ -31,7 +31,7 @@ demo: $(VENV)/.installed
 # a worker a core (at most 4; each test file on one worker, its module fixtures built once), one compilation
 # cache for the session (tests/conftest.py); no GPU memory preallocated where workers share a GPU
 test: $(VENV)/.installed-test
-	XLA_PYTHON_CLIENT_PREALLOCATE=false $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile tests
+	XLA_PYTHON_CLIENT_PREALLOCATE=false $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations=20 tests
 
 clean:
 	rm -rf $(VENV)
