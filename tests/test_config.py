@@ -142,7 +142,7 @@ def test_every_method_builds_from_a_config_and_refuses_bad_values():
         hypergrad.GhadimiWang(num_terms=0)
     with pytest.raises(ValueError, match="`reduction` must be one of"):
         hypergrad.LFMCode(reduction="median")
-    assert hypergrad.CG(operator="plain").damping_value == 0.0 and hypergrad.CG().damping_value == 1e-2
+    assert hypergrad.CG(operator="plain").damping_value == 0.0 and hypergrad.CG().damping_value == 0.1
     assert hypergrad.CG().relative and hypergrad.CG(damping_mode="absolute").damping_value == 1e-4
 
 
