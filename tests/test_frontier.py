@@ -43,14 +43,13 @@ def test_frontier_on_tiny_mlp(tmp_path):
     # the large-sample reference is the stated system on the big batch: a dense solve of it agrees
     run, state, _ = load_run_state(cfg, str(tmp_path / "run"), "latest")
     big = (frontier._large_batch(run, "train", 48, 789), frontier._large_batch(run, "validation", 24, 790))
-    dense = Estimator(run.model, run.method.mm_loss, state, "dense", {"operator": "normal"}, "float64")(
-        *big, repeats=0, dynamic={"damping": np.float64(ref["info"]["damping"])})
-    np.testing.assert_allclose(ref["value"], dense["value"], rtol=1e-6)
+    dense = Estimator(run.model, run.method.mm_loss, state, "dense", {"operator": "normal"}, "float64")
+    np.testing.assert_allclose(ref["value"], dense(*big, repeats=0, dynamic={"damping": np.float64(ref["info"]["damping"])})[
+        "value"], rtol=1e-6)
     # another stated system on the same data: its own value (a dense solve of it), set against the config's
     (other,) = res["other_dampings"]
     lam = float(ref["info"]["lambda_max"])  # the same power iteration on the same data: the same |lambda|_max
-    dense_other = Estimator(run.model, run.method.mm_loss, state, "dense", {"operator": "normal"}, "float64")(
-        *big, repeats=0, dynamic={"damping": np.float64((0.5 * lam) ** 2)})
+    dense_other = dense(*big, repeats=0, dynamic={"damping": np.float64((0.5 * lam) ** 2)})
     np.testing.assert_allclose(other["value"], dense_other["value"], rtol=1e-6)
     np.testing.assert_allclose(other["difference"], np.linalg.norm(np.subtract(other["value"], ref["value"]))
                                / np.linalg.norm(ref["value"]), rtol=1e-9)

@@ -56,22 +56,23 @@ def _result(proc_out: str) -> dict:
 SCRIPT = os.path.join(os.path.dirname(__file__), "multiprocess_run.py")
 
 
-def _env(devices: int, fault: str | None = None) -> dict:
+def _env(devices: int, fault: str | None = None, heartbeat: int = 30) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "DYNGAP_FAULT"}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               DYNGAP_TEST_HEARTBEAT=str(heartbeat))
     if fault:
         env["DYNGAP_FAULT"] = fault
     return env
 
 
-def _two_processes(data: str, workdir: str, faults=(None, None)):
+def _two_processes(data: str, workdir: str, faults=(None, None), heartbeat: int = 30):
     """Start the run as 2 processes of 2 devices (jax.distributed on localhost); ``[(popen, started), ...]``."""
     import socket
 
     with socket.socket() as sock:  # a free port for the coordinator
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    return [(subprocess.Popen([sys.executable, SCRIPT, data, workdir, port, "2", str(i)], env=_env(2, faults[i]),
+    return [(subprocess.Popen([sys.executable, SCRIPT, data, workdir, port, "2", str(i)], env=_env(2, faults[i], heartbeat),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.monotonic())
             for i in range(2)]
 
@@ -109,17 +110,11 @@ def _assert_as_one(out: str, one: dict) -> None:
         np.testing.assert_allclose(two["test"][k], one["test"][k], rtol=1e-5, err_msg=k)
 
 
-def test_two_processes_of_two_devices_equal_one_process_of_four(one_process, tmp_path):
-    """jax.distributed on localhost (CPU collectives): training and evaluation as one process on 4 devices."""
-    data, one = one_process
-    procs = _two_processes(data, str(tmp_path / "two"))
-    for (p, _), (out, err) in zip(procs, _finish(procs)):
-        assert p.returncode == 0, err[-4000:]
-        _assert_as_one(out, one)
-
-
 def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_rerun_resumes(one_process, tmp_path):
-    """JAX's preemption service agrees on the step: both processes checkpoint there and exit 75."""
+    """JAX's preemption service agrees on the step: both processes checkpoint there and exit 75; rerun, the two
+    processes of two devices (jax.distributed on localhost, CPU collectives) end as the one process of four:
+    the same history, alpha, best step and test metrics (the resumed runs here and in the kill test below are
+    the two-process runs compared with it, so no uninterrupted one is run as well)."""
     data, one = one_process
     workdir = str(tmp_path / "two")
     # early in the 6-step run: the agreed step is the newest step a process has reported, plus one, and a process
@@ -138,19 +133,20 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_rerun_resume
         _assert_as_one(out, one)
 
 
-def test_one_process_killed_outright_stops_the_other_within_a_minute_naming_it(one_process, tmp_path):
+def test_one_process_killed_outright_stops_the_other_within_its_heartbeat_timeout_naming_it(one_process, tmp_path):
     data, one = one_process
     workdir = str(tmp_path / "two")
     # process 1: SIGKILL at the end of epoch 2, the first time it has waited for a checkpoint (epoch 1's) to be
     # written: its part of it is on disk, so the rerun's step is known. (Killed mid-epoch instead, at a train step,
     # the asynchronous write of epoch 1's checkpoint may or may not have finished on a loaded machine.)
-    procs = _two_processes(data, workdir, (None, "checkpoint_finished@1"))
+    # (a heartbeat timeout of 10 s instead of the default 30 s: the wait is most of the test's time)
+    procs = _two_processes(data, workdir, (None, "checkpoint_finished@1"), heartbeat=10)
     (p0, t0), (p1, _) = procs
     p1.wait(timeout=600)
     killed_at = time.monotonic()
     _, err0 = p0.communicate(timeout=120)
     assert p1.returncode == -9
-    assert p0.returncode == 1 and time.monotonic() - killed_at < 60, err0[-3000:]
+    assert p0.returncode == 1 and time.monotonic() - killed_at < 10 + 20, err0[-3000:]
     assert re.search(r"error: process 1 of 2 \(.* pid \d+\) stopped responding", err0), err0[-3000:]
     procs = _two_processes(data, workdir)  # every process again: resumes from the last checkpoint (epoch 1's)
     for (p, _), (out, err) in zip(procs, _finish(procs)):

@@ -15,9 +15,11 @@ from dyngap_jax.train import setup
 
 
 def image_config(precision, train_precision="default", conv=True):
-    """A ResNet18 image view (convolutions) beside an MLP view; ``conv=False``: an MLP on the images' pixels."""
+    """A ResNet18 image view (convolutions: the stem, basic blocks, a downsampling shortcut; one block a stage,
+    narrow, so that lowering it is quick) beside an MLP view; ``conv=False``: an MLP on the images' pixels."""
     c = _base.base("tinyimg", "/nonexistent")
-    image = {"name": "resnet18"} if conv else {"name": "mlp", "hidden": [8], "out_features": 8, "in_features": 768}
+    image = ({"name": "resnet18", "depths": [1, 1], "hidden_sizes": [4, 8], "embedding_size": 4} if conv
+             else {"name": "mlp", "hidden": [8], "out_features": 8, "in_features": 768})
     c.model = {"num_classes": 3, "modalities": ["img", "vec"], "projection_dim": 8,
                "encoders": {"img": image,
                             "vec": {"name": "mlp", "hidden": [8], "out_features": 8, "in_features": 5, "dropout": 0.1}},
@@ -112,13 +114,13 @@ def test_bfloat16_compute_keeps_float32_parameters_losses_and_a_float32_alpha_st
     b = batch(4)
     variables = {"params": state.params, **state.model_state}
     model_ops = ops(jax.jit(lambda v, x: run.compute_model.apply(v, x, train=False)).lower(variables, b).as_text())
-    assert len(model_ops) > 20 and all("bf16" in result for _, _, result in model_ops), \
+    assert len(model_ops) >= 12 and all("bf16" in result for _, _, result in model_ops), \
         [o for o in model_ops if "bf16" not in o[2]][:3]
     train_step, eval_step, alpha_step = run.compile_steps(state, donate=False)
     train_ops = ops(train_step.lower(state, b).as_text())
     # the only float32 products of the train step are the InfoNCE similarities of the float32 features ([B, B])
     assert {result for _, _, result in train_ops if "bf16" not in result} <= {" tensor<4x4xf32>", " tensor<4x8xf32>"}
-    assert sum("bf16" in result for _, _, result in train_ops) > 40
+    assert sum("bf16" in result for _, _, result in train_ops) >= 30  # forward and backward of every layer
     alpha_ops = ops(alpha_step.lower(state, b, b).as_text())
     assert alpha_ops and all("f32" in result and "bf16" not in result for _, _, result in alpha_ops)
     new, m = train_step(state, b)
