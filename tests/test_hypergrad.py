@@ -701,7 +701,11 @@ def test_power_iteration_warm_start_and_tolerance():
     first = hypergrad.alpha_hypergradient(cls, mm, cls, params, 0.3, "cg", **opts)
     second = hypergrad.alpha_hypergradient(cls, mm, cls, params, 0.3, "cg", v0=first.carry["power_vector"], **opts)
     assert int(second.info["power_iterations"]) == 2 < int(first.info["power_iterations"])
-    assert int(first.info["hvp_count"]) - int(second.info["hvp_count"]) >= int(first.info["power_iterations"]) - 2 - 4
+    # the HVPs saved are the power iterations saved, give or take the CG iterations (two HVPs each on the normal
+    # equations) a slightly different |lambda|_max makes
+    saved = int(first.info["hvp_count"]) - int(second.info["hvp_count"])
+    cg_change = 2 * (int(first.info["iterations"]) - int(second.info["iterations"]))
+    assert saved == int(first.info["power_iterations"]) - 2 + cg_change and abs(cg_change) <= 4
     np.testing.assert_allclose(float(second.info["lambda_max"]), float(first.info["lambda_max"]), rtol=2e-3)
     assert bool(first.ok) and bool(second.ok)
     np.testing.assert_allclose(float(second.value), float(first.value), rtol=1e-2)

@@ -153,10 +153,15 @@ def draw_pairs(run: Run, n: int, batch_size: int | None = None, epochs=(123, 456
     augmented, as the model's inputs (what the alpha step's closures see once it has prepared the loader's
     batches). ``epochs`` seed the two loaders' shuffles."""
     size = run.batch.alpha if batch_size is None else batch_size
-    inner = iter(run.loader(splits[0], train=True, epoch=epochs[0], infinite=True, batch_size=size))
-    outer = iter(run.loader(splits[1], train=True, epoch=epochs[1], infinite=True, batch_size=size))
-    ready = lambda b: jax.device_get(run.prepare_batch(b))
-    return [(ready(next(inner)), ready(next(outer))) for _ in range(n)]
+    inner, outer = (draw_batches(run, split, size, epoch) for split, epoch in zip(splits, epochs))
+    return [(next(inner), next(outer)) for _ in range(n)]
+
+
+def draw_batches(run: Run, split: str, size: int, epoch: int):
+    """``split``'s batches of ``size`` as the alpha step's closures see them (augmented, prepared), one a ``next``;
+    ``epoch`` seeds the shuffle."""
+    for batch in run.loader(split, train=True, epoch=epoch, infinite=True, batch_size=size):
+        yield jax.device_get(run.prepare_batch(batch))
 
 
 def _pool(model, mm, state, pairs):

@@ -33,7 +33,7 @@ import numpy as np
 
 from dyngap_jax.io import atomic_write_text, new_figure, save_figure
 from dyngap_jax.methods.alpha_step import resolve_loop
-from dyngap_jax.studies.compare import config_method, config_precision, draw_pairs, _lfm
+from dyngap_jax.studies.compare import config_method, config_precision, draw_batches, draw_pairs, _lfm
 from dyngap_jax.studies.estimator import Estimator
 from dyngap_jax.train.evaluation import load_run_state
 from dyngap_jax.train.loop import train
@@ -95,7 +95,7 @@ def errors(estimates: Sequence, exact: Sequence, reference) -> dict:
 
 def _large_batch(run: Run, split: str, size: int, epoch: int) -> dict:
     """``size`` examples of ``split`` in one batch, as the alpha step's closures see them (augmented)."""
-    return draw_pairs(run, 1, size, epochs=(epoch, epoch), splits=(split, split))[0][0]
+    return next(draw_batches(run, split, size, epoch))
 
 
 def frontier_at(run: Run, state, spec: FrontierSpec = FrontierSpec(), log=print) -> dict:
