@@ -192,6 +192,7 @@ def plot(result: dict, path: str, title: str) -> None:
             ax.loglog([conf[key]], [conf["total"]], "*", color=c, ms=10)
             ax.axhline(conf["sampling"], color=c, ls=":", lw=0.8)
         ax.set_xlabel(label)
+        ax.tick_params(axis="x", which="minor", labelsize=6, labelrotation=45)  # a span under a decade labels its minor ticks
     axes[0].set_ylabel("total error vs large-sample reference")
     axes[0].legend(fontsize=6, ncol=2)
     fig.suptitle(f"{title} (star: the config's stop; dotted: sampling error)", fontsize=9)
