@@ -225,3 +225,32 @@ def test_alpha_step_on_a_smaller_batch(tiny_records, tmp_path):
         cfg.alpha.batch_size = 32
     with pytest.raises(ValueError, match="config.alpha.batch_size=32 must be at most config.train.batch_size=16"):
         train(cfg, str(tmp_path / "b"))
+
+
+def test_a_code_default_changed_since_the_run_started_is_named_on_resume(tiny_records, tmp_path, monkeypatch):
+    """A run records the solver options its config leaves to the code (defaults.json); resumed after the code's
+    default damping changed, it is refused naming the option and both values, and resumes once the config sets
+    the value of then."""
+    from dyngap_jax.hypergrad import exact
+    from dyngap_jax.train import workdir as wd
+    from dyngap_jax.train.config import ConfigError, validate
+
+    cfg = tiny_config(tiny_records, "ours_lb")
+    assert cfg.alpha.hypergrad.options.get("damping") is None  # left to the code
+    folder = str(tmp_path / "run")
+    os.makedirs(folder)
+    wd.record_config(validate(cfg)[0], folder)
+    then = json.load(open(os.path.join(folder, wd.DEFAULTS_FILE)))["alpha.hypergrad.options"]
+    assert then["damping"] == exact.DEFAULT_DAMPING["relative"] and then["operator"] == "normal"
+    wd.check_config(validate(cfg)[0], folder)  # the same code: the same run
+    monkeypatch.setitem(exact.DEFAULT_DAMPING, "relative", 0.5)  # a later version's default
+    with pytest.raises(ConfigError, match=r"differs in alpha\.hypergrad\.options\.damping.*damping: 0\.1 then, 0\.5 now"):
+        train(cfg, folder)
+    with cfg.unlocked():
+        cfg.alpha.hypergrad.options.damping = then["damping"]
+    wd.check_config(validate(cfg)[0], folder)  # the value of then, stated: the same run
+    # a run recorded before defaults.json existed is compared as it stands
+    os.remove(os.path.join(folder, wd.DEFAULTS_FILE))
+    with cfg.unlocked():
+        cfg.alpha.hypergrad.options.damping = None
+    wd.check_config(validate(cfg)[0], folder)

@@ -14,6 +14,7 @@ from dyngap_jax.io import atomic_write_text, write_json
 from dyngap_jax.train.config import ConfigError
 
 CONFIG_FILE = "config.json"
+DEFAULTS_FILE = "defaults.json"
 LOCK_FILE = ".lock"
 # fields that may change between a run and its resumption (display, input workers, device layout, where the
 # solver loops run)
@@ -74,23 +75,70 @@ def config_differences(a, b) -> list[str]:
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
 
 
+def code_defaults(cfg) -> dict:
+    """What the config leaves to the code and a later version may resolve otherwise: the learned alpha's solver
+    options as its method resolves them (``{"alpha.hypergrad.options": {...}}``; a damping left unset is the
+    method's default damping of this version). ``{}`` where the setup reads no solver."""
+    from dyngap_jax.train.config import Config, unread
+
+    cfg = _validated(cfg)
+    estimator = getattr(getattr(getattr(cfg, "alpha", None), "hypergrad", None), "estimator", None)
+    if not isinstance(cfg, Config) or estimator is None or "alpha.hypergrad.options" in unread(cfg):
+        return {}
+    options = dict(estimator.options())
+    if hasattr(estimator, "damping_value"):
+        options["damping"] = estimator.damping_value
+    return {"alpha.hypergrad.options": json.loads(json.dumps({k: v for k, v in options.items() if v is not None},
+                                                             default=str))}
+
+
+def _resolved(cfg, defaults: dict) -> dict:
+    """``cfg`` as a config dict with the options it leaves unset filled from ``defaults`` (:func:`code_defaults`)."""
+    out = json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg, default=str))
+    filled = defaults.get("alpha.hypergrad.options", {})
+    options = out.get("alpha", {}).get("hypergrad", {}).get("options")
+    if isinstance(options, dict):
+        for k, v in filled.items():
+            if options.get(k) is None:
+                options[k] = v
+    return out
+
+
 def check_config(cfg, workdir: str) -> None:
-    """Refuse a workdir that holds a run of another config (naming the differing fields)."""
+    """Refuse a workdir that holds a run of another config (naming the differing fields). Where the run recorded
+    the solver options it left to the code (``defaults.json``), they are compared as resolved, so a default the
+    code has changed since is a difference too, named with both values."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return
     with open(path) as f:
-        diff = config_differences(json.load(f), cfg)
+        recorded = json.load(f)
+    then_path = os.path.join(workdir, DEFAULTS_FILE)
+    changed = ""
+    if os.path.exists(then_path):  # runs recorded before the file existed are compared as they stand
+        with open(then_path) as f:
+            then = json.load(f)
+        now = code_defaults(cfg)
+        recorded, cfg = _resolved(recorded, then), _resolved(cfg, now)
+        t, n = then.get("alpha.hypergrad.options", {}), now.get("alpha.hypergrad.options", {})
+        moved = [f"alpha.hypergrad.options.{k}: {t.get(k)!r} then, {n.get(k)!r} now" for k in sorted(set(t) | set(n))
+                 if t.get(k) != n.get(k)]
+        if moved:
+            changed = (f"; the code's defaults for options the config leaves unset have changed ({'; '.join(moved)}): "
+                       "set them to the values of then to resume the run as it was")
+    diff = config_differences(recorded, cfg)
     if diff:
-        raise ConfigError(f"{workdir} holds a run of another config (differs in {', '.join(diff[:8])}); "
+        raise ConfigError(f"{workdir} holds a run of another config (differs in {', '.join(diff[:8])}){changed}; "
                          "use a new --workdir, or the same config to resume")
 
 
 def record_config(cfg, workdir: str) -> None:
-    """Write the run's config to ``config.json`` once (process 0); :func:`check_config` first."""
+    """Write the run's config to ``config.json`` once (process 0), and beside it (first) the solver options it
+    leaves to the code as they resolve today (``defaults.json``); :func:`check_config` first."""
     check_config(cfg, workdir)
     path = os.path.join(workdir, CONFIG_FILE)
     if jax.process_index() == 0 and not os.path.exists(path):
+        write_json(os.path.join(workdir, DEFAULTS_FILE), code_defaults(cfg))
         write_json(path, cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
 
 
