@@ -87,7 +87,8 @@ def get_config(arg="ours_h"):
     c = _base.base("tinyimg", {data!r})
     c.progress = False
     c.model = {{"num_classes": 3, "modalities": ["img", "vec"], "projection_dim": 16,
-               "encoders": {{"img": {{"name": "resnet18"}},
+               "encoders": {{"img": {{"name": "resnet18", "hidden_sizes": [8, 16, 16, 16], "depths": [1, 1, 1, 1],
+                                       "embedding_size": 8}},
                             "vec": {{"name": "mlp", "hidden": [16], "out_features": 16, "in_features": 5}}}},
                "fusion": {{"name": "concat"}}}}
     c.data.frames = {{"img": {{"size": [32, 32], "normalize": True}}}}
