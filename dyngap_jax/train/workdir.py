@@ -92,13 +92,17 @@ def code_defaults(cfg) -> dict:
                                                              default=str))}
 
 
+def _plain(cfg) -> dict:
+    """A Config or config dict as JSON would store it."""
+    return json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg, default=str))
+
+
 def _resolved(cfg, defaults: dict) -> dict:
     """``cfg`` as a config dict with the options it leaves unset filled from ``defaults`` (:func:`code_defaults`)."""
-    out = json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg, default=str))
-    filled = defaults.get("alpha.hypergrad.options", {})
+    out = _plain(cfg)
     options = out.get("alpha", {}).get("hypergrad", {}).get("options")
     if isinstance(options, dict):
-        for k, v in filled.items():
+        for k, v in defaults.get("alpha.hypergrad.options", {}).items():
             if options.get(k) is None:
                 options[k] = v
     return out
@@ -119,10 +123,12 @@ def check_config(cfg, workdir: str) -> None:
         with open(then_path) as f:
             then = json.load(f)
         now = code_defaults(cfg)
-        recorded, cfg = _resolved(recorded, then), _resolved(cfg, now)
         t, n = then.get("alpha.hypergrad.options", {}), now.get("alpha.hypergrad.options", {})
+        options = _plain(cfg).get("alpha", {}).get("hypergrad", {}).get("options") or {}
+        # an option the config leaves to the code today whose resolution moved: the code's default changed
         moved = [f"alpha.hypergrad.options.{k}: {t.get(k)!r} then, {n.get(k)!r} now" for k in sorted(set(t) | set(n))
-                 if t.get(k) != n.get(k)]
+                 if options.get(k) is None and t.get(k) != n.get(k)]
+        recorded, cfg = _resolved(recorded, then), _resolved(cfg, now)
         if moved:
             changed = (f"; the code's defaults for options the config leaves unset have changed ({'; '.join(moved)}): "
                        "set them to the values of then to resume the run as it was")
