@@ -98,7 +98,8 @@ def test_comparison_measures_what_the_training_alpha_step_applies(tiny_records):
     np.testing.assert_allclose(measured["value"], np.asarray(trained.value), rtol=1e-5)
     assert measured["info"]["iterations"] == float(trained.info["iterations"])
     # a different dropout key gives the alpha step a different value: dropout is active in it, so the agreement
-    # above is the comparison's closures drawing the step's own masks, not dropout left out of both
+    # above is the comparison's closures drawing the step's own masks from the state's key, not dropout left out
+    # of both (an Estimator with a fixed key of its own would agree only if that key were the state's)
     _, other, _ = alpha_step(state.replace(rng=jax.random.PRNGKey(99)), inner, outer)
     assert not np.allclose(np.asarray(other.value), measured["value"], rtol=1e-3)
 

@@ -249,8 +249,15 @@ def test_a_code_default_changed_since_the_run_started_is_named_on_resume(tiny_re
     with cfg.unlocked():
         cfg.alpha.hypergrad.options.damping = then["damping"]
     wd.check_config(validate(cfg)[0], folder)  # the value of then, stated: the same run
+    # a change the config makes is named as the config's, not as the code's
+    with cfg.unlocked():
+        cfg.alpha.hypergrad.options.update({"damping": None, "damping_mode": "absolute"})
+    with pytest.raises(ConfigError, match="differs in alpha.hypergrad.options.damping, alpha.hypergrad.options.damping_mode"
+                       r".*damping: 0\.1 then, 0\.5 now") as e:
+        wd.check_config(validate(cfg)[0], folder)
+    assert "damping_mode" not in str(e.value).split("have changed")[1]
     # a run recorded before defaults.json existed is compared as it stands
     os.remove(os.path.join(folder, wd.DEFAULTS_FILE))
     with cfg.unlocked():
-        cfg.alpha.hypergrad.options.damping = None
+        cfg.alpha.hypergrad.options.update({"damping": None, "damping_mode": None})  # as recorded: unset
     wd.check_config(validate(cfg)[0], folder)

@@ -24,10 +24,10 @@ import numpy as np
 
 from dyngap_jax import metrics
 from dyngap_jax.io import atomic_write_text, new_figure, save_figure, write_json
-from dyngap_jax.train.config import validate
+from dyngap_jax.train.config import ConfigError, validate
 from dyngap_jax.train.evaluation import predict_checkpoint
 from dyngap_jax.train.loop import train
-from dyngap_jax.train.workdir import config_differences
+from dyngap_jax.train.workdir import check_config
 
 FIXED = ("concat", "constant:0.0", "constant:0.5", "constant:1.0", "stepwise:0.0", "stepwise:1.0", "stepwise:0.05",
          "stepwise:0.95", "ours_h", "ours_lb")
@@ -79,9 +79,10 @@ def _finished(cfg, wd: str):
     summary, config = os.path.join(wd, "summary.json"), os.path.join(wd, "config.json")
     if not (os.path.exists(summary) and os.path.exists(config)):
         return None
-    with open(config) as f:
-        if config_differences(json.load(f), validate(cfg)[0]):
-            return None  # train() will refuse the workdir with the differing fields named
+    try:
+        check_config(validate(cfg)[0], wd)  # the config, and the defaults it left to the code (defaults.json)
+    except ConfigError:
+        return None  # train() will refuse the workdir with the differing fields named
     with open(summary) as f:
         return json.load(f)
 

@@ -77,8 +77,8 @@ def config_differences(a, b) -> list[str]:
 
 def code_defaults(cfg) -> dict:
     """What the config leaves to the code and a later version may resolve otherwise: the learned alpha's solver
-    options as its method resolves them (``{"alpha.hypergrad.options": {...}}``; a damping left unset is the
-    method's default damping of this version). ``{}`` where the setup reads no solver."""
+    options as its method resolves them (``{"alpha.hypergrad.options": {...}}``, every option, ``None`` kept; a
+    damping left unset is the method's default damping of this version). ``{}`` where the setup reads no solver."""
     from dyngap_jax.train.config import Config, unread
 
     cfg = _validated(cfg)
@@ -88,8 +88,7 @@ def code_defaults(cfg) -> dict:
     options = dict(estimator.options())
     if hasattr(estimator, "damping_value"):
         options["damping"] = estimator.damping_value
-    return {"alpha.hypergrad.options": json.loads(json.dumps({k: v for k, v in options.items() if v is not None},
-                                                             default=str))}
+    return {"alpha.hypergrad.options": json.loads(json.dumps(options, default=str))}
 
 
 def _plain(cfg) -> dict:
@@ -97,21 +96,29 @@ def _plain(cfg) -> dict:
     return json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg, default=str))
 
 
-def _resolved(cfg, defaults: dict) -> dict:
-    """``cfg`` as a config dict with the options it leaves unset filled from ``defaults`` (:func:`code_defaults`)."""
+def _options(plain: dict) -> dict:
+    options = plain.get("alpha", {}).get("hypergrad", {}).get("options")
+    return options if isinstance(options, dict) else {}
+
+
+def _resolved(cfg, defaults: dict, keys) -> dict:
+    """``cfg`` as a config dict with its unset options among ``keys`` filled from ``defaults`` (:func:`code_defaults`)."""
     out = _plain(cfg)
-    options = out.get("alpha", {}).get("hypergrad", {}).get("options")
-    if isinstance(options, dict):
-        for k, v in defaults.get("alpha.hypergrad.options", {}).items():
-            if options.get(k) is None:
-                options[k] = v
+    options, values = _options(out), defaults.get("alpha.hypergrad.options", {})
+    for k in keys:
+        if options.get(k) is None and k in values and "options" in out.get("alpha", {}).get("hypergrad", {}):
+            options[k] = values[k]
     return out
 
 
 def check_config(cfg, workdir: str) -> None:
-    """Refuse a workdir that holds a run of another config (naming the differing fields). Where the run recorded
-    the solver options it left to the code (``defaults.json``), they are compared as resolved, so a default the
-    code has changed since is a difference too, named with both values."""
+    """Refuse a workdir that holds a run of another config (naming the differing fields).
+
+    Where the run recorded the solver options it left to the code (``defaults.json``; runs from before it are
+    compared as they stand), those options are compared as they resolved then and as the given config resolves
+    them now, so a run resumed after a default changed is refused; where the recorded config itself resolves
+    otherwise today, the code's default moved, and the message names the option with both values. Options the
+    record does not hold (added to the code since) are compared as the configs state them."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return
@@ -119,19 +126,19 @@ def check_config(cfg, workdir: str) -> None:
         recorded = json.load(f)
     then_path = os.path.join(workdir, DEFAULTS_FILE)
     changed = ""
-    if os.path.exists(then_path):  # runs recorded before the file existed are compared as they stand
+    if os.path.exists(then_path):
         with open(then_path) as f:
             then = json.load(f)
-        now = code_defaults(cfg)
-        t, n = then.get("alpha.hypergrad.options", {}), now.get("alpha.hypergrad.options", {})
-        options = _plain(cfg).get("alpha", {}).get("hypergrad", {}).get("options") or {}
-        # an option the config leaves to the code today whose resolution moved: the code's default changed
-        moved = [f"alpha.hypergrad.options.{k}: {t.get(k)!r} then, {n.get(k)!r} now" for k in sorted(set(t) | set(n))
-                 if options.get(k) is None and t.get(k) != n.get(k)]
-        recorded, cfg = _resolved(recorded, then), _resolved(cfg, now)
+        keys = sorted(then.get("alpha.hypergrad.options", {}))
+        t = then.get("alpha.hypergrad.options", {})
+        today = code_defaults(recorded).get("alpha.hypergrad.options", {})  # the recorded config, resolved by this code
+        unset = _options(_plain(recorded))
+        moved = [f"alpha.hypergrad.options.{k}: {t[k]!r} then, {today.get(k)!r} now" for k in keys
+                 if unset.get(k) is None and k in today and today[k] != t[k]]
         if moved:
-            changed = (f"; the code's defaults for options the config leaves unset have changed ({'; '.join(moved)}): "
+            changed = (f"; the code's defaults for options the run left unset have changed ({'; '.join(moved)}): "
                        "set them to the values of then to resume the run as it was")
+        recorded, cfg = _resolved(recorded, then, keys), _resolved(cfg, code_defaults(cfg), keys)
     diff = config_differences(recorded, cfg)
     if diff:
         raise ConfigError(f"{workdir} holds a run of another config (differs in {', '.join(diff[:8])}){changed}; "
