@@ -35,11 +35,15 @@ def _validated(cfg):
     return cfg
 
 
+def _plain(cfg) -> dict:
+    """A Config or config dict as JSON would store it."""
+    return json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg, default=str))
+
+
 def comparable_config(cfg, leave_out=()) -> dict:
     """``cfg`` (a Config or a config dict) as JSON would store it, without the fields a resumed run may change
     and without ``leave_out`` (dotted fields)."""
-    cfg = _validated(cfg)
-    out = json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg, default=str))
+    out = _plain(_validated(cfg))
     for key in list(RESUMABLE_CHANGES) + list(leave_out):
         *parents, leaf = key.split(".")
         d = out
@@ -91,11 +95,6 @@ def code_defaults(cfg) -> dict:
     return {"alpha.hypergrad.options": json.loads(json.dumps(options, default=str))}
 
 
-def _plain(cfg) -> dict:
-    """A Config or config dict as JSON would store it."""
-    return json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg, default=str))
-
-
 def _options(plain: dict) -> dict:
     options = plain.get("alpha", {}).get("hypergrad", {}).get("options")
     return options if isinstance(options, dict) else {}
@@ -106,8 +105,8 @@ def _resolved(cfg, defaults: dict, keys) -> dict:
     out = _plain(cfg)
     options, values = _options(out), defaults.get("alpha.hypergrad.options", {})
     for k in keys:
-        if options.get(k) is None and k in values and "options" in out.get("alpha", {}).get("hypergrad", {}):
-            options[k] = values[k]
+        if options.get(k) is None and k in values:
+            options[k] = values[k]  # (a config without options: the dict _options returned is not its own)
     return out
 
 
@@ -129,8 +128,8 @@ def check_config(cfg, workdir: str) -> None:
     if os.path.exists(then_path):
         with open(then_path) as f:
             then = json.load(f)
-        keys = sorted(then.get("alpha.hypergrad.options", {}))
         t = then.get("alpha.hypergrad.options", {})
+        keys = sorted(t)
         today = code_defaults(recorded).get("alpha.hypergrad.options", {})  # the recorded config, resolved by this code
         unset = _options(_plain(recorded))
         moved = [f"alpha.hypergrad.options.{k}: {t[k]!r} then, {today.get(k)!r} now" for k in keys
