@@ -63,12 +63,44 @@ def test_host_driven_loops_compile_once_and_leave_the_iterations_out_of_the_prog
     assert counter.by_function() == {}
     np.testing.assert_allclose(np.asarray(out[1]["w"]), np.asarray(jax.jit(solves)(*other)[1]["w"]),
                                rtol=2e-5, atol=1e-6)
-    programs = driven.lower(*system).programs  # phase 0, power iteration's body, phase 1, CG's body, ...
-    assert len(programs) == 2 * 5 + 1
+    lowered = driven.lower(*system)
+    names = ["power iteration", "cg", "cg restart", "certified cg", "minres"]
+    assert lowered.labels == ["segment"] + [x for n in names for x in (f"{n}: condition", f"{n}: body segment",
+                                                                        "segment")]
     # no solver iteration is an XLA loop; the only one left is the restart's inner CG (a loop inside a
-    # host-driven body stays XLA's); phase 0's are threefry's (the power iteration's random start)
-    whiles = [p.as_text().count("stablehlo.while") for p in programs]
-    assert whiles[1:] == [0, 0, 0, 0, 1, 0, 0, 0, 0, 0], whiles
+    # host-driven body stays XLA's); the first segment's are threefry's (the power iteration's random start)
+    whiles = [p.as_text().count("stablehlo.while") for p in lowered.programs]
+    assert whiles[1:] == [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0], whiles
+
+
+def test_every_hessian_vector_product_of_a_solve_is_one_shared_program():
+    from dyngap_jax.hypergrad.hvp import make_hvp
+    from dyngap_jax.hypergrad.problem import damped
+
+    def solve(w, b):
+        loss = lambda p: jnp.sum(jnp.tanh(p["a"] @ w) ** 2) + 0.5 * jnp.sum(p["c"] ** 2) * jnp.sum(p["a"] ** 2)
+        params = {"a": jnp.ones(6) * 0.3, "c": jnp.arange(3.0)}
+        hvp = make_hvp(loss, params)[0]
+        rhs = hvp({"a": b, "c": jnp.ones(3)})  # H g: a call at the top level
+        lam, _ = power_iteration(hvp, rhs, jax.random.PRNGKey(0), 5)
+        normal = damped(lambda v: hvp(hvp(v)), 0.1)  # two calls in CG's body
+        x, info = conjugate_gradient(normal, rhs, tol=1e-6, maxiter=40)
+        return lam, x, info["iterations"], hvp(x)
+
+    args = (jnp.asarray(np.random.default_rng(1).standard_normal((6, 4)), jnp.float32), jnp.linspace(-1.0, 1.0, 6))
+    ref = jax.jit(solve)(*args)
+    driven = HostLoops(solve)
+    with compilation.CompileCounter() as counter:
+        out = driven(*args)
+        compiled = counter.by_function()
+    for r, o in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(out)):
+        np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=1e-4, atol=1e-6)
+    assert int(out[2]) > 3
+    labels = driven.lower(*args).labels
+    assert labels.count("call hvp") == 1, labels  # five call sites, one program
+    assert "power iteration: body segment" in labels and "cg: body segment" in labels
+    # segments, loop conditions and bodies, and the one HVP: each compiled once
+    assert compiled == {"jit(solve)": len(labels)}
 
 
 def test_each_input_signature_has_its_own_programs_and_loops_under_a_transformation_stay_xla_loops():
@@ -91,7 +123,7 @@ def test_each_input_signature_has_its_own_programs_and_loops_under_a_transformat
     def bad(x):
         return loops.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1][:1]), (0, x))
 
-    with pytest.raises(TypeError, match="not its carry's type"):
+    with pytest.raises(TypeError, match="carry output must have equal types"):
         HostLoops(bad)(jnp.ones(3))
 
 
@@ -114,7 +146,7 @@ def test_the_alpha_step_is_the_same_host_driven_or_in_one_program(scalar_tol):
              for loop in ("device", "host")}
     b = batch(4, False)
     ref_state, ref, ref_applied = steps["device"](state, b, b)
-    copy = jax.tree_util.tree_map(jnp.copy, state)
+    copy = jax.device_put(jax.tree_util.tree_map(jnp.copy, state), run.shardings(state)[0])  # as training has it
     new, res, applied = steps["host"](copy, b, b)
     assert bool(ref_applied) and bool(applied)
     assert int(res.info["iterations"]) == int(ref.info["iterations"]) > 3
@@ -122,7 +154,11 @@ def test_the_alpha_step_is_the_same_host_driven_or_in_one_program(scalar_tol):
     # own accuracy (residual 1e-3, the certified 5 %), far tighter than either
     np.testing.assert_allclose(float(res.value), float(ref.value), rtol=1e-3)
     np.testing.assert_allclose(float(new.alpha.value), float(ref_state.alpha.value), rtol=1e-5)
-    assert jax.tree_util.tree_leaves(copy.params)[0].is_deleted()  # the last phase donated the input state
+    # the donated input state: what the step leaves unchanged is returned as it is (no copy), the rest freed
+    kept = [a is b for a, b in zip(jax.tree_util.tree_leaves(copy), jax.tree_util.tree_leaves(new))]
+    deleted = [a.is_deleted() for a in jax.tree_util.tree_leaves(copy)]
+    assert all(k or d for k, d in zip(kept, deleted)) and any(deleted) and all(jax.tree_util.tree_leaves(
+        jax.tree_util.tree_map(lambda a, b: a is b, copy.params, new.params)))
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +205,7 @@ with compilation.CompileCounter() as counter:
     driven(*other)
     again = counter.by_function()
 ref = jax.jit(f)(A, b)
-assert first == {"jit(f)": 3}, first  # phase 0, CG's body, the last phase
+assert first["jit(f)"] == 4, first  # a segment, CG's condition and body, the last segment (and placing literals)
 assert again == {}, again
 assert int(its) == int(ref[1]) > 5 and np.allclose(np.asarray(x), np.asarray(ref[0]), rtol=1e-5, atol=1e-6)
 print("OK")

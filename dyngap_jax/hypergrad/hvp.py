@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
+from dyngap_jax.hypergrad import loops
+
 PyTree = Any
 
 HVP_MODES = ("auto", "forward_over_reverse", "reverse_over_reverse")
@@ -117,7 +119,8 @@ def make_hvp(f: Callable[[PyTree], jax.Array], params: PyTree, mode: str = "auto
     mode = resolve_mode(f, params, mode)
     impl = hvp_forward_over_reverse if mode == "forward_over_reverse" else hvp_reverse_over_reverse
     rematerialised(f, remat)  # checks the name
-    return (lambda v: impl(f, params, v, remat)), mode
+    # one outlined program: under HostLoops every use of this product shares its compilation
+    return loops.outlined("hvp", lambda v: impl(f, params, v, remat)), mode
 
 
 def hvp(f: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree, mode: str = "auto") -> PyTree:

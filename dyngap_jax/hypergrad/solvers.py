@@ -12,6 +12,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
+from jax.flatten_util import ravel_pytree
 
 from dyngap_jax.hypergrad import loops
 
@@ -277,7 +278,10 @@ def power_iteration(
     most ``tol`` (at least two iterations, at most ``num_iters``). ``info``: ``matvecs`` and
     ``vector``, the last normalised iterate ``A^k v0 / |A^k v0|``.
     """
-    v = otu.tree_random_like(key, like)
+    # one draw for the whole pytree (optax's tree_random_like draws a leaf at a time: on XLA:CPU each draw
+    # is a threefry loop of its own, and a ResNet pair's ~100 leaves cost ~15 s of compilation)
+    flat, unravel = ravel_pytree(like)
+    v = unravel(jax.random.normal(key, flat.shape, flat.dtype))
     v = otu.tree_scale(1.0 / otu.tree_norm(v), v)
     if v0 is not None:
         n0 = otu.tree_norm(v0)

@@ -137,9 +137,9 @@ def make_alpha_step(*, model, mm_loss: Callable, learned: LearnedAlpha, method: 
     until the run's first evaluation) and then the running averages move once, as their
     training-mode forward on the inner batch moves them, else in evaluation mode.
     ``loop`` (``config.alpha.hypergrad.loop``, resolved): ``"device"``, the step one program, its solver
-    loops XLA while loops; ``"host"``, the solvers' iterations driven from the host, one compiled
-    iteration a call (:class:`dyngap_jax.hypergrad.loops.HostLoops`; ``progress(name, iteration)``
-    is called after each).
+    loops XLA while loops; ``"host"``, the solvers' iterations driven from the host and every HVP one
+    shared compiled program (:class:`dyngap_jax.hypergrad.loops.HostLoops`; ``progress(name,
+    iteration)`` is called after each iteration).
     """
     if batch_norm not in ("batch", "running", "authors"):
         raise ValueError(f"config.alpha.batch_norm: unknown {batch_norm!r}; known: batch, running, authors")
@@ -189,7 +189,7 @@ def make_alpha_step(*, model, mm_loss: Callable, learned: LearnedAlpha, method: 
         return new, res.replace(solution=None, carry=None), usable
 
     donate_argnums = (0,) if donate else ()
-    if loop == "host":  # every phase reads the inputs with their shardings; the last returns the step's outputs
+    if loop == "host":  # traced once, split into programs; the outputs placed as the jitted step places them
         out_shardings = None if shardings is None else (shardings[0], shardings[2], shardings[2])
         return CompiledAlphaStep(hypergrad.HostLoops(alpha_step, donate_argnums=donate_argnums,
                                                      out_shardings=out_shardings, progress=progress), float64)
