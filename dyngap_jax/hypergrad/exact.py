@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from dyngap_jax import losses
+from dyngap_jax.hypergrad import loops
 from dyngap_jax.hypergrad.certified import bilinear_cg
 from dyngap_jax.hypergrad.hvp import check_like, make_hvp
 from dyngap_jax.hypergrad.problem import Method, Problem, damped, is_tracer, relative
@@ -201,7 +202,9 @@ class CG(Method):
             damping = (damping * lam) ** 2 if self.operator == "normal" else damping * lam
         b, per_matvec = g, 1
         if self.operator == "normal":
-            op = lambda v: hvp(hvp(v))
+            # H (H v) one outlined program: its two products share their forward and backward pass at the
+            # parameters (XLA merges them), which two separate calls would each compute
+            op = loops.outlined("normal", lambda v: hvp(hvp(v)))
             b, per_matvec, extra = hvp(g), 2, extra + 1
         else:
             op = base
