@@ -8,6 +8,9 @@
         --frontier=False                     # on a GPU: the refined step (CG's iterations at TF32) beside highest
     python -m scripts.bench_alpha_overhead --cases=avmnist --points=initialisation --alpha_repeats=0 --repeats=1
                                              # CPU: the exact step at AV-MNIST's narrow variant, as it is today
+    python -m scripts.bench_alpha_overhead --cases=avmnist --points=initialisation --config_batch=False \
+        --alpha_repeats=2 --repeats=1 --frontier=False --programs --nocompilation_cache
+                                             # CPU: what each of its programs costs to compile (~2 min)
 
 For each case the config's ``ours_lb`` (the training default: CG on the normal equations damped by
 ``(0.1 |lambda|_max)^2``, solved to the 1e-3 relative residual, warm start available) runs on synthetic
@@ -16,7 +19,8 @@ batches with a class signal, at initialisation and after ``--trained_steps`` tra
 * the train step's time (batch ``B``), and the alpha step's on 8 + 8 examples (the authors' setting)
   and on the config's alpha batch, cold (started at 0) and warm (started from the solution of the
   previous alpha step, on other batches, as training does); iterations, HVPs, converged;
-* the alpha step's compile time;
+* the alpha step's compile time (``--programs``: each program of a host-driven step, the CPU's, with
+  its convolutions and compile time);
 * the epoch time over the heuristic's (which has no alpha step), from the measured step times:
   ``(S t_train + k t_alpha) / (S t_train)`` with ``S`` steps an epoch (mfeat 21 of 64; CREMA-D 105
   of 64) and ``k`` alpha steps (once an epoch, or the config's ``inner_iters``); data loading and
@@ -53,6 +57,7 @@ flags.DEFINE_integer("alpha_repeats", 1, "Timed alpha steps per measurement (aft
 flags.DEFINE_integer("av_size", 64, "CREMA-D case: spectrogram and frame height/width (the paper: 257x299, 224).")
 flags.DEFINE_integer("av_batch", 8, "CREMA-D case: the train batch (the paper: 64; CPU: keep small).")
 flags.DEFINE_bool("frontier", True, "mfeat: error against the float64 reference over iteration budgets.")
+flags.DEFINE_bool("programs", False, "List each program of a host-driven alpha step with its compile time.")
 flags.DEFINE_list("precisions", ["config"], "alpha.hypergrad.precision of the measured alpha steps, side by side "
                   "(config: the case's; e.g. highest,refined on a GPU: refined runs CG's iterations at TF32).")
 
@@ -124,7 +129,19 @@ def measure(name: str, precision: str = "config") -> list[dict]:
         for n, label in sizes:
             if n not in compile_s:
                 t0 = time.perf_counter()
-                alpha_step.lower(state, batch(n, 1), batch(n, 2)).compile()
+                lowered = alpha_step.lower(state, batch(n, 1), batch(n, 2))
+                traced_s = time.perf_counter() - t0
+                if FLAGS.programs and hasattr(lowered, "labels"):  # host-driven: each program timed
+                    for what, program in zip(lowered.labels, lowered.programs):
+                        t1 = time.perf_counter()
+                        program.compile()
+                        rows.append({"case": "programs", "label": f"{name}, {n} + {n}: {what}",
+                                     "convolutions": program.as_text().count("stablehlo.convolution"),
+                                     "seconds": time.perf_counter() - t1})
+                    rows.append({"case": "programs", "label": f"{name}, {n} + {n}: tracing and lowering",
+                                 "convolutions": 0, "seconds": traced_s})
+                else:
+                    lowered.compile()
                 compile_s[n] = time.perf_counter() - t0
             zeros = jax.tree_util.tree_map(np.zeros_like, state.alpha_solution)
             cold_state = state.replace(alpha_solution=zeros)
@@ -214,6 +231,8 @@ def main(argv):
             lambda r: f"rho {r['rho']:<6g} iterations {r['iterations']:>5}  converged {str(r['converged']):<5}  rel. "
                       f"error to float64 {r['rel. error']:>9.2e}  value {r['value']:+.5f}  "
                       f"(float64: {r['reference iterations']} iterations)")
+    section(rows, "programs", "the alpha step's programs (host-driven loops): compile time, in the order they run",
+            lambda r: f"{r['label']:<60} convolutions {r['convolutions']:>5}  {r['seconds']:>6.1f} s")
     section(rows, "mfeat frontier", "mfeat, 8 + 8 examples after training: iteration budget against the error to the "
             "float64 solution of the same system (epoch ratio once an epoch)",
             lambda r: f"{r['budget']:<46} residual {r['residual']:>9.2e}  HVPs {r['HVPs']:>6}  rel. error "

@@ -201,10 +201,22 @@ def test_a_run_folder_written_before_the_method_interface_evaluates_and_resumes_
     resumed = train(cfg, workdir)
     fresh = train(cfg, str(tmp_path / "fresh"))
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    # The old code drew the power iteration's random start a leaf at a time (optax's tree_random_like), the code
+    # since in one draw (a threefry loop a leaf cost the ResNet pair ~10 s of compilation): after its 20
+    # iterations |lambda|_max, so the damping, differs by ~2e-4 (relative), which moves alpha by ~1e-4 and the
+    # solve's iteration counts by a few. Everything else of the resume is as exact as before.
+    solve = ("hypergrad_iterations", "hypergrad_iterations_max", "hypergrad_hvps", "hypergrad_residual",
+             "hypergrad_residual_max", "hypergrad_hypergradient")
     for ha, hb in zip(resumed["history"], fresh["history"]):
         # epoch 1 is the old code's record: it lacks only the diagnostics added since (issue 25's power iteration)
         assert set(hb) - set(ha) <= {"hypergrad_power_iterations", "hypergrad_lambda_max"} and set(ha) <= set(hb)
         for k in ha:
-            np.testing.assert_allclose(ha[k], hb[k], rtol=1e-6, err_msg=k)
-    np.testing.assert_allclose(resumed["final_alpha"], fresh["final_alpha"], rtol=1e-6)
-    assert resumed["alpha_steps"] == fresh["alpha_steps"]
+            if k.endswith(("iterations", "iterations_max", "hvps")):
+                assert abs(ha[k] - hb[k]) <= 0.1 * hb[k], k
+            elif k in solve:  # the residual within the solve's tolerance; the value within the step's accuracy
+                assert (ha[k] <= 1e-3) if "residual" in k else abs(ha[k] - hb[k]) <= 0.02 * abs(hb[k]), k
+            else:
+                np.testing.assert_allclose(ha[k], hb[k], rtol=1e-3 if k == "hypergrad_damping" else 3e-4, err_msg=k)
+    np.testing.assert_allclose(resumed["final_alpha"], fresh["final_alpha"], rtol=3e-4)
+    assert [resumed["alpha_steps"][k] for k in ("count", "converged", "skipped")] == \
+        [fresh["alpha_steps"][k] for k in ("count", "converged", "skipped")]

@@ -66,7 +66,10 @@ def test_frontier_on_tiny_mlp(tmp_path):
         assert r["sampling"] == res["rows"][0]["sampling"] > 0
         assert r["total"] <= r["solver"] + r["sampling"] + 1e-12
         assert r["hvps"] > 0 and r["example_hvps"] == r["hvps"] * 8
-    assert rows[("corrected", "100 iterations")]["hvps"] > rows[("primal", "100 iterations")]["hvps"]
+    # the corrected estimate's dual solve runs beside the primal: more HVPs an iteration (where it stops may differ)
+    per_iteration = {k: rows[(k, "100 iterations")]["hvps"] / rows[(k, "100 iterations")]["iterations"]
+                     for k in ("primal", "corrected")}
+    assert per_iteration["corrected"] > 1.5 * per_iteration["primal"], per_iteration
     md = open(os.path.join(out, "results.md")).read()
     assert "| 8 + 8 | corrected | 100 iterations |" in md and "The same data at rho 0.5" in md
     assert os.path.getsize(os.path.join(out, "frontier_step4.png")) > 1000
