@@ -212,7 +212,7 @@ print("OK")
 """
 
 
-def test_on_a_mesh_a_loop_body_compiles_once_its_carry_keeping_the_phase_s_shardings():
+def test_on_a_mesh_a_loop_body_compiles_once_its_carry_keeping_its_first_shardings():
     import os
     import subprocess
     import sys

@@ -375,16 +375,16 @@ class HostLoops:
                 flat[i] = x
         return jax.tree_util.tree_unflatten(tree, flat)
 
-    def lower(self, *args) -> "LoweredPhases":
+    def lower(self, *args) -> "LoweredPrograms":
         """Every program lowered, in the order they first run, from ``args``' types alone: nothing runs.
         ``.as_text()`` joins their texts; ``.compile()`` compiles them all."""
         with self.context():
             plan, _ = self._plan(args)
             listed = list(plan.programs())
-            return LoweredPhases([program.lower(*specs) for _, program, specs in listed], [x[0] for x in listed])
+            return LoweredPrograms([program.lower(*specs) for _, program, specs in listed], [x[0] for x in listed])
 
 
-class LoweredPhases:
+class LoweredPrograms:
     """The lowered programs of a :class:`HostLoops` function; ``labels``: what each is (a segment, a call, a
     loop's condition or a body's segment)."""
 
