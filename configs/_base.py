@@ -77,6 +77,7 @@ def apply_method(c: ml_collections.ConfigDict, arg: str) -> ml_collections.Confi
         c.alpha.strategy = "learned"
         c.alpha.learned.per_pair = name == "ours_lb_vector"
         c.alpha.hypergrad.warm_power = True  # a relative damping's power iteration from the last step's (issue 25)
+        c.alpha.hypergrad.reuse_lambda = True  # and then only at the first step: the last solve's top Ritz value
     elif name == "lfm_code":
         c.alpha.strategy = "learned"
         c.loss.mm = "js"

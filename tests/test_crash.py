@@ -196,7 +196,7 @@ def test_a_run_folder_written_before_the_method_interface_evaluates_and_resumes_
         cfg.alpha.hypergrad.warm_start = True
         cfg.alpha.hypergrad.loop = "device"  # the old code's solver loops (host-driven ones round otherwise)
         # the old code's system (before issue 25's defaults): rho 1e-2, 20 power iterations from a cold start
-        cfg.alpha.hypergrad.warm_power = False
+        cfg.alpha.hypergrad.warm_power = cfg.alpha.hypergrad.reuse_lambda = False
         cfg.alpha.hypergrad.options.update({"damping": 1e-2, "power_tol": 0.0})
     resumed = train(cfg, workdir)
     fresh = train(cfg, str(tmp_path / "fresh"))

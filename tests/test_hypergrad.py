@@ -711,6 +711,59 @@ def test_power_iteration_warm_start_and_tolerance():
     np.testing.assert_allclose(float(second.value), float(first.value), rtol=1e-2)
 
 
+def test_cg_top_ritz_value_is_the_krylov_rayleigh_ritz_one():
+    """``info["ritz_max"]`` from CG's own coefficients equals the largest eigenvalue of ``A`` projected on the Krylov
+    space (numpy: an orthonormal basis of ``[b, A b, ..., A^(k-1) b]`` by QR, float64), stays below ``lambda_max``
+    and reaches it; a breakdown's iteration is left out."""
+    rng = np.random.default_rng(11)
+    q, _ = np.linalg.qr(rng.standard_normal((40, 40)))
+    eigs = np.concatenate([np.geomspace(1e-2, 2.0, 38), [3.0, 4.0]])
+    A = (q * eigs) @ q.T
+    b = rng.standard_normal(40)
+    with jax.enable_x64(True):
+        mv = lambda v: jnp.asarray(A) @ v
+        for k in (1, 2, 3, 5, 8):
+            _, info = hypergrad.conjugate_gradient(mv, jnp.asarray(b), tol=0.0, maxiter=k)
+            basis, _ = np.linalg.qr(np.stack([np.linalg.matrix_power(A, i) @ b for i in range(k)], 1))
+            ref = np.linalg.eigvalsh(basis.T @ A @ basis)[-1]
+            assert int(info["iterations"]) == k
+            np.testing.assert_allclose(float(info["ritz_max"]), ref, rtol=1e-9)
+            assert float(info["ritz_max"]) <= 4.0 * (1 + 1e-12)
+        _, info = hypergrad.conjugate_gradient(mv, jnp.asarray(b), tol=0.0, maxiter=30)
+        np.testing.assert_allclose(float(info["ritz_max"]), 4.0, rtol=1e-8)
+        # an indefinite operator breaks down; the Ritz value keeps only the iterations before it
+        B = (q * np.concatenate([[-1.0], np.ones(39)])) @ q.T
+        _, info = hypergrad.conjugate_gradient(lambda v: jnp.asarray(B) @ v, jnp.asarray(b), tol=0.0, maxiter=30)
+        assert bool(info["breakdown"]) and np.isfinite(float(info["ritz_max"])) and float(info["ritz_max"]) <= 1.0 + 1e-9
+
+
+def test_cg_reuses_a_given_lambda_max_and_returns_the_next_one():
+    """The normal system's CG returns ``|lambda|_max`` of H from its top Ritz value (against the dense Hessian's
+    eigenvalues); given back as ``lambda_max`` no power iteration runs and the damping is stated with it; a zero
+    ``lambda_max`` (none kept) is the power iteration's solve."""
+    params, cls, mm = mlp_setup()
+    a = 0.3
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    H = np.asarray(jax.jit(jax.hessian(lambda f: losses.total(cls(unravel(f)), mm(unravel(f)), a)))(flat))
+    top = np.max(np.abs(np.linalg.eigvalsh(H)))
+    opts = {"power_iters": 200, "power_tol": 1e-3, "tol": 1e-5}
+    first = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "cg", **opts)
+    ritz = float(first.carry["ritz_lambda_max"])
+    np.testing.assert_allclose(ritz, top, rtol=1e-3)
+    np.testing.assert_allclose(float(first.info["lambda_max"]), top, rtol=1e-2)  # the power iteration's, to 1e-3
+    second = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "cg", lambda_max=ritz, **opts)
+    assert int(second.info["power_iterations"]) == 0 and float(second.info["lambda_max"]) == pytest.approx(ritz, rel=1e-7)
+    np.testing.assert_allclose(float(second.info["damping"]), (0.1 * ritz) ** 2, rtol=1e-6)
+    saved = int(first.info["hvp_count"]) - int(second.info["hvp_count"])
+    cg_change = 2 * (int(first.info["iterations"]) - int(second.info["iterations"]))
+    assert saved == int(first.info["power_iterations"]) + cg_change and abs(cg_change) <= 4
+    assert bool(second.ok)
+    np.testing.assert_allclose(float(second.value), float(first.value), rtol=1e-2)
+    none_kept = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "cg", lambda_max=0.0, **opts)
+    assert int(none_kept.info["power_iterations"]) == int(first.info["power_iterations"])
+    assert float(none_kept.value) == float(first.value)
+
+
 def test_iterative_refinement_reaches_the_stated_precision_from_a_coarse_operator():
     """CG's iterations on a bfloat16-rounded operator (a reduced precision a CPU does not have) with the residuals
     at float32 (``true_matvec``): each restart is a round of iterative refinement, and the solve meets a tolerance

@@ -94,8 +94,13 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_records, tmp_path):
     with cfg.unlocked():
         cfg.alpha.hypergrad.warm_start = True  # the last solution is part of the state to resume
         cfg.alpha.hypergrad.warm_power = True  # and so is the power iteration's last iterate
+        cfg.alpha.hypergrad.reuse_lambda = True  # and the last solve's |lambda|_max
         cfg.alpha.hypergrad.options.power_tol = 1e-2
     full = train(cfg, str(tmp_path / "full"))
+    # the power iteration ran only at the first alpha step: every later one took the last solve's |lambda|_max
+    power = [json.loads(line)["hypergrad_power_iterations"] for line in open(tmp_path / "full" / "metrics.jsonl")
+             if '"split": "train"' in line]
+    assert power[0] > 0 and power[1:] == [0.0] * (len(power) - 1)
     part = train(cfg, str(tmp_path / "resumed"), max_steps=4)  # 3 steps an epoch: stops inside epoch 2
     assert part["stopped_at"] == 4
     # asking again for the same stop trains nothing more
@@ -124,6 +129,8 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_records, tmp_path):
               for s in (sa, sb))
     np.testing.assert_allclose(np.linalg.norm(pa), 1.0, rtol=1e-5)
     np.testing.assert_allclose(pb, pa, rtol=1e-5, atol=1e-7)
+    la, lb = (float(s.method_state["lambda_max"]) for s in (sa, sb))
+    assert la > 0 and lb == pytest.approx(la, rel=1e-6)
 
 
 def test_an_unconverged_solve_is_counted_and_not_applied(tiny_records, tmp_path):

@@ -29,7 +29,7 @@ DAMPING_MODES = ("relative", "absolute")
 DEFAULT_DAMPING = {"relative": 1e-1, "absolute": 1e-4}  # relative: issue 25's frontier (docs/benchmarks.md)
 
 
-def _lambda_max(matvec, like, iters: int, v0=None, tol=None):
+def _lambda_max(matvec, like, iters, v0=None, tol=None):
     """``(|lambda|_max, info)`` of ``matvec`` by power iteration from ``v0`` or a fixed random start (the same on
     every call); see :func:`~dyngap_jax.hypergrad.solvers.power_iteration`."""
     lam, info = power_iteration(matvec, like, jax.random.PRNGKey(0), iters, v0=v0, tol=tol)
@@ -77,7 +77,11 @@ class CG(Method):
     ``power_iters``: the power iteration's most iterations; ``power_tol`` (0: all of them) stops it
     earlier, once ``|lambda|_max``'s relative change between two iterations is at most ``power_tol``;
     input ``v0`` warm-starts it (the previous solve's ``carry["power_vector"]``: the curvature's top
-    direction moves little between alpha steps). ``info["power_iterations"]`` counts them.
+    direction moves little between alpha steps). ``info["power_iterations"]`` counts them. Input
+    ``lambda_max`` (positive and finite) is ``|lambda|_max`` given, and no power iteration runs: the
+    previous solve's ``carry["ritz_lambda_max"]``, which ``normal`` and ``gauss_newton`` return from the
+    largest Ritz value of their CG (:func:`~dyngap_jax.hypergrad.solvers.top_ritz`, minus the damping: no
+    HVP). The damping is then scaled by the curvature of the previous system, not this one's.
 
     ``tol`` / ``atol``: stop when ``|r| <= max(tol |b|, atol)`` (``info["residual"]`` is the true
     relative residual of the stated system, recomputed); ``maxiter``: iteration budget (a solve
@@ -105,7 +109,7 @@ class CG(Method):
 
     name: ClassVar[str] = "cg"
     exact: ClassVar[bool] = True
-    inputs: ClassVar[tuple[str, ...]] = ("x0", "v0", "gn_model")
+    inputs: ClassVar[tuple[str, ...]] = ("x0", "v0", "lambda_max", "gn_model")
 
     operator: str = "normal"
     damping: float | None = None
@@ -173,7 +177,7 @@ class CG(Method):
     def required_inputs(self):
         return ("gn_model",) if self.operator == "gauss_newton" else ()
 
-    def estimate(self, problem: Problem, x0=None, v0=None, gn_model=None):
+    def estimate(self, problem: Problem, x0=None, v0=None, lambda_max=None, gn_model=None):
         for name, tree in (("x0", x0), ("v0", v0)):
             if tree is not None:
                 check_like(tree, problem.params, name)
@@ -196,7 +200,14 @@ class CG(Method):
         damping = self.damping_value
         if self.relative:
             tol = None if not is_tracer(self.power_tol) and self.power_tol == 0 else self.power_tol
-            lam, pinfo = _lambda_max(fast(base), g, self.power_iters, v0, tol)
+            iters, given = self.power_iters, None
+            if lambda_max is not None:  # given: the power iteration runs no iteration
+                given = jnp.asarray(lambda_max, jnp.result_type(*jax.tree_util.tree_leaves(g)))
+                known = (given > 0) & jnp.isfinite(given)
+                iters = jnp.where(known, 0, self.power_iters)
+            lam, pinfo = _lambda_max(fast(base), g, iters, v0, tol)
+            if given is not None:
+                lam = jnp.where(known, given, lam)
             extra = pinfo["matvecs"]
             power = {"power_iterations": jnp.asarray(extra), "power_vector": pinfo["vector"]}
             damping = (damping * lam) ** 2 if self.operator == "normal" else damping * lam
@@ -215,6 +226,10 @@ class CG(Method):
         restarts, true = (self.restarts, None) if self.krylov_precision is None else (self.refinements, matvec)
         x, info = conjugate_gradient(damped(fast(op), damping), b, x0, tol=self.tol, atol=self.atol,
                                      maxiter=self.maxiter, restarts=restarts, scale_x0=True, true_matvec=true)
+        ritz = info.pop("ritz_max")
+        if self.operator in ("normal", "gauss_newton"):  # the undamped operator's top: lambda^2 + d, or lambda + mu
+            top = ritz - damping
+            power["ritz_lambda_max"] = jnp.sqrt(jnp.maximum(top, 0.0)) if self.operator == "normal" else top
         info = {**info, **power}
         info["hvp_count"] = info.pop("matvecs") * per_matvec + extra
         info["damping"] = jnp.asarray(damping)

@@ -188,7 +188,7 @@ def alpha_hypergradient(
     return HypergradResult(value=value, info=info, method=spec.name, solution=solution, carry=carry)
 
 
-CARRIED = ("power_vector",)  # what a method's info may hold for its next call (HypergradResult.carry)
+CARRIED = ("power_vector", "ritz_lambda_max")  # what a method's info may hold for its next call (HypergradResult.carry)
 
 
 def _estimate(problem: Problem, method: Method, inputs: dict, report_residual: bool):
@@ -209,7 +209,7 @@ def _estimate(problem: Problem, method: Method, inputs: dict, report_residual: b
             value = implicit_hypergradient(problem.cls_loss, problem.mm_loss, problem.params, problem.a, v,
                                            problem.cross_mode)
         info.update(method_info)
-        g = problem.outer_grad()  # a second trace of the same gradient; jit merges the two
+        g = problem.outer_grad()  # the method's (Problem keeps it): no second gradient
         # a solve that stopped on a non-finite right-hand side must not pass for a clean zero
         finite = tree_finite(v) & tree_finite(g)
         if report_residual:

@@ -165,7 +165,11 @@ class Problem:
         return make_hvp(self.total_at(self.a), self.params, self.hvp_mode, self.hvp_remat)[0]
 
     def outer_grad(self) -> PyTree:
-        return jax.grad(self.outer_loss)(self.params)
+        """``grad_theta L_outer``, traced once per problem: every later call returns the same values, so a
+        step split into programs passes them on rather than computing the gradient again."""
+        if "_outer_grad" not in self.__dict__:
+            object.__setattr__(self, "_outer_grad", jax.grad(self.outer_loss)(self.params))
+        return self.__dict__["_outer_grad"]
 
     def cross_vectors(self) -> PyTree:
         """The cross term as vectors, ``d grad_theta L_total / d alpha_j`` stacked on a leading axis

@@ -24,6 +24,10 @@ PyTree = Any
 # land inside the tolerance instead of just outside it.
 MARGIN = 0.95
 
+# CG's first iterations whose coefficients make the Lanczos matrix of ``info["ritz_max"]`` (its largest eigenvalue
+# is the first thing Lanczos finds: it has converged long before the solve)
+RITZ_WINDOW = 32
+
 
 def tree_finite(tree: PyTree) -> jax.Array:
     """True when every leaf of ``tree`` is finite (a traced boolean)."""
@@ -66,7 +70,9 @@ def conjugate_gradient(
     Returns ``x`` and a dict: ``iterations``; ``residual``, the relative residual
     ``|b - A x| / |b|`` recomputed from ``x`` (not the recursive estimate); ``converged``
     (that residual within tolerance, no breakdown); ``breakdown``; ``negative_curvature``
-    (the breakdown was ``p^T A p <= 0``); ``matvecs``, operator applications made.
+    (the breakdown was ``p^T A p <= 0``); ``matvecs``, operator applications made; ``ritz_max``,
+    the largest Ritz value of ``A`` from the first :data:`RITZ_WINDOW` iterations' coefficients
+    (:func:`top_ritz`; at no operator application).
     """
     if restarts < 0:
         raise ValueError(f"conjugate_gradient: `restarts` must be >= 0, got {restarts}")
@@ -84,7 +90,7 @@ def conjugate_gradient(
         n, x, inf = carry
         x_new, again = _cg_run(matvec, b, x, tol, atol, maxiter, False, true_matvec)
         merged = {**again, "iterations": inf["iterations"] + again["iterations"],
-                  "matvecs": inf["matvecs"] + again["matvecs"]}
+                  "matvecs": inf["matvecs"] + again["matvecs"], "ritz_max": jnp.fmax(inf["ritz_max"], again["ritz_max"])}
         return n + 1, x_new, merged
 
     _, x, info = loops.while_loop(cond, body, (jnp.zeros((), jnp.int32), x, info), name="cg restart")
@@ -110,11 +116,11 @@ def _cg_run(matvec, b, x0, tol, atol, maxiter, scale_x0=False, true_matvec=None)
     rr0 = otu.tree_vdot(r0, r0)
 
     def cond(carry):
-        k, _, _, _, rr, broke, _ = carry
+        k, _, _, _, rr, broke, _, _ = carry
         return (k < maxiter) & (jnp.sqrt(rr) > MARGIN * threshold) & ~broke
 
     def body(carry):
-        k, x, r, p, rr, _, _ = carry
+        k, x, r, p, rr, _, _, coef = carry
         ap = matvec(p)
         pap = otu.tree_vdot(p, ap)
         nonpositive = pap <= 0
@@ -126,6 +132,8 @@ def _cg_run(matvec, b, x0, tol, atol, maxiter, scale_x0=False, true_matvec=None)
         beta = rr_new / rr
         p_new = otu.tree_add_scale(r_new, beta, p)
         keep = lambda new, old: otu.tree_where(broke, old, new)
+        index = jnp.where(broke, RITZ_WINDOW, k)  # out of range: dropped
+        coef = coef.at[:, index].set(jnp.stack([step, beta]).astype(coef.dtype), mode="drop")
         return (
             k + 1,
             keep(x_new, x),
@@ -134,10 +142,12 @@ def _cg_run(matvec, b, x0, tol, atol, maxiter, scale_x0=False, true_matvec=None)
             jnp.where(broke, rr, rr_new),
             broke,
             nonpositive,
+            coef,
         )
 
-    init = (jnp.zeros((), jnp.int32), x0, r0, r0, rr0, ~jnp.isfinite(rr0), jnp.zeros((), bool))
-    k, x, _, _, _, broke, nonpositive = loops.while_loop(cond, body, init, name="cg")
+    coef0 = jnp.zeros((2, RITZ_WINDOW), rr0.dtype)
+    init = (jnp.zeros((), jnp.int32), x0, r0, r0, rr0, ~jnp.isfinite(rr0), jnp.zeros((), bool), coef0)
+    k, x, _, _, _, broke, nonpositive, coef = loops.while_loop(cond, body, init, name="cg")
 
     true_r = otu.tree_sub(b, true_matvec(x))
     r_norm = otu.tree_norm(true_r)
@@ -151,8 +161,26 @@ def _cg_run(matvec, b, x0, tol, atol, maxiter, scale_x0=False, true_matvec=None)
         "breakdown": broke,
         "negative_curvature": broke & nonpositive,
         "matvecs": k + initial_matvecs + 1,
+        "ritz_max": top_ritz(coef[0], coef[1], jnp.minimum(k - broke.astype(k.dtype), RITZ_WINDOW)),
     }
     return x, info
+
+
+def top_ritz(steps: jax.Array, betas: jax.Array, n) -> jax.Array:
+    """The largest eigenvalue of the Lanczos matrix of CG's first ``n`` iterations, from their step sizes
+    ``steps`` (``alpha_j = r_j^T r_j / p_j^T A p_j``) and ``betas`` (``r_{j+1}^T r_{j+1} / r_j^T r_j``): the
+    tridiagonal ``T`` with ``T_jj = 1/alpha_j + beta_{j-1}/alpha_{j-1}`` and ``T_{j,j+1} = sqrt(beta_j)/alpha_j``
+    (Saad, *Iterative Methods for Sparse Linear Systems*, 6.7.3). It is the largest Rayleigh quotient of ``A`` on
+    the Krylov space, so at most ``lambda_max(A)``; NaN for ``n = 0``. A dense ``eigvalsh`` of the padded
+    :data:`RITZ_WINDOW`-square matrix (the rows past ``n`` zero): one small LAPACK call, where a bisection would
+    be a loop."""
+    j = jnp.arange(steps.shape[0])
+    valid = j < n
+    inv = jnp.where(valid, 1.0 / jnp.where(valid, steps, 1.0), 0.0)
+    diag = jnp.where(valid, inv + jnp.concatenate([jnp.zeros(1, inv.dtype), betas[:-1] * inv[:-1]]), 0.0)
+    off = jnp.where(j[1:] < n, jnp.sqrt(jnp.maximum(betas[:-1], 0.0)) * inv[:-1], 0.0)
+    t = jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1)
+    return jnp.where(n > 0, jnp.linalg.eigvalsh(t)[-1], jnp.nan)
 
 
 def minres(

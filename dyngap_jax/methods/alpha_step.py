@@ -113,7 +113,7 @@ def _identity(batch):
 
 def make_alpha_step(*, model, mm_loss: Callable, learned: LearnedAlpha, method: hypergrad.Method,
                     require_converged: bool = False, shardings=None, precision: str = "highest",
-                    warm_start: bool = False, warm_power: bool = False, prepare: Callable | None = None, donate: bool = False,
+                    warm_start: bool = False, warm_power: bool = False, reuse_lambda: bool = False, prepare: Callable | None = None, donate: bool = False,
                     hvp_remat: str = "none", batch_norm: str = "batch", loop: str = "device",
                     progress: Callable | None = None):
     """``alpha_step(state, inner_batch, outer_batch, train_bn=True) -> (state, result, applied)``: Algorithm 1's
@@ -127,7 +127,9 @@ def make_alpha_step(*, model, mm_loss: Callable, learned: LearnedAlpha, method: 
     ``state.alpha_solution`` (the last solution, non-finite entries replaced by 0) and keep the new one.
     ``warm_power``: start the method's power iteration (input ``v0``) from
     ``state.method_state["power_vector"]`` and keep its last iterate there (also when the step is not
-    applied: it is an estimate of the curvature's top direction either way).
+    applied: it is an estimate of the curvature's top direction either way). ``reuse_lambda``: the method's input
+    ``lambda_max`` from ``state.method_state["lambda_max"]`` (0, none, runs the power iteration) and its
+    ``carry["ritz_lambda_max"]`` kept there (non-finite: 0).
     ``prepare``: the run's batch preparation (frames augmented on the device), traced inside the step;
     ``shardings = (state, batch, replicated)``; ``donate``: the input state's buffers are reused.
     ``hvp_remat``: :func:`dyngap_jax.hypergrad.alpha_hypergradient`'s (``config.alpha.hypergrad.remat``).
@@ -170,8 +172,11 @@ def make_alpha_step(*, model, mm_loss: Callable, learned: LearnedAlpha, method: 
             inputs["x0"] = _cast(_finite_or_zero(state.alpha_solution), a.dtype)
         if warm_power:
             inputs["v0"] = _cast(_finite_or_zero(state.method_state["power_vector"]), a.dtype)
+        if reuse_lambda:
+            inputs["lambda_max"] = state.method_state["lambda_max"].astype(a.dtype)
+        # no Hessian residual: of the undamped H, which a damped system's solution is not meant to invert
         res = hypergrad.alpha_hypergradient(cls_loss, inner_mm, outer_loss, work.params, a, method, hvp_remat=hvp_remat,
-                                            **inputs)
+                                            report_residual=False, **inputs)
         usable = res.ok if require_converged else res.info["finite"] & ~res.info["breakdown"]
         g = jnp.where(usable, res.value, jnp.nan)
         new = state.replace(alpha=learned.update(state.alpha, g))
@@ -185,7 +190,10 @@ def make_alpha_step(*, model, mm_loss: Callable, learned: LearnedAlpha, method: 
             new = new.replace(alpha_solution=_cast(_finite_or_zero(res.solution), jnp.float32))
         if warm_power:
             vector = _cast(_finite_or_zero(res.carry["power_vector"]), jnp.float32)
-            new = new.replace(method_state={**state.method_state, "power_vector": vector})
+            new = new.replace(method_state={**new.method_state, "power_vector": vector})
+        if reuse_lambda:
+            lam = res.carry["ritz_lambda_max"].astype(jnp.float32)
+            new = new.replace(method_state={**new.method_state, "lambda_max": jnp.where(jnp.isfinite(lam), lam, 0.0)})
         return new, res.replace(solution=None, carry=None), usable
 
     donate_argnums = (0,) if donate else ()

@@ -74,7 +74,7 @@ class LFM(Method):
         self.mm_loss = mm_loss_fn(cfg.loss.mm, cfg.model.modalities, cfg.loss.temperature, per_pair)
         self.scale = cfg.loss.scale
         self.fixed = None if self.learned_strategy else alpha_lib.fixed_strategy(acfg.strategy)
-        self.learned, self.estimator, self.warm_power = None, None, False
+        self.learned, self.estimator, self.warm_power, self.reuse_lambda = None, None, False, False
         if self.learned_strategy:
             inner = acfg.inner_iters
             self.learned = learned_alpha(cfg, max(1, info.steps_per_epoch // inner) if inner else 1)
@@ -87,8 +87,12 @@ class LFM(Method):
             self.require_converged = self.estimator.exact if require is None else require
             self.warm_start = acfg.hypergrad.warm_start and "x0" in self.estimator.inputs
             # the power iteration's last iterate kept for the next step, where the method runs one
-            self.warm_power = (acfg.hypergrad.warm_power and "v0" in self.estimator.inputs
-                               and bool(getattr(self.estimator, "relative", False)))
+            relative = bool(getattr(self.estimator, "relative", False))
+            self.warm_power = acfg.hypergrad.warm_power and "v0" in self.estimator.inputs and relative
+            # the last solve's top Ritz value, where the method returns one (CG's residual rule, normal or GN)
+            self.reuse_lambda = (acfg.hypergrad.reuse_lambda and "lambda_max" in self.estimator.inputs and relative
+                                 and getattr(self.estimator, "scalar_tol", None) is None
+                                 and getattr(self.estimator, "operator", None) in ("normal", "gauss_newton"))
 
     def init_fields(self, params) -> dict:
         learned = self.learned or alpha_lib.LearnedAlpha(init=0.0)
@@ -96,11 +100,14 @@ class LFM(Method):
         return {"alpha": learned.create(), "alpha_solution": solution, "method_state": self.init_state(params)}
 
     def init_state(self, params):
-        """With ``alpha.hypergrad.warm_power``: ``{"power_vector": zeros like params}`` (a zero start is the cold
-        one), else None."""
-        if not self.warm_power:
-            return None
-        return {"power_vector": jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), params)}
+        """With ``alpha.hypergrad.warm_power``, ``"power_vector"``: zeros like params (a zero start is the cold
+        one); with ``reuse_lambda``, ``"lambda_max"``: 0 (none kept: the power iteration runs); else None."""
+        state = {}
+        if self.warm_power:
+            state["power_vector"] = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+        if self.reuse_lambda:
+            state["lambda_max"] = jnp.zeros((), jnp.float32)
+        return state or None
 
     def loss(self, ctx: StepContext, params):
         out, model_state = ctx.forward(params)
@@ -206,7 +213,8 @@ class AlphaStep(Part):
         return make_alpha_step(model=run.model, mm_loss=lfm.mm_loss, learned=lfm.learned, method=lfm.estimator,
                                require_converged=lfm.require_converged, shardings=run.shardings(state),
                                precision="float64" if p.alpha_float64 else p.alpha_matmul,
-                               warm_start=lfm.warm_start, warm_power=lfm.warm_power, prepare=run.prepare, donate=donate,
+                               warm_start=lfm.warm_start, warm_power=lfm.warm_power, reuse_lambda=lfm.reuse_lambda,
+                               prepare=run.prepare, donate=donate,
                                hvp_remat=self.acfg.hypergrad.remat, batch_norm=self.acfg.batch_norm,
                                loop=resolve_loop(self.acfg.hypergrad.loop), progress=self._progress)
 

@@ -219,6 +219,9 @@ class HypergradConfig:
     warm_start: bool = field(False, Bool(), "start each solve from the last solution (kept in the train state)")
     warm_power: bool = field(False, Bool(), "start the power iteration of a relative damping from the last step's "
                              "top direction (kept in the train state); with the method's power_tol it stops early")
+    reuse_lambda: bool = field(False, Bool(), "a relative damping's |lambda|_max from the last step's solve (the top "
+                               "Ritz value of its CG: no HVP; kept in the train state); the power iteration runs "
+                               "only where none is kept (the first step)")
     remat: str = field("none", Choice(*REMAT_POLICIES), "what the forward pass under each HVP keeps")
     loop: str = field("auto", Choice("auto", "device", "host"), "where the solvers' iterations run: in one XLA "
                       "program (device) or one compiled iteration a call (host); auto: host on a CPU")
