@@ -180,7 +180,9 @@ def test_a_long_host_driven_alpha_step_prints_where_it_is(tiny_records, tmp_path
     out = capsys.readouterr().out
     steps = summary["alpha_steps"]["count"]
     assert steps >= 1
-    assert out.count(": power iteration iteration 1 (") == steps  # the solve's loops by name, each iteration
+    # the solve's loops by name, each iteration: CG at every step, the power iteration only at the first (later
+    # steps take the last solve's |lambda|_max, alpha.hypergrad.reuse_lambda)
+    assert out.count(": cg iteration 1 (") == steps and out.count(": power iteration iteration 1 (") == 1
     assert ": cg iteration 2 (" in out and "alpha step at step " in out
 
 
