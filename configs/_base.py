@@ -18,6 +18,8 @@ Methods (``--config configs/<dataset>.py:<method>``):
   authors_fitted      the same recipe with their README's entry point (Crema_epoch.py): alpha the degree-5
                       polynomial of the epoch written there, not learned
   unimodal:<modality> one encoder alone, classification only
+  ogm_ge              OGM-GE (Peng et al., CVPR 2022): the dominant modality's encoder gradients damped, with
+                      Gaussian noise (dyngap_jax/methods/ogm_ge.py; config.balance.options); two modalities
 
 The authors' recipes select the best epoch on validation, as every method here; their code keeps the
 best test accuracy, which ``--config.train.select_split=test`` reproduces (flagged in the output).
@@ -47,7 +49,11 @@ def base(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
 
 
 METHODS = ("concat", "constant:<a>", "stepwise:<p>", "ours_h", "ours_lb", "ours_lb_vector", "lfm_code", "authors_learned",
-           "authors_fitted", "unimodal:<modality>")
+           "authors_fitted", "unimodal:<modality>", "ogm_ge")
+# the balancing methods: config.balance.method, each with its options' defaults (the original code's); a data set's
+# config may set its own (``BALANCE_OPTIONS`` there). Those of two modalities are refused for more by validate.
+BALANCE = {"ogm_ge": {}}
+TWO_MODALITIES = ("ogm_ge",)
 
 
 def method_args(modalities) -> list[str]:
@@ -55,6 +61,8 @@ def method_args(modalities) -> list[str]:
     for ``unimodal``): what ``tests/test_config.py`` validates for every data set's config."""
     out = []
     for name in METHODS:
+        if name in TWO_MODALITIES and len(modalities) != 2:
+            continue
         if name == "unimodal:<modality>":
             out += [f"unimodal:{m}" for m in modalities]
         else:
@@ -62,10 +70,15 @@ def method_args(modalities) -> list[str]:
     return out
 
 
-def apply_method(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
+def apply_method(c: ml_collections.ConfigDict, arg: str, balance_options: dict | None = None) -> ml_collections.ConfigDict:
+    """``c`` with the method ``arg`` (see the module docstring); ``balance_options``: a data set's own defaults for
+    the balancing methods' options, ``{method: {option: value}}``."""
     name, _, value = (arg or "ours_lb").partition(":")
     c.method = arg or "ours_lb"
-    if name == "concat":
+    if name in BALANCE:  # the method's own loss (loss.* and alpha.* are LFM's, not read)
+        c.balance.method = name
+        c.balance.options.update({**BALANCE[name], **(balance_options or {}).get(name, {})})
+    elif name == "concat":
         c.alpha.strategy = "constant:0.0"
     elif name in ("constant", "stepwise"):
         if not value:
@@ -103,7 +116,7 @@ def apply_method(c: ml_collections.ConfigDict, arg: str) -> ml_collections.Confi
     else:
         raise ValueError(
             f"unknown method {arg!r}; known: concat, constant:<a>, stepwise:<p>, ours_h, ours_lb, ours_lb_vector, "
-            "lfm_code, authors_learned, authors_fitted, unimodal:<modality>"
+            f"lfm_code, authors_learned, authors_fitted, unimodal:<modality>, {', '.join(BALANCE)}"
         )
     return c
 

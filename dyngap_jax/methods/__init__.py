@@ -91,9 +91,11 @@ def options_from_config(name: str, options: Mapping[str, Any], field: str = "con
         raise ValueError(f"{field}: {name}: {e}") from None
 
 
-from dyngap_jax.methods.lfm import LFM  # noqa: E402  (after `register`: lfm imports the interface only)
+from dyngap_jax.methods.lfm import LFM  # noqa: E402  (after `register`: these import the interface only)
+from dyngap_jax.methods.ogm_ge import OGMGE  # noqa: E402
 
 register(LFM)
+register(OGMGE)
 
-__all__ = ["LFM", "METHODS", "Method", "NoOptions", "Part", "RunInfo", "StepContext", "StepInfo", "TrainState", "finish_metrics",
+__all__ = ["LFM", "METHODS", "OGMGE", "Method", "NoOptions", "Part", "RunInfo", "StepContext", "StepInfo", "TrainState", "finish_metrics",
            "forward", "get", "modality_keys", "option_names", "option_types", "options_from_config", "register", "scale_modalities"]
