@@ -20,6 +20,9 @@ Methods (``--config configs/<dataset>.py:<method>``):
   unimodal:<modality> one encoder alone, classification only
   ogm_ge              OGM-GE (Peng et al., CVPR 2022): the dominant modality's encoder gradients damped, with
                       Gaussian noise (dyngap_jax/methods/ogm_ge.py; config.balance.options); two modalities
+  mmpareto            MMPareto (Wei & Hu, ICML 2024): each encoder's multimodal and unimodal gradients combined
+                      by their cosine (equal weights, or min-norm where they conflict), magnified by 1.5; a
+                      head a modality beside the concat head (dyngap_jax/methods/mmpareto.py)
 
 The authors' recipes select the best epoch on validation, as every method here; their code keeps the
 best test accuracy, which ``--config.train.select_split=test`` reproduces (flagged in the output).
@@ -49,10 +52,10 @@ def base(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
 
 
 METHODS = ("concat", "constant:<a>", "stepwise:<p>", "ours_h", "ours_lb", "ours_lb_vector", "lfm_code", "authors_learned",
-           "authors_fitted", "unimodal:<modality>", "ogm_ge")
+           "authors_fitted", "unimodal:<modality>", "ogm_ge", "mmpareto")
 # the balancing methods: config.balance.method, each with its options' defaults (the original code's); a data set's
 # config may set its own (``BALANCE_OPTIONS`` there). Those of two modalities are refused for more by validate.
-BALANCE = {"ogm_ge": {}}
+BALANCE = {"ogm_ge": {}, "mmpareto": {}}
 TWO_MODALITIES = ("ogm_ge",)
 
 
@@ -78,6 +81,8 @@ def apply_method(c: ml_collections.ConfigDict, arg: str, balance_options: dict |
     if name in BALANCE:  # the method's own loss (loss.* and alpha.* are LFM's, not read)
         c.balance.method = name
         c.balance.options.update({**BALANCE[name], **(balance_options or {}).get(name, {})})
+        if name == "mmpareto":  # their model: the concat head and a linear head a modality
+            c.model.fusion = {"name": "concat", "unimodal_heads": True}
     elif name == "concat":
         c.alpha.strategy = "constant:0.0"
     elif name in ("constant", "stepwise"):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tiny_data import make_tiny_records, tiny_config
 
-from dyngap_jax.methods import ogm_ge
+from dyngap_jax.methods import mmpareto, ogm_ge
 from dyngap_jax.train import ConfigError, setup, validate
 
 HIDDEN, FEATURES, CLASSES = 16, 8, 3
@@ -35,50 +35,57 @@ def balance_config(records, method, **options):
 
 
 class Net(torch.nn.Module):
-    """The tiny model in PyTorch: an encoder a modality, a linear head on their concatenation (``a`` first)."""
+    """The tiny model in PyTorch: an encoder a modality, a linear head on their concatenation (``a`` first), and
+    with ``unimodal_heads`` a linear head a modality (``heads``)."""
 
-    def __init__(self):
+    def __init__(self, unimodal_heads=False):
         super().__init__()
         self.enc = torch.nn.ModuleDict({m: torch.nn.Sequential(torch.nn.Linear(d, HIDDEN), torch.nn.ReLU(),
                                                                torch.nn.Linear(HIDDEN, FEATURES))
                                         for m, d in INPUTS.items()})
         self.head = torch.nn.Linear(2 * FEATURES, CLASSES)
+        if unimodal_heads:
+            self.heads = torch.nn.ModuleDict({m: torch.nn.Linear(FEATURES, CLASSES) for m in INPUTS})
 
     def forward(self, x):
         f = {m: self.enc[m](x[m]) for m in INPUTS}
         return f, self.head(torch.cat([f["a"], f["b"]], 1))
 
 
-def to_torch(params) -> Net:
+def _layers(net: Net, params):
+    """``(torch layer, our {kernel, bias})`` pairs."""
+    pairs = [(layer, params[f"encoders_{m}"][name]) for m in INPUTS
+             for layer, name in ((net.enc[m][0], "dense_0"), (net.enc[m][2], "out"))]
+    pairs.append((net.head, params["fusion"]))
+    if hasattr(net, "heads"):
+        pairs += [(net.heads[m], params["fusion"][f"head_{m}"]) for m in INPUTS]
+    return pairs
+
+
+def to_torch(params, unimodal_heads=False) -> Net:
     t = lambda x: torch.from_numpy(np.array(x, np.float64))
-    net = Net().double()
+    net = Net(unimodal_heads).double()
     with torch.no_grad():
-        for m in INPUTS:
-            p = params[f"encoders_{m}"]
-            for layer, name in ((net.enc[m][0], "dense_0"), (net.enc[m][2], "out")):
-                layer.weight.copy_(t(p[name]["kernel"]).T)
-                layer.bias.copy_(t(p[name]["bias"]))
-        net.head.weight.copy_(t(params["fusion"]["kernel"]).T)
-        net.head.bias.copy_(t(params["fusion"]["bias"]))
+        for layer, p in _layers(net, params):
+            layer.weight.copy_(t(p["kernel"]).T)
+            layer.bias.copy_(t(p["bias"]))
     return net
 
 
 def assert_same_params(net: Net, params, rtol=1e-10):
     n = lambda x: x.detach().numpy()
-    for m in INPUTS:
-        p = params[f"encoders_{m}"]
-        for layer, name in ((net.enc[m][0], "dense_0"), (net.enc[m][2], "out")):
-            np.testing.assert_allclose(np.asarray(p[name]["kernel"]), n(layer.weight).T, rtol=rtol, atol=1e-13)
-            np.testing.assert_allclose(np.asarray(p[name]["bias"]), n(layer.bias), rtol=rtol, atol=1e-13)
-    np.testing.assert_allclose(np.asarray(params["fusion"]["kernel"]), n(net.head.weight).T, rtol=rtol, atol=1e-13)
-    np.testing.assert_allclose(np.asarray(params["fusion"]["bias"]), n(net.head.bias), rtol=rtol, atol=1e-13)
+    for layer, p in _layers(net, params):
+        np.testing.assert_allclose(np.asarray(p["kernel"]), n(layer.weight).T, rtol=rtol, atol=1e-13)
+        np.testing.assert_allclose(np.asarray(p["bias"]), n(layer.bias), rtol=rtol, atol=1e-13)
 
 
-def run_steps(cfg, count=3):
-    """``count`` train steps of ``cfg``'s method from its initial state, in float64: ``(initial params, batches
-    (as torch tensors) with each step's epoch and key, final state, metrics)``."""
+def run_steps(cfg, count=3, edit=None):
+    """``count`` train steps of ``cfg``'s method from its initial state (``edit(params)`` of it), in float64:
+    ``(initial params, batches (as torch tensors) with each step's epoch and key, final state, metrics)``."""
     run = setup(cfg)
     state = run.create_train_state()
+    if edit is not None:
+        state = state.replace(params=edit(state.params))
     first = jax.tree_util.tree_map(np.asarray, state.params)
     step = run.train_step(state, donate=False)
     epochs = [b for e in range(2) for b in run.loader("train", train=True, epoch=e)]
@@ -175,3 +182,87 @@ def test_a_two_modality_method_refuses_three_and_a_head_without_modality_logits(
         cfg.balance.options.modulation_ends = -1
     with pytest.raises(ConfigError, match=r"config.balance.options: ogm_ge: the window needs"):
         validate(cfg)
+
+
+# ---- MMPareto (GeWu-Lab/MMPareto_ICML2024, code/MMPareto.py, train_epoch)
+
+def mmpareto_loop(net: Net, batches, gamma=1.5):
+    """Their step: a backward a loss (the fused head's CE, then each modality's head's), the gradients zeroed in
+    between, each encoder's two kept; per encoder the cosine over all its tensors, (1/2, 1/2) above 0 else
+    their two-task min-norm weights; the summed loss's backward; each encoder tensor
+    ``gamma max(1, |g_sum| / |d|) d`` with ``d = 2 (c g_mm + (1 - c) g_m)``; the heads as the sum leaves them."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
+    seen = []
+    for x, y, _, _ in batches:
+        opt.zero_grad()
+        f, out = net(x)
+        losses = [F.cross_entropy(out, y)] + [F.cross_entropy(net.heads[m](f[m]), y) for m in INPUTS]
+        grads = []
+        for loss in losses:
+            loss.backward(retain_graph=True)
+            grads.append({m: [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in net.enc[m].parameters()]
+                          for m in INPUTS})
+            opt.zero_grad()
+        weights = {}
+        for i, m in enumerate(INPUTS):
+            g_mm, g_u = grads[0][m], grads[1 + i][m]
+            flat_mm, flat_u = torch.cat([g.flatten() for g in g_mm]), torch.cat([g.flatten() for g in g_u])
+            cos = F.cosine_similarity(flat_mm, flat_u, dim=0)
+            if cos > 0:
+                c = 0.5
+            else:  # MinNormSolver._min_norm_element_from2(v1v1, v1v2, v2v2)
+                v11, v12, v22 = flat_mm @ flat_mm, flat_mm @ flat_u, flat_u @ flat_u
+                c = 0.999 if v12 >= v11 else 0.001 if v12 >= v22 else float(-((v12 - v22) / (v11 + v22 - 2 * v12)))
+            weights[m] = (c, float(cos))
+        sum(losses).backward()
+        for i, m in enumerate(INPUTS):
+            c = weights[m][0]
+            for p, a, b in zip(net.enc[m].parameters(), grads[0][m], grads[1 + i][m]):
+                d = 2 * c * a + 2 * (1 - c) * b
+                diff = p.grad.norm() / d.norm()
+                p.grad = diff * d * gamma if diff > 1 else d * gamma
+        opt.step()
+        seen.append(weights)
+    return seen
+
+
+def test_mmpareto_follows_the_original_update(tiny_records):
+    """Three steps, one with a conflicting modality: modality b's own head starts as the negative of its block of
+    the fused head, so its unimodal gradient opposes the multimodal one (cosine < 0, the min-norm weights)."""
+    def conflict(params):
+        fusion = dict(params["fusion"])
+        fusion["head_b"] = {"kernel": -fusion["kernel"][FEATURES:], "bias": jnp.zeros_like(fusion["bias"])}
+        return {**params, "fusion": fusion}
+
+    with jax.enable_x64(True):
+        cfg = balance_config(tiny_records, "mmpareto")
+        assert dict(cfg.model.fusion) == {"name": "concat", "unimodal_heads": True}
+        first, batches, state, metrics = run_steps(cfg, edit=conflict)
+    net = to_torch(first, unimodal_heads=True)
+    seen = mmpareto_loop(net, batches)
+    assert_same_params(net, state.params)
+    cos = [w[m][1] for w in seen for m in INPUTS]
+    assert min(cos) < 0 < max(cos), cos  # both branches taken: equal weights and the min-norm ones
+    # b conflicts from the second step on (cosine < 0): min-norm weights inside (0, 1), not the equal ones
+    assert all(w["b"][1] < 0 and 0.001 < w["b"][0] < 0.999 and w["b"][0] != 0.5 for w in seen[1:])
+    for w, m in zip(seen, metrics):
+        for mod in INPUTS:
+            np.testing.assert_allclose(m[f"pareto_weight/{mod}"], w[mod][0], rtol=1e-10)
+            np.testing.assert_allclose(m[f"pareto_cos/{mod}"], w[mod][1], rtol=1e-10)
+
+
+def test_min_norm_weight_minimises_the_combination():
+    """The closed form against a bounded scalar minimisation of ``|c g1 + (1 - c) g2|`` (scipy)."""
+    import scipy.optimize
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        g1, g2 = rng.standard_normal(7), rng.standard_normal(7)
+        g2 = g2 - 2 * max(0.0, g1 @ g2) / (g1 @ g1) * g1  # a conflict: <g1, g2> <= 0
+        ref = scipy.optimize.minimize_scalar(lambda c: np.sum((c * g1 + (1 - c) * g2) ** 2), bounds=(0, 1),
+                                             method="bounded", options={"xatol": 1e-12}).x
+        assert float(mmpareto.min_norm_weight(jnp.asarray(g1), jnp.asarray(g2))) == pytest.approx(ref, abs=1e-6)
+    # the clamps: g2 a multiple of g1 beyond it, and the reverse
+    g = jnp.asarray([1.0, 2.0])
+    assert float(mmpareto.min_norm_weight(g, 2 * g)) == pytest.approx(0.999)
+    assert float(mmpareto.min_norm_weight(2 * g, g)) == pytest.approx(0.001)

@@ -4,7 +4,8 @@ Each head maps ``features: {modality: [B, d_j]}`` (in ``modalities`` order) to
 ``(logits [B, C], {modality: [B, C]})``. Per-modality logits follow the field's conventions:
 
 * ``concat``: one linear layer on the concatenation; modality ``j``'s logits use its block of
-  the weight matrix and ``bias / m``, so they sum exactly to the fused logits (OGM-GE, PMR, ...).
+  the weight matrix and ``bias / m``, so they sum exactly to the fused logits (OGM-GE, PMR, ...);
+  with ``unimodal_heads``, a linear head of its own instead (``head_<m>``: MMPareto's three heads).
 * ``sum`` (the authors' code): a linear head per modality; fused = their mean (``reduce="mean"``,
   the authors' ``0.5 o_a + 0.5 o_v``) or sum.
 * ``weighted`` ("Weight" in Table 1): per-modality heads mixed by learned softmax weights.
@@ -33,6 +34,7 @@ def _ordered(features: dict, modalities: Sequence[str]) -> list:
 class ConcatFusion(nn.Module):
     num_classes: int
     modalities: Sequence[str]
+    unimodal_heads: bool = False
     dtype: Any = jnp.float32  # the computation's (parameters stay float32)
 
     @nn.compact
@@ -42,6 +44,9 @@ class ConcatFusion(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (sum(dims), self.num_classes)).astype(self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.num_classes,)).astype(self.dtype)
         logits = jnp.concatenate(zs, axis=-1) @ kernel + bias
+        if self.unimodal_heads:
+            return logits, {m: nn.Dense(self.num_classes, dtype=self.dtype, name=f"head_{m}")(z)
+                            for m, z in zip(self.modalities, zs)}
         per, start = {}, 0
         for m, z, d in zip(self.modalities, zs, dims):
             per[m] = z @ kernel[start:start + d] + bias / len(zs)
