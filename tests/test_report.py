@@ -65,6 +65,23 @@ def test_report_grid_two_seeds(tiny_records, tmp_path):
     assert os.stat(summary).st_mtime_ns == stamp
 
 
+def test_the_balancing_methods_take_their_rows_in_table_1(tiny_records, tmp_path):
+    """OGM-GE and MMPareto beside concat: each modality's accuracy and the gap in their rows, no alpha (–)."""
+    make = lambda method: tiny_config(tiny_records, method, epochs=2)
+    methods = ["concat", "ogm_ge", "mmpareto"]
+    assert set(methods) <= set(report.allowed(["a", "b"]))
+    work = str(tmp_path / "runs")
+    results = report.run_grid(make, [0], work, methods)
+    text = report.write_report(results, make, work, str(tmp_path / "out"), title="tiny")
+    table1 = text.split("## Table 1")[1].split("## Table 3")[0]
+    assert "| a ACC | b ACC | gap (ACC) |" in table1
+    for m in methods:
+        row = table1.split(f"| {report.label(m)} |")[1].split("\n")[0]
+        best = results[m][0]["best"]["test"]
+        assert f"{100 * best['acc/a']:.2f} ± 0.00 | {100 * best['acc/b']:.2f} ± 0.00" in row
+        assert row.rstrip().endswith("| – |") == (m != "concat")
+
+
 def test_gap_projection_centroid_distance_matches_metric():
     rng = np.random.default_rng(0)
     feats = {"a": rng.standard_normal((50, 8)) + 2.0, "b": rng.standard_normal((50, 8)) - 1.0}

@@ -42,8 +42,8 @@ METRIC_NAMES = {"acc": "ACC", "map": "mAP", "f1": "macro-F1"}
 
 
 # methods a report may add to the paper's grid (--methods): the authors' alpha step in our recipe, their whole
-# released recipe (learned, and their fitted polynomial), one alpha per pair
-EXTRA = ("lfm_code", "authors_learned", "authors_fitted", "ours_lb_vector")
+# released recipe (learned, and their fitted polynomial), one alpha per pair, and the field's balancing methods
+EXTRA = ("lfm_code", "authors_learned", "authors_fitted", "ours_lb_vector", "ogm_ge", "mmpareto")
 
 
 def grid(modalities: Sequence[str]) -> list[str]:
@@ -63,7 +63,8 @@ def label(method: str) -> str:
             "ours_lb": "Ours-LB (learned)", "lfm_code": "the authors' alpha step (H g, JS alignment) in the paper's recipe",
             "authors_learned": "the authors' released recipe, learned alpha",
             "authors_fitted": "the authors' released recipe, fitted polynomial alpha",
-            "ours_lb_vector": "Ours-LB, one alpha per pair"}.get(name, method)
+            "ours_lb_vector": "Ours-LB, one alpha per pair", "ogm_ge": "OGM-GE (Peng et al., 2022)",
+            "mmpareto": "MMPareto (Wei & Hu, 2024)"}.get(name, method)
 
 
 def _safe(method: str) -> str:
@@ -136,16 +137,22 @@ def _pm(values: np.ndarray) -> str:
     return f"{100 * values.mean():.2f} ± {100 * std:.2f}"
 
 
-def table1(results, metric_keys=("acc", "map", "f1")) -> str:
+def table1(results, metric_keys=("acc", "map", "f1"), modalities=()) -> str:
+    """Every method: the fused metrics, each modality's accuracy and the gap (accuracy), the modality-gap distance,
+    the final alpha (a balancing method, which has none: –)."""
     head = ("| method | " + " | ".join(METRIC_NAMES[k] for k in metric_keys)
+            + "".join(f" | {m} ACC" for m in modalities) + (" | gap (ACC)" if modalities else "")
             + " | modality-gap distance | final alpha |")
-    lines = [head, "|---|" + "---|" * (len(metric_keys) + 2)]
+    lines = [head, "|---|" + "---|" * (len(metric_keys) + len(modalities) + (3 if modalities else 2))]
     for method, runs in results.items():
-        alpha = np.asarray([np.mean(r["final_alpha"]) for r in runs.values()])
-        cells = [_pm(_values(runs, k)) for k in metric_keys]
+        alpha = [np.mean(r["final_alpha"]) for r in runs.values() if r.get("final_alpha") is not None]
+        cells = [_pm(_values(runs, k)) for k in metric_keys] + [_pm(_values(runs, f"acc/{m}")) for m in modalities]
+        if modalities:
+            cells.append(_pm(_values(runs, "gap_acc")))
         dist = _values(runs, "modality_gap")
         dist_cell = "–" if dist.size == 0 else f"{dist.mean():.3f} ± {dist.std(ddof=1) if dist.size > 1 else 0.0:.3f}"
-        lines.append(f"| {label(method)} | " + " | ".join(cells) + f" | {dist_cell} | {alpha.mean():.3f} |")
+        alpha_cell = f"{np.mean(alpha):.3f}" if alpha else "–"
+        lines.append(f"| {label(method)} | " + " | ".join(cells) + f" | {dist_cell} | {alpha_cell} |")
     return "\n".join(lines)
 
 
@@ -269,7 +276,7 @@ def write_report(results, make_config, workdir: str, out_dir: str, *, title: str
           "accuracy; mean ± std (sample std) over seeds, in %."]
     if command:
         md += ["", "Regenerate:", "", "```", command, "```"]
-    md += ["", "## Table 1: every method", "", table1(results), "",
+    md += ["", "## Table 1: every method", "", table1(results, modalities=modalities), "",
            "## Table 3: ablation (CL: contrastive learning, DI: dynamic integration)", "", table3(results, modalities), "",
            "## Table 4: integration strategies (accuracy)", "", table4(results, modalities), ""]
     alpha_png = f"{figure_prefix}alpha.png"
@@ -289,7 +296,8 @@ def write_report(results, make_config, workdir: str, out_dir: str, *, title: str
                    f"![modality gap]({gap_png})", ""]
     text = "\n".join(md) + "\n"
     atomic_write_text(os.path.join(out_dir, f"{figure_prefix}report.md"), text)
-    saved = {m: {str(s): {"best": r["best"], "final_alpha": r["final_alpha"], "alpha": [h["alpha"] for h in r["history"]]}
+    saved = {m: {str(s): {"best": r["best"], "final_alpha": r.get("final_alpha"),
+                          "alpha": [h["alpha"] for h in r["history"] if "alpha" in h]}
                  for s, r in runs.items()} for m, runs in results.items()}
     write_json(os.path.join(out_dir, f"{figure_prefix}results.json"), saved, indent=None)
     return text
