@@ -266,3 +266,17 @@ def test_min_norm_weight_minimises_the_combination():
     g = jnp.asarray([1.0, 2.0])
     assert float(mmpareto.min_norm_weight(g, 2 * g)) == pytest.approx(0.999)
     assert float(mmpareto.min_norm_weight(2 * g, g)) == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("method,words", [("ogm_ge", r"ogm b/a \d\.\d\d, k a \d\.\d{3} b \d\.\d{3}"),
+                                          ("mmpareto", r"pareto cos a [+-]\d\.\d\d \(w \d\.\d\d\), b [+-]\d\.\d\d")])
+def test_a_balancing_run_says_what_its_method_did_each_epoch(tiny_records, tmp_path, capsys, method, words):
+    import re
+
+    from dyngap_jax.train import train
+
+    summary = train(tiny_config(tiny_records, method, epochs=1), str(tmp_path / method))
+    out = capsys.readouterr().out
+    assert re.search(r"epoch 1/1 .*" + words, out), out
+    assert "alpha" not in out.split("epoch 1/1")[1].split("\n")[0]  # LFM's words are LFM's
+    assert "final_alpha" not in summary

@@ -258,6 +258,11 @@ class Method:
 
     # ---- evaluation and the work around the step
 
+    def line(self, record: dict) -> str:
+        """The method's words in the epoch's printed line, from the epoch's record (its ``logged`` step metrics
+        averaged); empty: none."""
+        return ""
+
     def fuse(self, outputs: Mapping, method_state: PyTree) -> jax.Array:
         """The fused logits evaluation scores (default: the model's fusion head)."""
         return outputs["logits"]

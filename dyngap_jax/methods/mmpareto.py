@@ -65,6 +65,11 @@ class MMPareto(Method):
         self.logged = ("loss", "l_cls") + tuple(f"pareto_cos/{m}" for m in mods) + tuple(
             f"pareto_weight/{m}" for m in mods)
 
+    def line(self, record: dict) -> str:
+        mods = [m for m in self.cfg.model.modalities if f"pareto_cos/{m}" in record]
+        return ("pareto cos " + ", ".join(f"{m} {record[f'pareto_cos/{m}']:+.2f} (w {record[f'pareto_weight/{m}']:.2f})"
+                                          for m in mods)) if mods else ""
+
     def step(self, ctx: StepContext):
         mods, labels = ctx.modalities, ctx.labels
 

@@ -106,6 +106,13 @@ class OGMGE(Method):
             raise ValueError(f"config.model.fusion.name: {cls.name!r} scores each modality by its share of a concat "
                              f"head or its own head of a sum; got fusion {fusion!r}")
 
+    def line(self, record: dict) -> str:
+        a, b = self.cfg.model.modalities
+        if "ogm_ratio" not in record:
+            return ""
+        return (f"ogm {b}/{a} {record['ogm_ratio']:.2f}, k {a} {record[f'ogm_coeff/{a}']:.3f} "
+                f"{b} {record[f'ogm_coeff/{b}']:.3f}")
+
     def loss(self, ctx: StepContext, params):
         value, aux = super().loss(ctx, params)
         logits = aux["outputs"]["modality_logits"]

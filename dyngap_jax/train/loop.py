@@ -215,7 +215,7 @@ def epoch_line(lp: _Loop, record: dict, evals: dict) -> str:
         parts.append(f"val acc {val['acc']:.4f}" + (f" ({per})" if per else ""))
         if "gap_acc" in val:
             parts.append(f"gap {val['gap_acc']:.4f}")
-    parts += [w for w in (p.line(record) for p in lp.parts) if w]
+    parts += [w for w in [run.method.line(record)] + [p.line(record) for p in lp.parts] if w]
     parts.append(f"{record['seconds']:.1f} s")
     return "  ".join(parts)
 
