@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from dyngap_jax import methods
 from dyngap_jax.train.config import base_config
 
 
@@ -53,10 +54,11 @@ def base(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
 
 METHODS = ("concat", "constant:<a>", "stepwise:<p>", "ours_h", "ours_lb", "ours_lb_vector", "lfm_code", "authors_learned",
            "authors_fitted", "unimodal:<modality>", "ogm_ge", "mmpareto")
-# the balancing methods: config.balance.method, each with its options' defaults (the original code's); a data set's
-# config may set its own (``BALANCE_OPTIONS`` there). Those of two modalities are refused for more by validate.
+# the balancing methods (config.balance.method): their options' defaults are their Options classes' (the original
+# code's); these are the config's own settings, and a data set's config may add its own (apply_method's
+# balance_options). Those of two modalities (their `modalities`) are refused for more by validate.
 BALANCE = {"ogm_ge": {}, "mmpareto": {}}
-TWO_MODALITIES = ("ogm_ge",)
+TWO_MODALITIES = tuple(name for name in BALANCE if methods.get(name).modalities[1] == 2)
 
 
 def method_args(modalities) -> list[str]:

@@ -177,6 +177,10 @@ def test_a_two_modality_method_refuses_three_and_a_head_without_modality_logits(
         cfg.model.fusion = {"name": "gated"}
     with pytest.raises(ConfigError, match=r"config.model.fusion.name: 'ogm_ge' scores each modality"):
         validate(cfg)
+    with cfg.unlocked():
+        cfg.model.fusion = {"name": "concat", "unimodal_heads": True}
+    with pytest.raises(ConfigError, match=r"config.model.fusion.unimodal_heads: 'ogm_ge'"):
+        validate(cfg)
     cfg = cremad.get_config("ogm_ge")
     with cfg.unlocked():
         cfg.balance.options.modulation_ends = -1
@@ -261,11 +265,11 @@ def test_min_norm_weight_minimises_the_combination():
         g2 = g2 - 2 * max(0.0, g1 @ g2) / (g1 @ g1) * g1  # a conflict: <g1, g2> <= 0
         ref = scipy.optimize.minimize_scalar(lambda c: np.sum((c * g1 + (1 - c) * g2) ** 2), bounds=(0, 1),
                                              method="bounded", options={"xatol": 1e-12}).x
-        assert float(mmpareto.min_norm_weight(jnp.asarray(g1), jnp.asarray(g2))) == pytest.approx(ref, abs=1e-6)
+        assert float(mmpareto.min_norm_weight(g1 @ g1, g1 @ g2, g2 @ g2)) == pytest.approx(ref, abs=1e-6)
     # the clamps: g2 a multiple of g1 beyond it, and the reverse
-    g = jnp.asarray([1.0, 2.0])
-    assert float(mmpareto.min_norm_weight(g, 2 * g)) == pytest.approx(0.999)
-    assert float(mmpareto.min_norm_weight(2 * g, g)) == pytest.approx(0.001)
+    g = np.asarray([1.0, 2.0])
+    assert float(mmpareto.min_norm_weight(g @ g, 2 * g @ g, 4 * g @ g)) == pytest.approx(0.999)
+    assert float(mmpareto.min_norm_weight(4 * g @ g, 2 * g @ g, g @ g)) == pytest.approx(0.001)
 
 
 @pytest.mark.parametrize("method,words", [("ogm_ge", r"ogm b/a \d\.\d\d, k a \d\.\d{3} b \d\.\d{3}"),

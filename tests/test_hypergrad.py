@@ -762,6 +762,10 @@ def test_cg_reuses_a_given_lambda_max_and_returns_the_next_one():
     none_kept = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "cg", lambda_max=0.0, **opts)
     assert int(none_kept.info["power_iterations"]) == int(first.info["power_iterations"])
     assert float(none_kept.value) == float(first.value)
+    # a solve of a few iterations (here none: a warm start at its own solution) has no Ritz value to hand on
+    at_solution = hypergrad.alpha_hypergradient(cls, mm, cls, params, a, "cg", lambda_max=ritz, x0=second.solution,
+                                                **opts)
+    assert int(at_solution.info["iterations"]) < 5 and np.isnan(float(at_solution.carry["ritz_lambda_max"]))
 
 
 def test_iterative_refinement_reaches_the_stated_precision_from_a_coarse_operator():

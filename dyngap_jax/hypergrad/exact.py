@@ -26,6 +26,7 @@ DENSE_OPERATORS = ("plain", "damped", "normal")
 
 
 DAMPING_MODES = ("relative", "absolute")
+RITZ_MIN_ITERATIONS = 5  # fewer CG iterations give no reusable |lambda|_max (carry["ritz_lambda_max"] NaN)
 DEFAULT_DAMPING = {"relative": 1e-1, "absolute": 1e-4}  # relative: issue 25's frontier (docs/benchmarks.md)
 
 
@@ -81,13 +82,14 @@ class CG(Method):
     ``lambda_max`` (positive and finite) is ``|lambda|_max`` given, and no power iteration runs: the
     previous solve's ``carry["ritz_lambda_max"]``, which ``normal`` and ``gauss_newton`` return from the
     largest Ritz value of their CG (:func:`~dyngap_jax.hypergrad.solvers.top_ritz`, minus the damping: no
-    HVP). The damping is then scaled by the curvature of the previous system, not this one's.
+    HVP; NaN after fewer than :data:`RITZ_MIN_ITERATIONS` iterations). The damping is then scaled by the
+    curvature of the previous system, not this one's.
 
     ``tol`` / ``atol``: stop when ``|r| <= max(tol |b|, atol)`` (``info["residual"]`` is the true
     relative residual of the stated system, recomputed); ``maxiter``: iteration budget (a solve
     that runs out is reported unconverged); ``restarts``: restart from the true residual when
     rounding made CG stop early. Inputs: ``x0`` (warm start, the structure of ``params``), ``v0``,
-    ``gn_model``.
+    ``lambda_max``, ``gn_model``.
 
     ``krylov_precision`` (None: every operator application at the caller's matmul precision): the
     power iteration and the CG iterations run their HVPs at this faster, less accurate precision
@@ -229,7 +231,10 @@ class CG(Method):
         ritz = info.pop("ritz_max")
         if self.operator in ("normal", "gauss_newton"):  # the undamped operator's top: lambda^2 + d, or lambda + mu
             top = ritz - damping
-            power["ritz_lambda_max"] = jnp.sqrt(jnp.maximum(top, 0.0)) if self.operator == "normal" else top
+            top = jnp.sqrt(jnp.maximum(top, 0.0)) if self.operator == "normal" else top
+            # a solve of a few iterations has not found the top yet (a warm start's residual lies mostly in the
+            # small eigenvalues): NaN, so that the next solve runs the power iteration
+            power["ritz_lambda_max"] = jnp.where(info["iterations"] >= RITZ_MIN_ITERATIONS, top, jnp.nan)
         info = {**info, **power}
         info["hvp_count"] = info.pop("matvecs") * per_matvec + extra
         info["damping"] = jnp.asarray(damping)

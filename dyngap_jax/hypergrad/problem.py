@@ -44,7 +44,8 @@ class HypergradResult:
     and ``finite``, plus method-specific entries. ``solution``: the ``v ~ H^{-1} grad L_outer``
     the value was formed from (the methods that build one; None otherwise), what a warm start
     passes to the next solve. ``carry``: what else a method hands to its next call (CG's
-    ``power_vector``, its power iteration's last iterate, for the input ``v0``), a dict, or None. It
+    ``power_vector``, its power iteration's last iterate, for the input ``v0``; ``ritz_lambda_max``,
+    ``|lambda|_max`` from its Ritz value, for the input ``lambda_max``), a dict, or None. It
     is a pytree of arrays, so a result passes through ``jax.jit``.
     """
 
@@ -166,7 +167,9 @@ class Problem:
 
     def outer_grad(self) -> PyTree:
         """``grad_theta L_outer``, traced once per problem: every later call returns the same values, so a
-        step split into programs passes them on rather than computing the gradient again."""
+        step split into programs passes them on rather than computing the gradient again. A problem belongs to
+        the trace that made it (``alpha_hypergradient`` builds one inside its traced function): the first call
+        must be at that trace's level, not inside a loop body or a ``vmap`` of it."""
         if "_outer_grad" not in self.__dict__:
             object.__setattr__(self, "_outer_grad", jax.grad(self.outer_loss)(self.params))
         return self.__dict__["_outer_grad"]

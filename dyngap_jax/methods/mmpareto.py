@@ -44,9 +44,9 @@ class MMParetoOptions:
             raise ValueError(f"`gamma` must be > 0, got {self.gamma}")
 
 
-def min_norm_weight(g1, g2):
-    """``c`` minimising ``|c g1 + (1 - c) g2|`` over ``[0, 1]`` (flat vectors), with their solver's clamps."""
-    v11, v12, v22 = jnp.vdot(g1, g1), jnp.vdot(g1, g2), jnp.vdot(g2, g2)
+def min_norm_weight(v11, v12, v22):
+    """``c`` minimising ``|c g1 + (1 - c) g2|`` over ``[0, 1]`` from ``v11 = |g1|^2``, ``v12 = <g1, g2>`` and
+    ``v22 = |g2|^2``, with their solver's clamps."""
     denom = v11 + v22 - 2 * v12
     inner = -(v12 - v22) / jnp.where(denom > 0, denom, 1.0)
     return jnp.where(v12 >= v11, 0.999, jnp.where(v12 >= v22, 0.001, inner))
@@ -90,11 +90,10 @@ class MMPareto(Method):
         for i, m in enumerate(mods):
             g_m = pick(1 + i)
             mm, uni, tot = ({k: t[k] for k in keys[m]} for t in (g_mm, g_m, g_sum))
-            flat_mm, flat_uni = optax.tree.norm(mm), optax.tree.norm(uni)
+            norm_mm, norm_uni = optax.tree.norm(mm), optax.tree.norm(uni)
             dot = optax.tree.vdot(mm, uni)
-            cos = dot / jnp.maximum(flat_mm * flat_uni, 1e-8)
-            ravel = lambda t: jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(t)])
-            c = jnp.where(cos > 0, 0.5, min_norm_weight(ravel(mm), ravel(uni)))
+            cos = dot / jnp.maximum(norm_mm * norm_uni, 1e-8)
+            c = jnp.where(cos > 0, 0.5, min_norm_weight(norm_mm**2, dot, norm_uni**2))
 
             def combine(a, b, s):
                 d = 2 * (c * a + (1 - c) * b)

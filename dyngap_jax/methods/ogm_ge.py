@@ -101,10 +101,13 @@ class OGMGE(Method):
     @classmethod
     def check(cls, cfg, options) -> None:
         super().check(cfg, options)
-        fusion = dict(cfg.model.fusion).get("name")
-        if fusion not in ("concat", "sum"):
+        fusion = dict(cfg.model.fusion)
+        if fusion.get("name") not in ("concat", "sum"):
             raise ValueError(f"config.model.fusion.name: {cls.name!r} scores each modality by its share of a concat "
-                             f"head or its own head of a sum; got fusion {fusion!r}")
+                             f"head or its own head of a sum; got fusion {fusion.get('name')!r}")
+        if fusion.get("unimodal_heads"):
+            raise ValueError(f"config.model.fusion.unimodal_heads: {cls.name!r} scores each modality by its share of "
+                             "the concat head, which its loss trains; separate unimodal heads are never trained by it")
 
     def line(self, record: dict) -> str:
         a, b = self.cfg.model.modalities
@@ -128,17 +131,20 @@ class OGMGE(Method):
         coeff = dict(zip((a, b), coefficients(s[0], s[1], o.alpha)))
         epoch = ctx.state.step // self.info.steps_per_epoch
         on = (epoch >= o.modulation_starts) & (epoch <= o.modulation_ends)
-        chosen = modulated(grads, ctx.modalities)
-        draws = noise_draws(ctx.rng, grads, ctx.modalities) if o.noise else [None] * len(chosen)
-        new = {}
-        for (m, k, path, g), z in zip(chosen, draws):
-            update = coeff[m].astype(g.dtype) * g
-            if z is not None:
-                update = update + (jnp.std(g, ddof=1) + 1e-8) * z
-            new[(k, path)] = jnp.where(on, update, g)
-        out = dict(grads)
-        for k in {k for (k, _) in new}:
-            out[k] = jax.tree_util.tree_map_with_path(lambda p, g, k=k: new.get((k, p), g), grads[k])
+
+        def modulate(grads):  # only inside the window: outside it no noise is drawn
+            chosen = modulated(grads, ctx.modalities)
+            draws = noise_draws(ctx.rng, grads, ctx.modalities) if o.noise else [None] * len(chosen)
+            new = {}
+            for (m, k, path, g), z in zip(chosen, draws):
+                update = coeff[m].astype(g.dtype) * g
+                new[(k, path)] = update if z is None else update + (jnp.std(g, ddof=1) + 1e-8) * z
+            out = dict(grads)
+            for k in {k for (k, _) in new}:
+                out[k] = jax.tree_util.tree_map_with_path(lambda p, g, k=k: new.get((k, p), g), grads[k])
+            return out
+
+        out = jax.lax.cond(on, modulate, lambda g: dict(g), grads)
         aux["metrics"].update({"ogm_ratio": s[1] / s[0], f"ogm_coeff/{a}": jnp.where(on, coeff[a], 1.0),
                                f"ogm_coeff/{b}": jnp.where(on, coeff[b], 1.0)})
         return out
