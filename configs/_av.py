@@ -20,8 +20,10 @@ def audio_video(dataset: str, num_classes: int, arg: str):
                     "momentum": 0.9, "weight_decay": 1e-1, "schedule": "plateau", "plateau_patience": 10,
                     "plateau_factor": 0.1, "checkpoint_every_steps": 500,
                     "keep_checkpoints": 2, "select_metric": "acc"})
-    # OGM-GE's README: "we recommend alpha=0.8 for CREMA-D" (0.1, its default setting, elsewhere)
-    c = _base.apply_method(c, arg, {"ogm_ge": {"alpha": 0.8}} if dataset == "cremad" else None)
+    # OGM-GE's README: "we recommend alpha=0.8 for CREMA-D" (0.1, its default setting, elsewhere); MSLR's
+    # multipliers for CREMA-D as the AGM repository's run/CREMAD_main.py hard-codes them
+    own = {"ogm_ge": {"alpha": 0.8}, "mslr": {"initial": "audio=0.9,video=1.1"}} if dataset == "cremad" else None
+    c = _base.apply_method(c, arg, own)
     if c.method.startswith("authors_"):
         # one video frame (fps 1 in their AudioVideo.py): the middle one of the three the converter stores
         c.model.encoders.video.num_frames = 1

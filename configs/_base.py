@@ -23,6 +23,9 @@ Methods (``--config configs/<dataset>.py:<method>``):
   mmpareto            MMPareto (Wei & Hu, ICML 2024): each encoder's multimodal and unimodal gradients combined
                       by their cosine (equal weights, or min-norm where they conflict), magnified by 1.5; a
                       head a modality beside the concat head (dyngap_jax/methods/mmpareto.py)
+  mslr                MSLR (Yao & Mihalcea, ACL 2022): a learning rate a modality, its multiplier moved by the
+                      modality's validation accuracy against its last 5; the additive late fusion (a head a
+                      modality, logits summed) (dyngap_jax/methods/mslr.py)
 
 The authors' recipes select the best epoch on validation, as every method here; their code keeps the
 best test accuracy, which ``--config.train.select_split=test`` reproduces (flagged in the output).
@@ -53,11 +56,11 @@ def base(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
 
 
 METHODS = ("concat", "constant:<a>", "stepwise:<p>", "ours_h", "ours_lb", "ours_lb_vector", "lfm_code", "authors_learned",
-           "authors_fitted", "unimodal:<modality>", "ogm_ge", "mmpareto")
+           "authors_fitted", "unimodal:<modality>", "ogm_ge", "mmpareto", "mslr")
 # the balancing methods (config.balance.method): their options' defaults are their Options classes' (the original
 # code's); these are the config's own settings, and a data set's config may add its own (apply_method's
 # balance_options). Those of two modalities (their `modalities`) are refused for more by validate.
-BALANCE = {"ogm_ge": {}, "mmpareto": {}}
+BALANCE = {"ogm_ge": {}, "mmpareto": {}, "mslr": {}}
 TWO_MODALITIES = tuple(name for name in BALANCE if methods.get(name).modalities[1] == 2)
 
 
@@ -85,6 +88,8 @@ def apply_method(c: ml_collections.ConfigDict, arg: str, balance_options: dict |
         c.balance.options.update({**BALANCE[name], **(balance_options or {}).get(name, {})})
         if name == "mmpareto":  # their model: the concat head and a linear head a modality
             c.model.fusion = {"name": "concat", "unimodal_heads": True}
+        elif name == "mslr":  # their AVClassifier_Sum: a linear head a modality, the logits summed
+            c.model.fusion = {"name": "sum", "reduce": "sum"}
     elif name == "concat":
         c.alpha.strategy = "constant:0.0"
     elif name in ("constant", "stepwise"):

@@ -50,7 +50,9 @@ def get_config(arg: str = "ours_lb"):
     c.train.update({"num_epochs": 10, "batch_size": 64, "eval_batch_size": 250, "optimizer": "sgd", "learning_rate": 1e-2,
                     "momentum": 0.9, "weight_decay": 1e-4, "schedule": "plateau", "plateau_patience": 2,
                     "plateau_factor": 0.1, "checkpoint_every_steps": 0, "keep_checkpoints": 2, "select_metric": "acc"})
-    c = _base.apply_method(c, method)
+    # MSLR's multipliers for AV-MNIST as the AGM repository's run/AVMNIST_main.py hard-codes them (its audio and
+    # image: spectrogram and digit image, as here)
+    c = _base.apply_method(c, method, {"mslr": {"initial": "audio=1.3,image=0.7"}})
     if c.alpha.strategy == "learned" and c.alpha.when == "after_steps":
         c.alpha.inner_iters = 10  # an alpha step every 10 train steps (an epoch: 37 of 64)
     return c

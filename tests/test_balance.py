@@ -38,17 +38,21 @@ class Net(torch.nn.Module):
     """The tiny model in PyTorch: an encoder a modality, a linear head on their concatenation (``a`` first), and
     with ``unimodal_heads`` a linear head a modality (``heads``)."""
 
-    def __init__(self, unimodal_heads=False):
+    def __init__(self, unimodal_heads=False, additive=False):
         super().__init__()
+        self.additive = additive  # the ``sum`` head (reduce "sum"): no concat head, the heads' logits summed
         self.enc = torch.nn.ModuleDict({m: torch.nn.Sequential(torch.nn.Linear(d, HIDDEN), torch.nn.ReLU(),
                                                                torch.nn.Linear(HIDDEN, FEATURES))
                                         for m, d in INPUTS.items()})
-        self.head = torch.nn.Linear(2 * FEATURES, CLASSES)
-        if unimodal_heads:
+        if not additive:
+            self.head = torch.nn.Linear(2 * FEATURES, CLASSES)
+        if unimodal_heads or additive:
             self.heads = torch.nn.ModuleDict({m: torch.nn.Linear(FEATURES, CLASSES) for m in INPUTS})
 
     def forward(self, x):
         f = {m: self.enc[m](x[m]) for m in INPUTS}
+        if self.additive:
+            return f, sum(self.heads[m](f[m]) for m in INPUTS)
         return f, self.head(torch.cat([f["a"], f["b"]], 1))
 
 
@@ -56,15 +60,16 @@ def _layers(net: Net, params):
     """``(torch layer, our {kernel, bias})`` pairs."""
     pairs = [(layer, params[f"encoders_{m}"][name]) for m in INPUTS
              for layer, name in ((net.enc[m][0], "dense_0"), (net.enc[m][2], "out"))]
-    pairs.append((net.head, params["fusion"]))
+    if hasattr(net, "head"):
+        pairs.append((net.head, params["fusion"]))
     if hasattr(net, "heads"):
         pairs += [(net.heads[m], params["fusion"][f"head_{m}"]) for m in INPUTS]
     return pairs
 
 
-def to_torch(params, unimodal_heads=False) -> Net:
+def to_torch(params, unimodal_heads=False, additive=False) -> Net:
     t = lambda x: torch.from_numpy(np.array(x, np.float64))
-    net = Net(unimodal_heads).double()
+    net = Net(unimodal_heads, additive).double()
     with torch.no_grad():
         for layer, p in _layers(net, params):
             layer.weight.copy_(t(p["kernel"]).T)
@@ -79,13 +84,16 @@ def assert_same_params(net: Net, params, rtol=1e-10):
         np.testing.assert_allclose(np.asarray(p["bias"]), n(layer.bias), rtol=rtol, atol=1e-13)
 
 
-def run_steps(cfg, count=3, edit=None):
-    """``count`` train steps of ``cfg``'s method from its initial state (``edit(params)`` of it), in float64:
-    ``(initial params, batches (as torch tensors) with each step's epoch and key, final state, metrics)``."""
+def run_steps(cfg, count=3, edit=None, method_state=None):
+    """``count`` train steps of ``cfg``'s method from its initial state (``edit(params)`` of it; ``method_state``
+    replacing its own), in float64: ``(initial params, batches (as torch tensors) with each step's epoch and key,
+    final state, metrics)``."""
     run = setup(cfg)
     state = run.create_train_state()
     if edit is not None:
         state = state.replace(params=edit(state.params))
+    if method_state is not None:
+        state = state.replace(method_state=method_state)
     first = jax.tree_util.tree_map(np.asarray, state.params)
     step = run.train_step(state, donate=False)
     epochs = [b for e in range(2) for b in run.loader("train", train=True, epoch=e)]
@@ -284,3 +292,141 @@ def test_a_balancing_run_says_what_its_method_did_each_epoch(tiny_records, tmp_p
     assert re.search(r"epoch 1/1 .*" + words, out), out
     assert "alpha" not in out.split("epoch 1/1")[1].split("\n")[0]  # LFM's words are LFM's
     assert "final_alpha" not in summary
+
+
+# ---- MSLR (the AGM authors' baseline of it: lihong2303/AGM_ICCV2023, run/CREMAD_main.py)
+
+def branches(net: Net, m: str) -> list:
+    """Modality ``m``'s branch: its encoder and its own head (their ``audio_net`` and ``audio_cls``)."""
+    return list(net.enc[m].parameters()) + list(net.heads[m].parameters())
+
+
+def mslr_loop(net: Net, batches, coeff: dict, scale: str):
+    """``learning_rate``: a PyTorch parameter group a branch at ``lr c_m`` (the paper's learning rate a modality);
+    ``gradient``: their code, each branch's gradients times ``c_m`` after the backward, one SGD at ``lr``."""
+    rate = lambda m: 0.5 * (coeff[m] if scale == "learning_rate" else 1.0)
+    opt = torch.optim.SGD([{"params": branches(net, m), "lr": rate(m)} for m in INPUTS], lr=0.5, momentum=0.9,
+                          weight_decay=1e-4)
+    for x, y, _, _ in batches:
+        opt.zero_grad()
+        _, out = net(x)
+        F.cross_entropy(out, y).backward()
+        if scale == "gradient":
+            for m in INPUTS:
+                for p in branches(net, m):
+                    p.grad = p.grad * coeff[m]
+        opt.step()
+
+
+@pytest.mark.parametrize("scale", ["learning_rate", "gradient"])
+def test_mslr_trains_each_branch_at_its_own_rate(tiny_records, scale):
+    coeff = {"a": 0.6, "b": 1.7}
+    with jax.enable_x64(True):
+        cfg = balance_config(tiny_records, "mslr", scale=scale)
+        assert dict(cfg.model.fusion) == {"name": "sum", "reduce": "sum"}  # their AVClassifier_Sum
+        first, batches, state, metrics = run_steps(cfg, method_state={"coeff": jnp.asarray([0.6, 1.7])})
+    net = to_torch(first, additive=True)
+    mslr_loop(net, batches, coeff, scale)
+    assert_same_params(net, state.params)
+    assert [(m["mslr_coeff/a"], m["mslr_coeff/b"]) for m in metrics] == [(0.6, 1.7)] * 3
+    # the two readings differ (weight decay goes with the rate, not with the gradient), and both from the plain step
+    for other, c in (("gradient" if scale == "learning_rate" else "learning_rate", coeff), (scale, {"a": 1, "b": 1})):
+        net = to_torch(first, additive=True)
+        mslr_loop(net, batches, c, other)
+        with pytest.raises(AssertionError):
+            assert_same_params(net, state.params, rtol=1e-8)
+
+
+def their_mslr_schedule(initial, accuracies, memory=5, starts=0, ends=19):
+    """Their multipliers epoch by epoch (epochs from 0 here; theirs from 1 with the window shifted): ``c_m =
+    initial_m * ratio_m``, the ratios and the memory updated after each epoch's evaluation as their main loop does."""
+    ratio = {m: 1.0 for m in initial}
+    kept = {m: [] for m in initial}
+    out = []
+    for epoch, acc in enumerate(accuracies):
+        out.append({m: initial[m] * ratio[m] if starts <= epoch <= ends else 1.0 for m in initial})
+        if len(kept["a"]) < memory:
+            for m in initial:
+                kept[m].append(acc[m])
+        else:
+            for m in initial:
+                ratio[m] = acc[m] / np.mean(kept[m])
+                kept[m] = kept[m][1:] + [acc[m]]
+    return out
+
+
+def test_mslr_moves_each_rate_with_its_modalitys_validation_accuracy(tiny_records):
+    from dyngap_jax.methods.mslr import Rates
+
+    cfg = tiny_config(tiny_records, "mslr", epochs=12)
+    with cfg.unlocked():
+        cfg.balance.options.update({"initial": "a=0.9, b=1.1", "memory": 3, "modulation_ends": 9})
+    run = setup(cfg)
+    rates = Rates(run.method)
+    state = run.create_train_state()
+    rng = np.random.default_rng(1)
+    accuracies = [{"a": float(rng.uniform(0.3, 0.9)), "b": float(rng.uniform(0.2, 0.6))} for _ in range(12)]
+    expected = their_mslr_schedule({"a": 0.9, "b": 1.1}, accuracies, memory=3, ends=9)
+    seen = []
+    for epoch, acc in enumerate(accuracies):
+        if epoch == 6:  # a resume: a new part from the checkpoint's JSON
+            saved, rates = rates.to_json(), Rates(run.method)
+            rates.open(run, state, saved)
+        state = rates.epoch_start(state, epoch)
+        seen.append(np.asarray(state.method_state["coeff"], float))
+        rates.evaluated({"validation": {"acc": 0.5, "acc/a": acc["a"], "acc/b": acc["b"]}})
+    np.testing.assert_allclose(seen, [[e["a"], e["b"]] for e in expected], rtol=1e-6)
+    assert len({tuple(np.round(s, 6)) for s in seen[4:10]}) == 6  # the rates moved: 0.9 / 1.1 until epoch 4
+    np.testing.assert_allclose(seen[10:], 1.0)  # outside the window
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"initial": "a=0.9,c=1.1"}, r"config\.balance\.options\.initial: \['c'\] not among config\.model\.modalities"),
+    ({"initial": "a=-1"}, r"config\.balance\.options: mslr: `initial` takes 'modality=multiplier' items"),
+    ({"scale": "momentum"}, r"config\.balance\.options: mslr: `scale` must be"),
+    ({"modulation_starts": 2}, r"config\.balance\.options\.modulation_starts: 2 is past the run's last epoch"),
+    ({"memory": 0}, r"config\.balance\.options: mslr: `memory` must be >= 1"),
+])
+def test_mslr_refuses_bad_options_naming_the_field(tiny_records, options, match):
+    cfg = tiny_config(tiny_records, "mslr")
+    with cfg.unlocked():
+        cfg.balance.options.update(options)
+    with pytest.raises(ConfigError, match=match):
+        validate(cfg)
+    cfg = tiny_config(tiny_records, "mslr")
+    with cfg.unlocked():
+        cfg.model.fusion = {"name": "gated"}
+    with pytest.raises(ConfigError, match=r"config\.model\.fusion\.name: 'mslr' reads each modality's validation"):
+        validate(cfg)
+
+
+# ---- every balancing method in a run: killed, resumed, restored
+
+RESUMED = {"ogm_ge": {}, "mmpareto": {}, "mslr": {"memory": 1, "initial": "a=0.8,b=1.2"}}
+
+
+@pytest.mark.parametrize("method", sorted(RESUMED))
+def test_a_balancing_run_killed_inside_an_epoch_resumes_to_the_uninterrupted_one(tiny_records, tmp_path, method):
+    """Three epochs of 3 steps; the interrupted run stops after step 7 (inside the third epoch: MSLR's rates have
+    moved by then) and resumes; its method state and its parts' come back from the checkpoint."""
+    from tiny_data import assert_same_run
+
+    from dyngap_jax.train import evaluate_checkpoint, load_run_state, train
+
+    cfg = tiny_config(tiny_records, method, epochs=3)
+    with cfg.unlocked():
+        cfg.balance.options.update(RESUMED[method])
+    full = train(cfg, str(tmp_path / "full"))
+    assert train(cfg, str(tmp_path / "resumed"), max_steps=7)["stopped_at"] == 7
+    train(cfg, str(tmp_path / "resumed"))
+    assert_same_run(str(tmp_path / "resumed"), str(tmp_path / "full"), epochs=3)
+    (_, sa, _), (_, sb, _) = (load_run_state(cfg, str(tmp_path / d), 9) for d in ("full", "resumed"))
+    for x, y in zip(jax.tree_util.tree_leaves((sa.params, sa.method_state)),
+                    jax.tree_util.tree_leaves((sb.params, sb.method_state))):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-6, atol=1e-7)
+    if method == "mslr":
+        coeff = np.asarray(sa.method_state["coeff"])
+        assert np.all(coeff != np.asarray([0.8, 1.2]))  # the third epoch trained at rates the ratios moved
+    step, res = evaluate_checkpoint(None, str(tmp_path / "resumed"), "test", "best")
+    assert step == 3 * full["best"]["epoch"]
+    assert res["acc"] == pytest.approx(full["best"]["test"]["acc"], abs=1e-6)

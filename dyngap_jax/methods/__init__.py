@@ -93,11 +93,13 @@ def options_from_config(name: str, options: Mapping[str, Any], field: str = "con
 
 from dyngap_jax.methods.lfm import LFM  # noqa: E402  (after `register`: these import the interface only)
 from dyngap_jax.methods.mmpareto import MMPareto  # noqa: E402
+from dyngap_jax.methods.mslr import MSLR  # noqa: E402
 from dyngap_jax.methods.ogm_ge import OGMGE  # noqa: E402
 
 register(LFM)
 register(OGMGE)
 register(MMPareto)
+register(MSLR)
 
-__all__ = ["LFM", "METHODS", "MMPareto", "OGMGE", "Method", "NoOptions", "Part", "RunInfo", "StepContext", "StepInfo", "TrainState", "finish_metrics",
+__all__ = ["LFM", "METHODS", "MMPareto", "MSLR", "OGMGE", "Method", "NoOptions", "Part", "RunInfo", "StepContext", "StepInfo", "TrainState", "finish_metrics",
            "forward", "get", "modality_keys", "option_names", "option_types", "options_from_config", "register", "scale_modalities"]

@@ -8,6 +8,7 @@ the jitted train step (:meth:`Method.step`, traced once) it may
 * run extra forward passes (``ctx.forward(params, zero=("audio",))``: a modality zeroed);
 * rescale, project or combine per-modality gradients after the backward pass
   (:meth:`Method.transform_gradients`; :func:`modality_keys` splits the parameter tree);
+* scale the optimiser's updates per modality (:meth:`Method.transform_updates`: a learning rate a modality);
 * take several optimiser steps per batch (override :meth:`Method.step`, calling
   :meth:`Method.apply_gradients` as often as it likes);
 * keep state of its own in the train state (:meth:`Method.init_state`, ``state.method_state``:
@@ -120,8 +121,9 @@ class Part:
     def after_step(self, state: TrainState, info: StepInfo) -> TrainState:
         return state
 
-    def evaluated(self) -> None:
-        """The loop has evaluated the model (the first evaluation ends "before the first evaluation")."""
+    def evaluated(self, evals: Mapping[str, dict]) -> None:
+        """The loop has evaluated the model at the end of an epoch (the first evaluation ends "before the first
+        evaluation"); ``evals``: ``{split: metrics}`` (``acc``, ``acc/<modality>``, ...), as the log records them."""
 
     def fetch(self) -> None:
         """Bring what the part left on the device to the host (at the loop's log intervals)."""
@@ -242,9 +244,15 @@ class Method:
         """The gradients the optimiser takes (rescaled, projected, combined per modality); default: as they are."""
         return grads
 
+    def transform_updates(self, ctx: StepContext, state: TrainState, updates: PyTree) -> PyTree:
+        """The optimiser's updates before they are applied (a learning rate per modality scales its subtrees:
+        the optimiser's state is untouched); default: as they are."""
+        return updates
+
     def apply_gradients(self, ctx: StepContext, state: TrainState, grads: PyTree, aux: dict) -> TrainState:
         """One optimiser step of ``state`` with ``grads`` (the new BatchNorm statistics from ``aux``)."""
         updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params, value=aux["metrics"]["loss"])
+        updates = self.transform_updates(ctx, state, updates)
         return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                              model_state=aux["model_state"], opt_state=opt_state)
 

@@ -272,7 +272,7 @@ class AlphaStep(Part):
         self.pending.append((step, res, usable, time.perf_counter() - t0))
         return state
 
-    def evaluated(self):
+    def evaluated(self, evals):
         self.before_evaluation = False
 
     def fetch(self):

@@ -231,7 +231,7 @@ def _end_epoch(lp: _Loop, state: TrainState, loop: LoopState, record: dict) -> N
             evals[split] = evaluate(state, lp.eval_step, run, split)
             folder.log.write({"epoch": t_epoch, "split": split, "step": step, **evals[split]}, step)
     for part in lp.parts:
-        part.evaluated()
+        part.evaluated(evals)
     kept = [k for p in lp.parts for k in p.history_keys if k in record]
     loop.history.append({"epoch": t_epoch, "train_loss": record.get("loss"), **{k: record[k] for k in kept},
                          **{f"{s}/{k}": v for s, e in evals.items() for k, v in e.items()}})
