@@ -402,7 +402,7 @@ def test_mslr_refuses_bad_options_naming_the_field(tiny_records, options, match)
 
 # ---- every balancing method in a run: killed, resumed, restored
 
-RESUMED = {"ogm_ge": {}, "mmpareto": {}, "mslr": {"memory": 1, "initial": "a=0.8,b=1.2"}}
+RESUMED = {"ogm_ge": {}, "mmpareto": {}, "mslr": {"memory": 1, "initial": "a=0.8,b=1.2"}, "agm": {}}
 
 
 @pytest.mark.parametrize("method", sorted(RESUMED))
@@ -430,3 +430,113 @@ def test_a_balancing_run_killed_inside_an_epoch_resumes_to_the_uninterrupted_one
     step, res = evaluate_checkpoint(None, str(tmp_path / "resumed"), "test", "best")
     assert step == 3 * full["best"]["epoch"]
     assert res["acc"] == pytest.approx(full["best"]["test"]["acc"], abs=1e-6)
+
+
+# ---- AGM (lihong2303/AGM_ICCV2023: model/CREMAD_net.py GradMod, run/CREMAD_main.py train)
+
+class GradMod(torch.nn.Module):
+    """Their wrapper, restated on the tiny model: the full pass, the passes with one modality zeroed (evaluation
+    mode), ``m_a = (f(ab) - f(b) + f(a)) / 2`` and ``m_b`` likewise through identity modules whose backward hooks
+    scale the gradient by ``scale_a`` / ``scale_b``; the output ``m_a + m_b``."""
+
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    def __init__(self, net: Net):
+        super().__init__()
+        self.net, self.scale = net, {"a": 1.0, "b": 1.0}
+        self.out = torch.nn.ModuleDict({m: self.Identity() for m in INPUTS})
+        for m in INPUTS:
+            self.out[m].register_full_backward_hook(lambda mod, gin, gout, m=m: (gin[0].clone() * self.scale[m],))
+
+    def forward(self, x):
+        total = self.net(x)[1]
+        self.net.eval()
+        pad_b = self.net({"a": x["a"], "b": torch.zeros_like(x["b"])})[1]  # f(a)
+        pad_a = self.net({"a": torch.zeros_like(x["a"]), "b": x["b"]})[1]  # f(b)
+        self.net.train()
+        m_a = self.out["a"](0.5 * (total - pad_a + pad_b))
+        m_b = self.out["b"](0.5 * (total - pad_b + pad_a))
+        return 0.5 * (total - pad_a + pad_b), 0.5 * (total - pad_b + pad_a), m_a + m_b
+
+
+def agm_loop(net: Net, batches, alpha, starts, ends, steps_per_epoch=2):
+    """Their train loop: the scores (floored at 1e-8), the ratios against the running scores, the scales updated
+    inside the window before the backward (their epochs from 1: the window shifted by one), the clip when the
+    head's weight gradient leaves [-1, 1], SGD."""
+    model = GradMod(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
+    train_a = train_b = 0.0
+    seen = []
+    for i, (x, y, epoch, _) in enumerate(batches):
+        iteration = i + 1
+        out_a, out_b, out = model(x)
+        loss = F.cross_entropy(out, y)
+        opt.zero_grad()
+        score = {}
+        for m, o in (("a", out_a), ("b", out_b)):
+            p = F.softmax(o, dim=1)
+            score[m] = sum(-torch.log(torch.tensor(1e-8, dtype=o.dtype)) if p[k][y[k]] < 1e-8 else -torch.log(p[k][y[k]])
+                           for k in range(len(y))) / len(y)
+        ratio_a = np.exp(score["b"].item() - score["a"].item())
+        ratio_b = np.exp(score["a"].item() - score["b"].item())
+        coeff_a = np.exp(alpha * min(np.exp(train_b - train_a) - ratio_a, 10))
+        coeff_b = np.exp(alpha * min(np.exp(train_a - train_b) - ratio_b, 10))
+        train_a = train_a * (iteration - 1) / iteration + score["a"].item() / iteration
+        train_b = train_b * (iteration - 1) / iteration + score["b"].item() / iteration
+        if starts <= epoch + 1 <= ends:
+            model.scale = {"a": coeff_a, "b": coeff_b}
+        loss.backward()
+        g = net.head.weight.grad
+        clipped = bool(g.max() > 1 or g.min() < -1)
+        if clipped:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm=1.0)
+        opt.step()
+        seen.append({"scale": dict(model.scale), "score": {m: v.item() for m, v in score.items()}, "clipped": clipped})
+    return seen
+
+
+@pytest.mark.parametrize("features", [0.2, 30.0], ids=["unclipped", "clipped"])
+def test_agm_follows_the_original_update(tiny_records, features):
+    """Three steps, the window the first epoch only (their 1 to 1): the scales set at the first two steps, kept at
+    the third; with the encoders' outputs 30 times larger the head's gradient leaves [-1, 1] and is clipped, 5 times
+    smaller it stays inside."""
+    def louder(params):
+        return {**params, **{f"encoders_{m}": {**params[f"encoders_{m}"], "out": jax.tree_util.tree_map(
+            lambda w: w * features, params[f"encoders_{m}"]["out"])} for m in INPUTS}}
+
+    with jax.enable_x64(True):
+        cfg = balance_config(tiny_records, "agm", alpha=1.0, modulation_starts=0, modulation_ends=0)
+        first, batches, state, metrics = run_steps(cfg, edit=louder)
+    net = to_torch(first)
+    seen = agm_loop(net, batches, alpha=1.0, starts=1, ends=1)
+    assert_same_params(net, state.params)
+    for m, s in zip(metrics, seen):
+        for mod in INPUTS:
+            np.testing.assert_allclose(m[f"agm_coeff/{mod}"], s["scale"][mod], rtol=1e-10)
+            np.testing.assert_allclose(m[f"agm_score/{mod}"], s["score"][mod], rtol=1e-10)
+    first_scores = seen[0]["score"]  # at the first step the running scores are 0: r(t) = 1
+    assert seen[0]["scale"]["a"] == pytest.approx(np.exp(1 - np.exp(first_scores["b"] - first_scores["a"])), rel=1e-10)
+    assert abs(seen[1]["scale"]["a"] - 1) > 1e-3 and seen[2]["scale"] == seen[1]["scale"]  # kept after the window
+    assert [s["clipped"] for s in seen] == [features > 1] * 3
+    np.testing.assert_allclose(np.asarray(state.method_state["scale"]), [seen[1]["scale"]["a"], seen[1]["scale"]["b"]])
+
+
+def test_agm_contributions_are_shapley_values_and_sum_to_the_full_pass():
+    """The weights against the Shapley formula by enumeration (three modalities: their UR-Funny thirds and
+    sixths), each contribution's weights summing to f(all) over the modalities with the empty set left out."""
+    from dyngap_jax.methods import agm
+
+    plan = agm.shapley_weights(3)
+    assert plan[0][0] == (0, 1, 2) and len(plan) == 7
+    w = {s: ws for s, ws in plan}
+    # theirs for audio (index 0): (f(avt) - f(vt) + f(a)) / 3 + (f(at) - f(v) + f(av) - f(t)) / 6
+    expected = {(0, 1, 2): 1 / 3, (1, 2): -1 / 3, (0,): 1 / 3, (0, 2): 1 / 6, (1,): -1 / 6, (0, 1): 1 / 6, (2,): -1 / 6}
+    assert {s: pytest.approx(ws[0]) for s, ws in w.items()} == expected
+    for s, ws in w.items():  # sum over modalities: f(all) once, every other subset cancels
+        assert sum(ws.values()) == pytest.approx(1.0 if s == (0, 1, 2) else 0.0, abs=1e-12)
+    k = agm.coefficients(jnp.asarray([1.0, 2.0]), jnp.asarray([1.5, 1.5]), 0.5, 10.0)
+    np.testing.assert_allclose(k, [np.exp(0.5 * (1 - np.exp(1.0))), np.exp(0.5 * (1 - np.exp(-1.0)))], rtol=1e-6)
+    np.testing.assert_allclose(agm.coefficients(jnp.asarray([30.0, 0.0]), jnp.asarray([0.0, 30.0]), 1.0, 10.0)[0],
+                               np.exp(10.0), rtol=1e-6)  # the cap

@@ -91,7 +91,8 @@ def options_from_config(name: str, options: Mapping[str, Any], field: str = "con
         raise ValueError(f"{field}: {name}: {e}") from None
 
 
-from dyngap_jax.methods.lfm import LFM  # noqa: E402  (after `register`: these import the interface only)
+from dyngap_jax.methods.agm import AGM  # noqa: E402  (after `register`: these import the interface only)
+from dyngap_jax.methods.lfm import LFM  # noqa: E402
 from dyngap_jax.methods.mmpareto import MMPareto  # noqa: E402
 from dyngap_jax.methods.mslr import MSLR  # noqa: E402
 from dyngap_jax.methods.ogm_ge import OGMGE  # noqa: E402
@@ -100,6 +101,7 @@ register(LFM)
 register(OGMGE)
 register(MMPareto)
 register(MSLR)
+register(AGM)
 
-__all__ = ["LFM", "METHODS", "MMPareto", "MSLR", "OGMGE", "Method", "NoOptions", "Part", "RunInfo", "StepContext", "StepInfo", "TrainState", "finish_metrics",
+__all__ = ["AGM", "LFM", "METHODS", "MMPareto", "MSLR", "OGMGE", "Method", "NoOptions", "Part", "RunInfo", "StepContext", "StepInfo", "TrainState", "finish_metrics",
            "forward", "get", "modality_keys", "option_names", "option_types", "options_from_config", "register", "scale_modalities"]
