@@ -21,8 +21,10 @@ def audio_video(dataset: str, num_classes: int, arg: str):
                     "plateau_factor": 0.1, "checkpoint_every_steps": 500,
                     "keep_checkpoints": 2, "select_metric": "acc"})
     # OGM-GE's README: "we recommend alpha=0.8 for CREMA-D" (0.1, its default setting, elsewhere); MSLR's
-    # multipliers for CREMA-D as the AGM repository's run/CREMAD_main.py hard-codes them
-    own = {"ogm_ge": {"alpha": 0.8}, "mslr": {"initial": "audio=0.9,video=1.1"}} if dataset == "cremad" else None
+    # multipliers for CREMA-D as the AGM repository's run/CREMAD_main.py hard-codes them; PMR's as its bash.sh runs
+    # CREMA-D with the concat head (alpha 2, no prototype momentum, the window 0..70)
+    own = {"ogm_ge": {"alpha": 0.8}, "mslr": {"initial": "audio=0.9,video=1.1"},
+           "pmr": {"alpha": 2.0, "proto_momentum": 0.0, "modulation_ends": 70}} if dataset == "cremad" else None
     c = _base.apply_method(c, arg, own)
     if c.method.startswith("authors_"):
         # one video frame (fps 1 in their AudioVideo.py): the middle one of the three the converter stores

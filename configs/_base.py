@@ -29,6 +29,9 @@ Methods (``--config configs/<dataset>.py:<method>``):
   agm                 AGM (Li et al., ICCV 2023): each modality's Shapley contribution from passes with the others
                       zeroed, its backward scaled by how far its running score is from the batch's
                       (dyngap_jax/methods/agm.py); 2^M - 1 forward passes a step
+  pmr                 PMR (Fan et al., CVPR 2023): per-class prototypes of each modality's features before each
+                      epoch; the weaker modality's cross-entropy over negative distances to them added
+                      (dyngap_jax/methods/pmr.py); two modalities
 
 The authors' recipes select the best epoch on validation, as every method here; their code keeps the
 best test accuracy, which ``--config.train.select_split=test`` reproduces (flagged in the output).
@@ -59,11 +62,11 @@ def base(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
 
 
 METHODS = ("concat", "constant:<a>", "stepwise:<p>", "ours_h", "ours_lb", "ours_lb_vector", "lfm_code", "authors_learned",
-           "authors_fitted", "unimodal:<modality>", "ogm_ge", "mmpareto", "mslr", "agm")
+           "authors_fitted", "unimodal:<modality>", "ogm_ge", "mmpareto", "mslr", "agm", "pmr")
 # the balancing methods (config.balance.method): their options' defaults are their Options classes' (the original
 # code's); these are the config's own settings, and a data set's config may add its own (apply_method's
 # balance_options). Those of two modalities (their `modalities`) are refused for more by validate.
-BALANCE = {"ogm_ge": {}, "mmpareto": {}, "mslr": {}, "agm": {}}
+BALANCE = {"ogm_ge": {}, "mmpareto": {}, "mslr": {}, "agm": {}, "pmr": {}}
 TWO_MODALITIES = tuple(name for name in BALANCE if methods.get(name).modalities[1] == 2)
 
 

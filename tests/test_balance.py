@@ -402,7 +402,8 @@ def test_mslr_refuses_bad_options_naming_the_field(tiny_records, options, match)
 
 # ---- every balancing method in a run: killed, resumed, restored
 
-RESUMED = {"ogm_ge": {}, "mmpareto": {}, "mslr": {"memory": 1, "initial": "a=0.8,b=1.2"}, "agm": {}}
+RESUMED = {"ogm_ge": {}, "mmpareto": {}, "mslr": {"memory": 1, "initial": "a=0.8,b=1.2"}, "agm": {},
+           "pmr": {"proto_momentum": 0.5}}
 
 
 @pytest.mark.parametrize("method", sorted(RESUMED))
@@ -540,3 +541,94 @@ def test_agm_contributions_are_shapley_values_and_sum_to_the_full_pass():
     np.testing.assert_allclose(k, [np.exp(0.5 * (1 - np.exp(1.0))), np.exp(0.5 * (1 - np.exp(-1.0)))], rtol=1e-6)
     np.testing.assert_allclose(agm.coefficients(jnp.asarray([30.0, 0.0]), jnp.asarray([0.0, 30.0]), 1.0, 10.0)[0],
                                np.exp(10.0), rtol=1e-6)  # the cap
+
+
+# ---- PMR (fanyunfeng-bit/Modal-Imbalance-PMR, main_Prototype_grad.py)
+
+def pmr_loop(net: Net, batches, protos, alpha, starts, ends):
+    """Their step with ``--modulation Proto``: ``sim = -EU_dist(feature, prototypes)`` (a dot of differences, then
+    its square root), the summed true-class softmax scores, ``ratio = score_a / score_b``, the hard switch, ``loss =
+    CE(out) + beta PCE_a + lam PCE_b`` inside the window, SGD."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
+    seen = []
+    for x, y, epoch, _ in batches:
+        opt.zero_grad()
+        f, out = net(x)
+        sim = {m: -torch.stack([torch.stack([torch.sqrt(torch.dot(f[m][i] - protos[m][j], f[m][i] - protos[m][j]))
+                                             for j in range(CLASSES)]) for i in range(len(y))]) for m in INPUTS}
+        score = {m: sum(F.softmax(sim[m], dim=1)[i][y[i]] for i in range(len(y))) for m in INPUTS}
+        ratio = score["a"] / score["b"]
+        beta, lam = (0.0, alpha) if ratio > 1 else (alpha, 0.0) if ratio < 1 else (0.0, 0.0)
+        loss = F.cross_entropy(out, y)
+        if starts <= epoch <= ends:
+            loss = loss + beta * F.cross_entropy(sim["a"], y) + lam * F.cross_entropy(sim["b"], y)
+        else:
+            beta = lam = 0.0
+        loss.backward()
+        opt.step()
+        seen.append({"ratio": ratio.item(), "a": beta, "b": lam})
+    return seen
+
+
+def test_pmr_follows_the_original_update(tiny_records):
+    """Three steps from given prototypes, the window the first epoch: the weaker modality's prototype loss at the
+    first two steps, none at the third."""
+    rng = np.random.default_rng(3)
+    protos = {m: rng.standard_normal((CLASSES, FEATURES)) for m in INPUTS}
+    with jax.enable_x64(True):
+        cfg = balance_config(tiny_records, "pmr", alpha=2.0, modulation_starts=0, modulation_ends=0)
+        first, batches, state, metrics = run_steps(
+            cfg, method_state={"prototypes": {m: jnp.asarray(p) for m, p in protos.items()}})
+    net = to_torch(first)
+    seen = pmr_loop(net, batches, {m: torch.from_numpy(p) for m, p in protos.items()}, 2.0, 0, 0)
+    assert_same_params(net, state.params)
+    for m, s in zip(metrics, seen):
+        np.testing.assert_allclose(m["pmr_ratio"], s["ratio"], rtol=1e-10)
+        assert (m["pmr_weight/a"], m["pmr_weight/b"]) == (s["a"], s["b"])
+    assert all(max(s["a"], s["b"]) == 2.0 for s in seen[:2]) and seen[2]["a"] == seen[2]["b"] == 0.0
+
+
+def test_pmr_prototypes_are_class_means_in_evaluation_mode_averaged_from_the_third_epoch(tiny_records):
+    """The part's prototypes against class means of the PyTorch model's features over the same batch (the first
+    of the prototype pass's shuffle: 3 steps an epoch, one batch), the second epoch's fresh, the third's averaged."""
+    from dyngap_jax.methods.pmr import PROTO_LOADER_EPOCH, Prototypes
+
+    with jax.enable_x64(True):
+        cfg = balance_config(tiny_records, "pmr", proto_momentum=0.25)
+        with cfg.unlocked():
+            cfg.train.batch_size = 16
+        run = setup(cfg)
+        part = Prototypes(run.method)
+        state = run.create_train_state()
+        part.open(run, state, None)
+        assert part.batches() == 1
+        seen, expected = [], []
+        for epoch in range(3):
+            params = jax.tree_util.tree_map(lambda w, e=epoch: w * (1 + 0.1 * e), state.params)  # training moved it
+            state = part.epoch_start(state.replace(params=params), epoch)
+            seen.append({m: np.asarray(v) for m, v in state.method_state["prototypes"].items()})
+            batch = run.prepare_batch(next(iter(run.loader("train", train=True, epoch=PROTO_LOADER_EPOCH + epoch))))
+            with torch.no_grad():
+                f, _ = to_torch(params).eval()({m: torch.from_numpy(np.asarray(batch[m], np.float64)) for m in INPUTS})
+            y = np.asarray(batch["label"])
+            assert set(y) == {0, 1, 2}
+            expected.append({m: np.stack([f[m].numpy()[y == c].mean(0) for c in range(CLASSES)]) for m in INPUTS})
+        assert part.made_for == 2 and part.to_json() == {"made_for": 2}
+        assert part.epoch_start(state, 2) is state  # resumed inside the epoch: the checkpoint's prototypes stay
+    for m in INPUTS:
+        np.testing.assert_allclose(seen[0][m], expected[0][m], rtol=1e-10)
+        np.testing.assert_allclose(seen[1][m], expected[1][m], rtol=1e-10)  # not averaged (their epoch-0 call)
+        np.testing.assert_allclose(seen[2][m], 0.75 * expected[2][m] + 0.25 * seen[1][m], rtol=1e-10)
+
+
+def test_pmr_refuses_three_modalities_and_bad_options(tiny_records):
+    from configs import cremad, nvgesture
+
+    with pytest.raises(ConfigError, match=r"'pmr' takes 2 modalities; config.model.modalities is \['rgb', 'depth'"):
+        validate(nvgesture.get_config("pmr"))
+    cfg = cremad.get_config("pmr")
+    assert (cfg.balance.options.alpha, cfg.balance.options.proto_momentum) == (2.0, 0.0)  # their CREMA-D runs
+    with cfg.unlocked():
+        cfg.balance.options.proto_momentum = 1.0
+    with pytest.raises(ConfigError, match=r"config\.balance\.options: pmr: `proto_momentum` must be in \[0, 1\)"):
+        validate(cfg)

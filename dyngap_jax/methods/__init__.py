@@ -96,12 +96,14 @@ from dyngap_jax.methods.lfm import LFM  # noqa: E402
 from dyngap_jax.methods.mmpareto import MMPareto  # noqa: E402
 from dyngap_jax.methods.mslr import MSLR  # noqa: E402
 from dyngap_jax.methods.ogm_ge import OGMGE  # noqa: E402
+from dyngap_jax.methods.pmr import PMR  # noqa: E402
 
 register(LFM)
 register(OGMGE)
 register(MMPareto)
 register(MSLR)
 register(AGM)
+register(PMR)
 
-__all__ = ["AGM", "LFM", "METHODS", "MMPareto", "MSLR", "OGMGE", "Method", "NoOptions", "Part", "RunInfo", "StepContext", "StepInfo", "TrainState", "finish_metrics",
+__all__ = ["AGM", "LFM", "METHODS", "MMPareto", "MSLR", "OGMGE", "PMR", "Method", "NoOptions", "Part", "RunInfo", "StepContext", "StepInfo", "TrainState", "finish_metrics",
            "forward", "get", "modality_keys", "option_names", "option_types", "options_from_config", "register", "scale_modalities"]

@@ -73,12 +73,14 @@ class RunInfo:
     """What a method may need to know of the run when it is made (by ``setup``, before anything is written).
 
     ``parameter_order``: the parameters' ``/``-joined paths in the order the model creates them
-    (PyTorch's registration order; what "the first tensor" means in the authors' code).
+    (PyTorch's registration order; what "the first tensor" means in the authors' code); ``feature_dims``: each
+    modality's feature width (``outputs["features"][m]``, what the fusion head takes).
     """
 
     steps_per_epoch: int
     parameter_order: tuple[str, ...]
     num_params: int
+    feature_dims: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

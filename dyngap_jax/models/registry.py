@@ -168,9 +168,9 @@ def build_model(cfg) -> tuple[MultimodalClassifier, dict[str, Any]]:
     return MultimodalClassifier(modalities, encoders, fusion, projection_dim), pretrained
 
 
-def parameter_info(model: MultimodalClassifier, batch: Mapping) -> tuple[list[str], int]:
-    """``(order, count)``: the parameters' paths (``'/'``-joined keys) in the order the model creates them, and
-    their total number of entries.
+def parameter_info(model: MultimodalClassifier, batch: Mapping) -> tuple[list[str], int, dict[str, int]]:
+    """``(order, count, feature_dims)``: the parameters' paths (``'/'``-joined keys) in the order the model creates
+    them, their total number of entries, and each modality's feature width (what the fusion head takes).
 
     For modules written in forward order (all of ours) the order is the one PyTorch registers the
     same model's parameters in: what "the first tensor" means in the authors' code
@@ -187,12 +187,13 @@ def parameter_info(model: MultimodalClassifier, batch: Mapping) -> tuple[list[st
                 order.append(f"{prefix}{k}")
 
     def init(key, batch):
-        params = model.init(key, batch, train=False)["params"]
-        walk(params, "")
-        return params
+        out, variables = model.init_with_output(key, batch, train=False)
+        walk(variables["params"], "")
+        return variables["params"], out["features"]
 
-    shapes = jax.eval_shape(init, jax.random.PRNGKey(0), dict(batch))
-    return order, sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
+    shapes, features = jax.eval_shape(init, jax.random.PRNGKey(0), dict(batch))
+    return (order, sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)),
+            {m: int(f.shape[-1]) for m, f in features.items()})
 
 
 def parameter_order(model: MultimodalClassifier, batch: Mapping) -> list[str]:

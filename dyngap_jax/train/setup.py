@@ -289,8 +289,8 @@ def setup(config, *, data: bool = True, example: Mapping | None = None, steps_pe
         example = next(iter(_loader(cfg, "train", train=False, epoch=0, infinite=False, heldout=heldout,
                                     local=2)))
     example = _prepare_now(_frames(cfg), example)
-    order, count = models.parameter_info(model, example)
-    info = RunInfo(steps_per_epoch=steps_per_epoch, parameter_order=tuple(order), num_params=count)
+    order, count, widths = models.parameter_info(model, example)
+    info = RunInfo(steps_per_epoch=steps_per_epoch, parameter_order=tuple(order), num_params=count, feature_dims=widths)
     try:
         method = methods.get(cfg.balance.method)(cfg, info, cfg.balance.resolved)
     except ValueError as e:
