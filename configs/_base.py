@@ -32,6 +32,9 @@ Methods (``--config configs/<dataset>.py:<method>``):
   pmr                 PMR (Fan et al., CVPR 2023): per-class prototypes of each modality's features before each
                       epoch; the weaker modality's cross-entropy over negative distances to them added
                       (dyngap_jax/methods/pmr.py); two modalities
+  mla                 MLA (Zhang et al., CVPR 2024): a unimodal step a modality through one shared head, each
+                      batch; entropy-weighted fusion of the modalities' logits at test time
+                      (dyngap_jax/methods/mla.py)
 
 The authors' recipes select the best epoch on validation, as every method here; their code keeps the
 best test accuracy, which ``--config.train.select_split=test`` reproduces (flagged in the output).
@@ -62,11 +65,11 @@ def base(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
 
 
 METHODS = ("concat", "constant:<a>", "stepwise:<p>", "ours_h", "ours_lb", "ours_lb_vector", "lfm_code", "authors_learned",
-           "authors_fitted", "unimodal:<modality>", "ogm_ge", "mmpareto", "mslr", "agm", "pmr")
+           "authors_fitted", "unimodal:<modality>", "ogm_ge", "mmpareto", "mslr", "agm", "pmr", "mla")
 # the balancing methods (config.balance.method): their options' defaults are their Options classes' (the original
 # code's); these are the config's own settings, and a data set's config may add its own (apply_method's
 # balance_options). Those of two modalities (their `modalities`) are refused for more by validate.
-BALANCE = {"ogm_ge": {}, "mmpareto": {}, "mslr": {}, "agm": {}, "pmr": {}}
+BALANCE = {"ogm_ge": {}, "mmpareto": {}, "mslr": {}, "agm": {}, "pmr": {}, "mla": {}}
 TWO_MODALITIES = tuple(name for name in BALANCE if methods.get(name).modalities[1] == 2)
 
 
@@ -96,6 +99,8 @@ def apply_method(c: ml_collections.ConfigDict, arg: str, balance_options: dict |
             c.model.fusion = {"name": "concat", "unimodal_heads": True}
         elif name == "mslr":  # their AVClassifier_Sum: a linear head a modality, the logits summed
             c.model.fusion = {"name": "sum", "reduce": "sum"}
+        elif name == "mla":  # their fc_out: one head every modality's features go through
+            c.model.fusion = {"name": "shared"}
     elif name == "concat":
         c.alpha.strategy = "constant:0.0"
     elif name in ("constant", "stepwise"):

@@ -403,7 +403,7 @@ def test_mslr_refuses_bad_options_naming_the_field(tiny_records, options, match)
 # ---- every balancing method in a run: killed, resumed, restored
 
 RESUMED = {"ogm_ge": {}, "mmpareto": {}, "mslr": {"memory": 1, "initial": "a=0.8,b=1.2"}, "agm": {},
-           "pmr": {"proto_momentum": 0.5}}
+           "pmr": {"proto_momentum": 0.5}, "mla": {"projection": "first_commit"}}
 
 
 @pytest.mark.parametrize("method", sorted(RESUMED))
@@ -632,3 +632,117 @@ def test_pmr_refuses_three_modalities_and_bad_options(tiny_records):
         cfg.balance.options.proto_momentum = 1.0
     with pytest.raises(ConfigError, match=r"config\.balance\.options: pmr: `proto_momentum` must be in \[0, 1\)"):
         validate(cfg)
+
+
+# ---- MLA (Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation, main.py --gs_flag, utils/utils.py)
+
+class SharedNet(torch.nn.Module):
+    """The tiny model with their shared head: the encoders of :class:`Net` and one ``Linear(FEATURES, CLASSES)``."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.enc = Net().double().enc
+        self.head = torch.nn.Linear(FEATURES, CLASSES).double()
+        t = lambda x: torch.from_numpy(np.array(x, np.float64))
+        with torch.no_grad():
+            for m in INPUTS:
+                for layer, name in ((self.enc[m][0], "dense_0"), (self.enc[m][2], "out")):
+                    layer.weight.copy_(t(params[f"encoders_{m}"][name]["kernel"]).T)
+                    layer.bias.copy_(t(params[f"encoders_{m}"][name]["bias"]))
+            self.head.weight.copy_(torch.from_numpy(np.array(params["fusion"]["head"]["kernel"], np.float64)).T)
+            self.head.bias.copy_(torch.from_numpy(np.array(params["fusion"]["head"]["bias"], np.float64)))
+
+
+def mla_loop(net: SharedNet, batches, projection: bool, steps_per_epoch=2):
+    """Their batch: one forward of both encoders; for a then b the head's cross-entropy on that modality's features,
+    its backward, (first commit) ``before_update`` on the head's weight gradient, SGD's step, ``zero_grad`` to
+    None (a parameter without a gradient is skipped)."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
+    P, count = torch.eye(FEATURES, dtype=torch.float64), 0
+    losses_seen = []
+    for b, (x, y, _, _) in enumerate(batches):
+        f = {m: net.enc[m](x[m]) for m in INPUTS}
+        for m in INPUTS:
+            loss = F.cross_entropy(net.head(f[m]), y)
+            loss.backward()
+            if projection and count != 0:  # GSPlugin.before_update as 4735bbc has it
+                alpha = 1.0 * 0.1 ** ((b % steps_per_epoch) / steps_per_epoch + 1)
+                r = torch.mean(f[m].detach(), 0, True)
+                k = torch.mm(P, torch.t(r))
+                P = torch.sub(P, torch.mm(k, torch.t(k)) / (alpha + torch.mm(k, r)))
+                P = P / torch.norm(P, p="fro")
+                net.head.weight.grad = torch.mm(net.head.weight.grad, torch.t(P))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            count += 1
+            losses_seen.append(loss.item())
+    return losses_seen, P
+
+
+@pytest.mark.parametrize("projection", ["none", "first_commit"])
+def test_mla_follows_the_original_update(tiny_records, projection):
+    with jax.enable_x64(True):
+        cfg = balance_config(tiny_records, "mla", projection=projection)
+        assert dict(cfg.model.fusion) == {"name": "shared"}
+        first, batches, state, metrics = run_steps(cfg)
+    # the projection divides element by element by (a + k r), some entries small: rounding reaches 1e-11 absolute
+    ATOL = 1e-11 if projection == "first_commit" else 1e-13
+    net = SharedNet(first)
+    seen, P = mla_loop(net, batches, projection == "first_commit")
+    n = lambda t: t.detach().numpy()
+    for m in INPUTS:
+        for layer, name in ((net.enc[m][0], "dense_0"), (net.enc[m][2], "out")):
+            np.testing.assert_allclose(np.asarray(state.params[f"encoders_{m}"][name]["kernel"]), n(layer.weight).T,
+                                       rtol=1e-10, atol=ATOL)
+    np.testing.assert_allclose(np.asarray(state.params["fusion"]["head"]["kernel"]), n(net.head.weight).T, rtol=1e-10,
+                               atol=ATOL)
+    np.testing.assert_allclose(np.asarray(state.params["fusion"]["head"]["bias"]), n(net.head.bias), rtol=1e-10,
+                               atol=ATOL)
+    np.testing.assert_allclose([[m["mla_loss/a"], m["mla_loss/b"]] for m in metrics], np.reshape(seen, (3, 2)),
+                               rtol=1e-10)
+    if projection == "first_commit":
+        assert int(state.method_state["count"]) == 6
+        # P is renormalised after each element-wise division by (a + k r), whose small entries amplify rounding:
+        # equal to 1e-7 of its largest entry (a wrong update differs in the leading digits)
+        np.testing.assert_allclose(np.asarray(state.method_state["P"]), n(P), rtol=0, atol=1e-7 * np.abs(n(P)).max())
+        assert np.abs(n(P) - np.eye(FEATURES) / np.sqrt(FEATURES)).max() > 1e-3  # it moved from the identity
+
+
+def test_mla_fuses_by_each_examples_entropy_or_fixed_weights():
+    from dyngap_jax.methods import mla
+
+    rng = np.random.default_rng(4)
+    za, zb = rng.standard_normal((5, 3)) * 3, rng.standard_normal((5, 3))
+    p = lambda z: np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    e = np.stack([-(p(z) * np.log(p(z))).sum(1) for z in (za, zb)])
+    w = np.exp(e.max(0) - e) / np.exp(e.max(0) - e).sum(0)
+    np.testing.assert_allclose(mla.entropy_weights([jnp.asarray(za), jnp.asarray(zb)]), w, rtol=1e-5)
+    np.testing.assert_allclose(w[0], 1 / (1 + np.exp(e[0] - e[1])), rtol=1e-10)  # two modalities: a sigmoid
+
+    class Cfg:
+        class model:
+            modalities = ("a", "b")
+
+    outputs = {"modality_logits": {"a": jnp.asarray(za), "b": jnp.asarray(zb)}}
+    fixed = mla.MLA(Cfg, None, mla.MLAOptions(fusion="fixed")).fuse(outputs, None)
+    np.testing.assert_allclose(fixed, 0.55 * za + 0.45 * zb, rtol=1e-5, atol=1e-6)
+    dynamic = mla.MLA(Cfg, None).fuse(outputs, None)
+    np.testing.assert_allclose(dynamic, w[0][:, None] * za + w[1][:, None] * zb, rtol=1e-5, atol=1e-6)  # float32
+
+
+def test_mla_needs_the_shared_head_of_one_width(tiny_records):
+    cfg = tiny_config(tiny_records, "mla")
+    with cfg.unlocked():
+        cfg.model.fusion = {"name": "concat"}
+    with pytest.raises(ConfigError, match=r"config\.model\.fusion\.name: 'mla' trains one head shared"):
+        validate(cfg)
+    cfg = tiny_config(tiny_records, "mla")
+    with cfg.unlocked():
+        cfg.model.encoders.b.out_features = 4
+    with pytest.raises(ValueError, match=r"config\.model\.projection_dim: encoders give features of different widths"):
+        setup(cfg)
+    from dyngap_jax.models.fusion import SharedFusion
+
+    head = SharedFusion(num_classes=3, modalities=("a", "b"))
+    with pytest.raises(ValueError, match=r"config\.model\.fusion: the 'shared' head takes every modality's features"):
+        head.init(jax.random.PRNGKey(0), {"a": jnp.ones((2, 8)), "b": jnp.ones((2, 4))})

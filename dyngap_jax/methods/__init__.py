@@ -93,6 +93,7 @@ def options_from_config(name: str, options: Mapping[str, Any], field: str = "con
 
 from dyngap_jax.methods.agm import AGM  # noqa: E402  (after `register`: these import the interface only)
 from dyngap_jax.methods.lfm import LFM  # noqa: E402
+from dyngap_jax.methods.mla import MLA  # noqa: E402
 from dyngap_jax.methods.mmpareto import MMPareto  # noqa: E402
 from dyngap_jax.methods.mslr import MSLR  # noqa: E402
 from dyngap_jax.methods.ogm_ge import OGMGE  # noqa: E402
@@ -104,6 +105,7 @@ register(MMPareto)
 register(MSLR)
 register(AGM)
 register(PMR)
+register(MLA)
 
-__all__ = ["AGM", "LFM", "METHODS", "MMPareto", "MSLR", "OGMGE", "PMR", "Method", "NoOptions", "Part", "RunInfo", "StepContext", "StepInfo", "TrainState", "finish_metrics",
+__all__ = ["AGM", "LFM", "METHODS", "MLA", "MMPareto", "MSLR", "OGMGE", "PMR", "Method", "NoOptions", "Part", "RunInfo", "StepContext", "StepInfo", "TrainState", "finish_metrics",
            "forward", "get", "modality_keys", "option_names", "option_types", "options_from_config", "register", "scale_modalities"]

@@ -8,6 +8,7 @@ Each head maps ``features: {modality: [B, d_j]}`` (in ``modalities`` order) to
   with ``unimodal_heads``, a linear head of its own instead (``head_<m>``: MMPareto's three heads).
 * ``sum`` (the authors' code): a linear head per modality; fused = their mean (``reduce="mean"``,
   the authors' ``0.5 o_a + 0.5 o_v``) or sum.
+* ``shared`` (MLA): one linear head applied to each modality's features alone; fused = the mean.
 * ``weighted`` ("Weight" in Table 1): per-modality heads mixed by learned softmax weights.
 * ``film`` (FiLM / affine): the other modalities give a scale and shift for the target
   modality's features before the linear layer.
@@ -134,8 +135,29 @@ class GatedFusion(nn.Module):
         return _zero_others(fuse, zs, self.modalities)
 
 
+class SharedFusion(nn.Module):
+    """One linear head that every modality's features go through alone (MLA's shared head): modality ``m``'s logits
+    are the head on its features, the fused logits their mean. The features must have one width."""
+
+    num_classes: int
+    modalities: Sequence[str]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: dict, train: bool = False):
+        zs = _ordered(features, self.modalities)
+        widths = {m: z.shape[-1] for m, z in zip(self.modalities, zs)}
+        if len(set(widths.values())) != 1:
+            raise ValueError(f"config.model.fusion: the 'shared' head takes every modality's features, which need one "
+                             f"width; got {widths} (config.model.projection_dim sets one)")
+        head = nn.Dense(self.num_classes, dtype=self.dtype, name="head")
+        per = {m: head(z) for m, z in zip(self.modalities, zs)}
+        return jnp.mean(jnp.stack(list(per.values())), 0), per
+
+
 FUSIONS = {
     "concat": ConcatFusion,
+    "shared": SharedFusion,
     "sum": SumFusion,
     "weighted": WeightedFusion,
     "film": FiLMFusion,

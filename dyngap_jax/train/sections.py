@@ -127,7 +127,7 @@ class ModelConfig:
     num_classes: int = field(REQUIRED, Int(2), "classes of the task")
     modalities: tuple = field(REQUIRED, Names(), "the modalities, in the fusion head's and L_MM's pair order")
     encoders: dict = field(REQUIRED, Free("models.build_model"), "`{modality: {name, ...}}`: each modality's encoder")
-    fusion: dict = field(REQUIRED, Free("models.build_model"), "`{name, ...}`: concat, sum, weighted, film or gated")
+    fusion: dict = field(REQUIRED, Free("models.build_model"), "`{name, ...}`: concat, sum, shared, weighted, film or gated")
     projection_dim: int | None = field(None, Maybe(Int(1)), "a common feature width for L_MM (encoders of other widths)")
 
     def to_dict(self) -> dict:
