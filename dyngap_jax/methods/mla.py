@@ -115,7 +115,7 @@ class MLA(Method):
         return jnp.sum(entropy_weights(per)[..., None] * jnp.stack(per), axis=0)
 
     def step(self, ctx: StepContext):
-        mods, labels, o = self.mods, ctx.labels, self.options
+        mods, labels = self.mods, ctx.labels
         state = ctx.state
         out, pullback, model_state = _features_vjp(ctx)
         keys = modality_keys(state.params, mods)
