@@ -35,6 +35,9 @@ Methods (``--config configs/<dataset>.py:<method>``):
   mla                 MLA (Zhang et al., CVPR 2024): a unimodal step a modality through one shared head, each
                       batch; entropy-weighted fusion of the modalities' logits at test time
                       (dyngap_jax/methods/mla.py)
+  gblending           Gradient-Blending (Wang et al., CVPR 2020): the fused and unimodal heads' losses weighted by
+                      each head's generalisation gain over its overfitting squared, estimated every 10 epochs by
+                      training copies (dyngap_jax/methods/gblending.py); a head a modality beside the concat head
 
 The authors' recipes select the best epoch on validation, as every method here; their code keeps the
 best test accuracy, which ``--config.train.select_split=test`` reproduces (flagged in the output).
@@ -65,11 +68,11 @@ def base(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
 
 
 METHODS = ("concat", "constant:<a>", "stepwise:<p>", "ours_h", "ours_lb", "ours_lb_vector", "lfm_code", "authors_learned",
-           "authors_fitted", "unimodal:<modality>", "ogm_ge", "mmpareto", "mslr", "agm", "pmr", "mla")
+           "authors_fitted", "unimodal:<modality>", "ogm_ge", "mmpareto", "mslr", "agm", "pmr", "mla", "gblending")
 # the balancing methods (config.balance.method): their options' defaults are their Options classes' (the original
 # code's); these are the config's own settings, and a data set's config may add its own (apply_method's
 # balance_options). Those of two modalities (their `modalities`) are refused for more by validate.
-BALANCE = {"ogm_ge": {}, "mmpareto": {}, "mslr": {}, "agm": {}, "pmr": {}, "mla": {}}
+BALANCE = {"ogm_ge": {}, "mmpareto": {}, "mslr": {}, "agm": {}, "pmr": {}, "mla": {}, "gblending": {}}
 TWO_MODALITIES = tuple(name for name in BALANCE if methods.get(name).modalities[1] == 2)
 
 
@@ -95,7 +98,7 @@ def apply_method(c: ml_collections.ConfigDict, arg: str, balance_options: dict |
     if name in BALANCE:  # the method's own loss (loss.* and alpha.* are LFM's, not read)
         c.balance.method = name
         c.balance.options.update({**BALANCE[name], **(balance_options or {}).get(name, {})})
-        if name == "mmpareto":  # their model: the concat head and a linear head a modality
+        if name in ("mmpareto", "gblending"):  # the concat head and a linear head a modality
             c.model.fusion = {"name": "concat", "unimodal_heads": True}
         elif name == "mslr":  # their AVClassifier_Sum: a linear head a modality, the logits summed
             c.model.fusion = {"name": "sum", "reduce": "sum"}

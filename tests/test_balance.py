@@ -403,7 +403,8 @@ def test_mslr_refuses_bad_options_naming_the_field(tiny_records, options, match)
 # ---- every balancing method in a run: killed, resumed, restored
 
 RESUMED = {"ogm_ge": {}, "mmpareto": {}, "mslr": {"memory": 1, "initial": "a=0.8,b=1.2"}, "agm": {},
-           "pmr": {"proto_momentum": 0.5}, "mla": {"projection": "first_commit"}}
+           "pmr": {"proto_momentum": 0.5}, "mla": {"projection": "first_commit"},
+           "gblending": {"super_epoch": 2}}
 
 
 @pytest.mark.parametrize("method", sorted(RESUMED))
@@ -746,3 +747,70 @@ def test_mla_needs_the_shared_head_of_one_width(tiny_records):
     head = SharedFusion(num_classes=3, modalities=("a", "b"))
     with pytest.raises(ValueError, match=r"config\.model\.fusion: the 'shared' head takes every modality's features"):
         head.init(jax.random.PRNGKey(0), {"a": jnp.ones((2, 8)), "b": jnp.ones((2, 4))})
+
+
+# ---- Gradient-Blending (the paper's online algorithm; BalanceBenchmark's GBlending_trainer.py)
+
+def torch_heads(net: Net, x):
+    """``[fused, a, b]`` logits of the tiny model with its unimodal heads."""
+    f, out = net(x)
+    return [out] + [net.heads[m](f[m]) for m in INPUTS]
+
+
+def test_gblending_weights_from_copies_trained_on_each_head(tiny_records):
+    """The estimate before the first epoch against PyTorch: for each head a copy of the model trained on that head's
+    loss alone for two epochs (fresh SGD, the same batches), the mean training losses of the two epochs and the
+    validation losses after each, ``|G / O^2|`` normalised (computed here in NumPy from the PyTorch losses)."""
+    from dyngap_jax.methods.gblending import Blend
+
+    with jax.enable_x64(True):
+        cfg = balance_config(tiny_records, "gblending", super_epoch=2)
+        assert dict(cfg.model.fusion) == {"name": "concat", "unimodal_heads": True}
+        run = setup(cfg)
+        state = run.create_train_state()
+        first = jax.tree_util.tree_map(np.asarray, state.params)
+        part = Blend(run.method)
+        part.open(run, state, None)
+        state = part.epoch_start(state, 0)
+        weights = np.asarray(state.method_state["weights"])
+        as_torch = lambda b: ({m: torch.from_numpy(np.asarray(b[m], np.float64)) for m in INPUTS},
+                              torch.from_numpy(np.asarray(b["label"], np.int64)))
+        epochs = [[as_torch(run.prepare_batch(b)) for b in run.loader("train", train=True, epoch=e)] for e in range(2)]
+        val = [as_torch(run.prepare_batch(b)) for b in run.loader("validation", train=False)]
+    four = np.zeros((4, 3))
+    for k in range(3):
+        net = to_torch(first, unimodal_heads=True)
+        opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
+        for e, batches in enumerate(epochs):
+            seen = []
+            for x, y in batches:
+                opt.zero_grad()
+                loss = F.cross_entropy(torch_heads(net, x)[k], y)
+                loss.backward()
+                opt.step()
+                seen.append(loss.item())
+            with torch.no_grad():
+                v = torch.cat([F.cross_entropy(torch_heads(net, x)[k], y, reduction="none") for x, y in val]).mean()
+            four[e, k], four[2 + e, k] = np.mean(seen), v.item()
+    g = four[2] - four[3]
+    o = (four[3] - four[1]) - (four[2] - four[0])
+    expected = np.abs(g / o**2) / np.abs(g / o**2).sum()
+    np.testing.assert_allclose(np.asarray(part.estimates[0]["losses"]), four, rtol=1e-9)
+    np.testing.assert_allclose(weights, expected, rtol=1e-8)
+    assert weights.std() > 0.01  # not the equal weights it starts from
+    assert part.epoch_start(state, 1) is state and part.epoch_start(state, 0) is state  # between estimates; resumed
+
+
+def test_gblending_step_weights_the_heads_losses(tiny_records):
+    w = np.asarray([0.5, 0.2, 0.3])
+    with jax.enable_x64(True):
+        cfg = balance_config(tiny_records, "gblending")
+        first, batches, state, metrics = run_steps(cfg, method_state={"weights": jnp.asarray(w)})
+    net = to_torch(first, unimodal_heads=True)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
+    for x, y, _, _ in batches:
+        opt.zero_grad()
+        sum(wk * F.cross_entropy(z, y) for wk, z in zip(w, torch_heads(net, x))).backward()
+        opt.step()
+    assert_same_params(net, state.params)
+    assert metrics[0]["blend_weight/b"] == 0.3

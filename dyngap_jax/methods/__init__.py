@@ -92,6 +92,7 @@ def options_from_config(name: str, options: Mapping[str, Any], field: str = "con
 
 
 from dyngap_jax.methods.agm import AGM  # noqa: E402  (after `register`: these import the interface only)
+from dyngap_jax.methods.gblending import GBlending  # noqa: E402
 from dyngap_jax.methods.lfm import LFM  # noqa: E402
 from dyngap_jax.methods.mla import MLA  # noqa: E402
 from dyngap_jax.methods.mmpareto import MMPareto  # noqa: E402
@@ -106,6 +107,7 @@ register(MSLR)
 register(AGM)
 register(PMR)
 register(MLA)
+register(GBlending)
 
-__all__ = ["AGM", "LFM", "METHODS", "MLA", "MMPareto", "MSLR", "OGMGE", "PMR", "Method", "NoOptions", "Part", "RunInfo", "StepContext", "StepInfo", "TrainState", "finish_metrics",
+__all__ = ["AGM", "GBlending", "LFM", "METHODS", "MLA", "MMPareto", "MSLR", "OGMGE", "PMR", "Method", "NoOptions", "Part", "RunInfo", "StepContext", "StepInfo", "TrainState", "finish_metrics",
            "forward", "get", "modality_keys", "option_names", "option_types", "options_from_config", "register", "scale_modalities"]
