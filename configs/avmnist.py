@@ -51,8 +51,10 @@ def get_config(arg: str = "ours_lb"):
                     "momentum": 0.9, "weight_decay": 1e-4, "schedule": "plateau", "plateau_patience": 2,
                     "plateau_factor": 0.1, "checkpoint_every_steps": 0, "keep_checkpoints": 2, "select_metric": "acc"})
     # MSLR's multipliers for AV-MNIST as the AGM repository's run/AVMNIST_main.py hard-codes them (its audio and
-    # image: spectrogram and digit image, as here); AGM's alpha its README's AV-MNIST command's (--alpha 2.5)
-    c = _base.apply_method(c, method, {"mslr": {"initial": "audio=1.3,image=0.7"}, "agm": {"alpha": 2.5}})
+    # image: spectrogram and digit image, as here); AGM's alpha its README's AV-MNIST command's (--alpha 2.5), no cap
+    # on its exponent (run/AVMNIST_main.py has none)
+    c = _base.apply_method(c, method, {"mslr": {"initial": "audio=1.3,image=0.7"},
+                                       "agm": {"alpha": 2.5, "cap": float("inf")}})
     if c.alpha.strategy == "learned" and c.alpha.when == "after_steps":
         c.alpha.inner_iters = 10  # an alpha step every 10 train steps (an epoch: 37 of 64)
     return c

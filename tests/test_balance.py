@@ -38,10 +38,11 @@ class Net(torch.nn.Module):
     """The tiny model in PyTorch: an encoder a modality, a linear head on their concatenation (``a`` first), and
     with ``unimodal_heads`` a linear head a modality (``heads``)."""
 
-    def __init__(self, unimodal_heads=False, additive=False):
+    def __init__(self, unimodal_heads=False, additive=False, batch_norm=False):
         super().__init__()
         self.additive = additive  # the ``sum`` head (reduce "sum"): no concat head, the heads' logits summed
-        self.enc = torch.nn.ModuleDict({m: torch.nn.Sequential(torch.nn.Linear(d, HIDDEN), torch.nn.ReLU(),
+        norm = lambda: [torch.nn.BatchNorm1d(HIDDEN, eps=1e-5, momentum=0.1)] if batch_norm else []
+        self.enc = torch.nn.ModuleDict({m: torch.nn.Sequential(torch.nn.Linear(d, HIDDEN), *norm(), torch.nn.ReLU(),
                                                                torch.nn.Linear(HIDDEN, FEATURES))
                                         for m, d in INPUTS.items()})
         if not additive:
@@ -59,7 +60,7 @@ class Net(torch.nn.Module):
 def _layers(net: Net, params):
     """``(torch layer, our {kernel, bias})`` pairs."""
     pairs = [(layer, params[f"encoders_{m}"][name]) for m in INPUTS
-             for layer, name in ((net.enc[m][0], "dense_0"), (net.enc[m][2], "out"))]
+             for layer, name in ((net.enc[m][0], "dense_0"), (net.enc[m][-1], "out"))]
     if hasattr(net, "head"):
         pairs.append((net.head, params["fusion"]))
     if hasattr(net, "heads"):
@@ -67,9 +68,9 @@ def _layers(net: Net, params):
     return pairs
 
 
-def to_torch(params, unimodal_heads=False, additive=False) -> Net:
+def to_torch(params, unimodal_heads=False, additive=False, batch_norm=False) -> Net:
     t = lambda x: torch.from_numpy(np.array(x, np.float64))
-    net = Net(unimodal_heads, additive).double()
+    net = Net(unimodal_heads, additive, batch_norm).double()
     with torch.no_grad():
         for layer, p in _layers(net, params):
             layer.weight.copy_(t(p["kernel"]).T)
@@ -135,7 +136,7 @@ def ogm_ge_loop(net: Net, batches, draws, alpha, starts, ends, noise=True):
         coeffs.append({m: float(torch.as_tensor(v).detach()) for m, v in k.items()})
         if starts <= epoch <= ends:
             for m in INPUTS:
-                for layer, draw in zip((net.enc[m][0], net.enc[m][2]), z[m]):
+                for layer, draw in zip((net.enc[m][0], net.enc[m][-1]), z[m]):
                     g = layer.weight.grad
                     layer.weight.grad = g * k[m] + (draw * (g.std().item() + 1e-8) if noise else 0.0)
         opt.step()
@@ -321,10 +322,15 @@ def mslr_loop(net: Net, batches, coeff: dict, scale: str):
 @pytest.mark.parametrize("scale", ["learning_rate", "gradient"])
 def test_mslr_trains_each_branch_at_its_own_rate(tiny_records, scale):
     coeff = {"a": 0.6, "b": 1.7}
+    from dyngap_jax.methods.mslr import Rates
+
     with jax.enable_x64(True):
-        cfg = balance_config(tiny_records, "mslr", scale=scale)
+        cfg = balance_config(tiny_records, "mslr", scale=scale, initial="a=0.6,b=1.7")
         assert dict(cfg.model.fusion) == {"name": "sum", "reduce": "sum"}  # their AVClassifier_Sum
-        first, batches, state, metrics = run_steps(cfg, method_state={"coeff": jnp.asarray([0.6, 1.7])})
+        run = setup(cfg)
+        own = Rates(run.method).epoch_start(run.create_train_state(), 0).method_state  # the part sets the rates
+        assert own["coeff"].dtype == jnp.float64  # in the run's precision: 0.6, not float32's 0.6000000238
+        first, batches, state, metrics = run_steps(cfg, method_state=own)
     net = to_torch(first, additive=True)
     mslr_loop(net, batches, coeff, scale)
     assert_same_params(net, state.params)
@@ -499,21 +505,34 @@ def agm_loop(net: Net, batches, alpha, starts, ends, steps_per_epoch=2):
     return seen
 
 
-@pytest.mark.parametrize("features", [0.2, 30.0], ids=["unclipped", "clipped"])
-def test_agm_follows_the_original_update(tiny_records, features):
+@pytest.mark.parametrize("features,batch_norm", [(0.2, False), (30.0, False), (0.2, True)],
+                         ids=["unclipped", "clipped", "batch_norm"])
+def test_agm_follows_the_original_update(tiny_records, features, batch_norm):
     """Three steps, the window the first epoch only (their 1 to 1): the scales set at the first two steps, kept at
     the third; with the encoders' outputs 30 times larger the head's gradient leaves [-1, 1] and is clipped, 5 times
-    smaller it stays inside."""
+    smaller it stays inside. With BatchNorm in the encoders, the zeroed passes read the running statistics the full
+    pass has just moved, and no gradient flows through them (PyTorch's buffers)."""
     def louder(params):
         return {**params, **{f"encoders_{m}": {**params[f"encoders_{m}"], "out": jax.tree_util.tree_map(
             lambda w: w * features, params[f"encoders_{m}"]["out"])} for m in INPUTS}}
 
     with jax.enable_x64(True):
         cfg = balance_config(tiny_records, "agm", alpha=1.0, modulation_starts=0, modulation_ends=0)
+        if batch_norm:
+            with cfg.unlocked():
+                for m in INPUTS:
+                    cfg.model.encoders[m].norm = "batch"
         first, batches, state, metrics = run_steps(cfg, edit=louder)
-    net = to_torch(first)
+    net = to_torch(first, batch_norm=batch_norm)
     seen = agm_loop(net, batches, alpha=1.0, starts=1, ends=1)
     assert_same_params(net, state.params)
+    if batch_norm:
+        for m in INPUTS:
+            bn, stats = net.enc[m][1], state.model_state["batch_stats"][f"encoders_{m}"]["norm_0"]
+            np.testing.assert_allclose(np.asarray(stats["mean"]), bn.running_mean.numpy(), rtol=1e-10, atol=1e-13)
+            np.testing.assert_allclose(np.asarray(stats["var"]), bn.running_var.numpy(), rtol=1e-10, atol=1e-13)
+            np.testing.assert_allclose(np.asarray(state.params[f"encoders_{m}"]["norm_0"]["scale"]),
+                                       bn.weight.detach().numpy(), rtol=1e-10, atol=1e-13)
     for m, s in zip(metrics, seen):
         for mod in INPUTS:
             np.testing.assert_allclose(m[f"agm_coeff/{mod}"], s["scale"][mod], rtol=1e-10)
@@ -647,7 +666,7 @@ class SharedNet(torch.nn.Module):
         t = lambda x: torch.from_numpy(np.array(x, np.float64))
         with torch.no_grad():
             for m in INPUTS:
-                for layer, name in ((self.enc[m][0], "dense_0"), (self.enc[m][2], "out")):
+                for layer, name in ((self.enc[m][0], "dense_0"), (self.enc[m][-1], "out")):
                     layer.weight.copy_(t(params[f"encoders_{m}"][name]["kernel"]).T)
                     layer.bias.copy_(t(params[f"encoders_{m}"][name]["bias"]))
             self.head.weight.copy_(torch.from_numpy(np.array(params["fusion"]["head"]["kernel"], np.float64)).T)
@@ -657,7 +676,8 @@ class SharedNet(torch.nn.Module):
 def mla_loop(net: SharedNet, batches, projection: bool, steps_per_epoch=2):
     """Their batch: one forward of both encoders; for a then b the head's cross-entropy on that modality's features,
     its backward, (first commit) ``before_update`` on the head's weight gradient, SGD's step, ``zero_grad`` to
-    None (a parameter without a gradient is skipped)."""
+    None (a parameter without a gradient is skipped: PyTorch 2's default and their ``del p.grad``; the 1.8.1 they
+    pin zeroes instead, which the port does not follow, see mla.py)."""
     opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
     P, count = torch.eye(FEATURES, dtype=torch.float64), 0
     losses_seen = []
@@ -692,7 +712,7 @@ def test_mla_follows_the_original_update(tiny_records, projection):
     seen, P = mla_loop(net, batches, projection == "first_commit")
     n = lambda t: t.detach().numpy()
     for m in INPUTS:
-        for layer, name in ((net.enc[m][0], "dense_0"), (net.enc[m][2], "out")):
+        for layer, name in ((net.enc[m][0], "dense_0"), (net.enc[m][-1], "out")):
             np.testing.assert_allclose(np.asarray(state.params[f"encoders_{m}"][name]["kernel"]), n(layer.weight).T,
                                        rtol=1e-10, atol=ATOL)
     np.testing.assert_allclose(np.asarray(state.params["fusion"]["head"]["kernel"]), n(net.head.weight).T, rtol=1e-10,

@@ -7,7 +7,7 @@ On each batch:
 * **Contributions.** The model runs on every non-empty subset ``S`` of the modalities, the others set to zeros:
   ``f(S)``; the full pass in training mode (its BatchNorm statistics are the step's), the others in evaluation
   mode (their ``self.net.eval()``: the running statistics the full pass has just updated, no dropout), all with
-  gradients. Modality ``m``'s output is its Shapley value with the empty set's pass left out,
+  gradients (none through the running statistics, which PyTorch updates outside autograd). Modality ``m``'s output is its Shapley value with the empty set's pass left out,
   ``o_m = sum_{S not containing m} |S|! (M - |S| - 1)! / M! (f(S + m) - f(S))`` with ``f({}) = 0`` (theirs: two
   modalities ``o_a = (f(av) - f(v) + f(a)) / 2``; three, the thirds and sixths of ``URFunny_net.py``); the
   ``o_m`` sum to ``f(all)``, which the fused cross-entropy is taken of. Their all-zeros pass, which no loss
@@ -16,14 +16,15 @@ On each batch:
   their two-modality code does); ``t_m`` its running mean over every step of the run so far (their
   ``train_score_*``, before this step's is added).
 * **Coefficients.** ``r_m = exp((mean(s) - s_m) M / (M - 1))`` and the same of ``t`` (two modalities:
-  ``exp(s_v - s_a)``), ``k_m = exp(alpha min(r_m(t) - r_m(s), cap))`` (their ``cap`` 10; 7 in the UR-Funny
-  script).
+  ``exp(s_v - s_a)``), ``k_m = exp(alpha min(r_m(t) - r_m(s), cap))`` (their ``cap``: 10 in the CREMA-D
+  script, 7 in the UR-Funny one, none in the AV-MNIST one, which ``configs/avmnist.py:agm`` follows).
 * **Modulation.** Inside the epoch window the backward pass through ``o_m`` is scaled by ``k_m`` (their backward
   hooks on ``m_a_o`` / ``m_v_o``); outside it the scales keep their last values (their ``update_scale`` is not
   called), 1 before the window.
-* **Clipping.** When any gradient of the fusion head's weight matrices leaves ``[-1, 1]`` (their
-  ``fusion_module.fc_out.weight``), every gradient is clipped to a global norm of 1 (``clip_grad_norm_``,
-  1e-6 added to the norm), inside the window or not.
+* **Clipping.** When any gradient of the fusion head's weight matrices leaves ``[-clip, clip]`` (their
+  ``fusion_module.fc_out.weight``), every gradient is clipped to a global norm of ``clip`` (``clip_grad_norm_``,
+  1e-6 added to the norm), inside the window or not: ``clip`` 1 in their CREMA-D and AV-MNIST scripts, 5 in the
+  UR-Funny one; 0 turns it off.
 
 The window counts epochs from 0, both ends included (their ``--modulation_starts 0 --modulation_ends 20`` count
 from 1: epochs 0 to 19 here). BalanceBenchmark's port (``AGM_trainer.py``) is not followed: its contributions
@@ -49,16 +50,18 @@ class AGMOptions:
     """``config.balance.options`` of ``agm``; defaults the original's (``utils/config.py``)."""
 
     alpha: float = 1.0  # --alpha: the modulation's strength
-    cap: float = 10.0  # the bound on r(t) - r(s) in the exponent (their CREMA-D and AV-MNIST scripts)
+    cap: float = 10.0  # the bound on r(t) - r(s) in the exponent (their CREMA-D script; inf: none)
     modulation_starts: int = 0  # epochs from 0 (their --modulation_starts counts from 1)
     modulation_ends: int = 19  # included (their --modulation_ends 20)
-    clip: bool = True  # their clip_grad_norm_(1.0) when the head's gradient leaves [-1, 1]
+    clip: float = 1.0  # clip_grad_norm_(clip) when the head's gradient leaves [-clip, clip]; 0: never
 
     def __post_init__(self):
         if not self.alpha >= 0:
             raise ValueError(f"`alpha` must be >= 0, got {self.alpha}")
         if not self.cap > 0:
             raise ValueError(f"`cap` must be > 0, got {self.cap}")
+        if not self.clip >= 0:
+            raise ValueError(f"`clip` must be >= 0 (0: no clipping), got {self.clip}")
         if self.modulation_starts < 0 or self.modulation_ends < self.modulation_starts:
             raise ValueError(f"the window needs 0 <= `modulation_starts` <= `modulation_ends`, got "
                              f"{self.modulation_starts} and {self.modulation_ends}")
@@ -131,10 +134,11 @@ class AGM(Method):
             """``(each modality's o_m, the full pass's BatchNorm statistics)``."""
             out, model_state = ctx.forward(params)  # all modalities, training mode
             passes = [out["logits"]]
+            running = jax.lax.stop_gradient(model_state)  # PyTorch's running statistics are buffers: no gradient
             for subset, _ in plan[1:]:
                 inputs = {k: (jnp.zeros_like(v) if k in mods and mods.index(k) not in subset else v)
                           for k, v in ctx.inputs.items()}
-                passes.append(forward(ctx.model, params, model_state, inputs, ctx.rng, False)[0]["logits"])
+                passes.append(forward(ctx.model, params, running, inputs, ctx.rng, False)[0]["logits"])
             contrib = [sum(w[i] * f for (_, w), f in zip(plan, passes)) for i in range(len(mods))]
             return jnp.stack(contrib), model_state
 
@@ -151,8 +155,8 @@ class AGM(Method):
         (grads,) = pullback(scale.astype(d_fused.dtype)[:, None, None] * d_fused[None])
         if o.clip:
             head = [g for g in jax.tree_util.tree_leaves(grads.get("fusion", {})) if g.ndim >= 2]
-            big = jnp.any(jnp.stack([jnp.any(jnp.abs(g) > 1) for g in head])) if head else jnp.asarray(False)
-            grads = jax.lax.cond(big, clip_global_norm, lambda g: g, grads)
+            big = jnp.any(jnp.stack([jnp.any(jnp.abs(g) > o.clip) for g in head])) if head else jnp.asarray(False)
+            grads = jax.lax.cond(big, lambda g: clip_global_norm(g, o.clip), lambda g: g, grads)
         metrics = {"loss": loss, **{f"agm_coeff/{m}": scale[i] for i, m in enumerate(mods)},
                    **{f"agm_score/{m}": s[i] for i, m in enumerate(mods)}}
         state = ctx.state.replace(method_state={"scale": scale, "score": t * (it - 1) / it + s / it})

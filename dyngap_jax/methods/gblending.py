@@ -10,13 +10,16 @@
   the first and the last of them and ``V_1, V_n`` its validation loss after each, the generalisation gain is
   ``G = V_1 - V_n`` and the change in overfitting ``O = (V_n - T_n) - (V_1 - T_1)``, and
   ``w_k = |G / O^2|`` normalised to sum to 1 (the paper's ``w ~ G / O^2``; BalanceBenchmark's absolute value).
-  BalanceBenchmark sums the losses over batches, so its ``O`` compares a training sum over many batches with a
-  validation sum over few; here they are means, as the paper's losses. The copies are thrown away.
+  The copies are thrown away. Where BalanceBenchmark differs: it sums the losses over batches, so its ``O``
+  compares a training sum over many batches with a validation sum over few (here means, as the paper's losses);
+  and its copy for a modality trains the *fused* output with the other modalities' inputs zeroed, where here
+  (the paper's unimodal models) it trains that modality's own head.
 
 Cost: ``M + 1`` extra training runs of ``super_epoch`` epochs every ``super_epoch`` epochs (about ``M + 2`` times
 the plain run). BalanceBenchmark's default ``super_epoch`` 10; its ``modulation_starts`` / ``modulation_ends``
 are read by nothing there. Any number of modalities. The weights are state (checkpointed); a run resumed
-inside an epoch keeps the ones estimated for it.
+inside an epoch keeps the ones estimated for it. An estimate is not checkpointed while it runs: a preemption
+signal is honoured when it ends (the loop checks after each train step), and a kill inside it repeats it.
 """
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ def blend_weights(train_first, train_last, val_first, val_last) -> np.ndarray:
     g = np.asarray(val_first, float) - np.asarray(val_last, float)
     o = (np.asarray(val_last, float) - np.asarray(train_last, float)) - (
         np.asarray(val_first, float) - np.asarray(train_first, float))
-    w = np.abs(g / np.where(o == 0, np.finfo(float).tiny, o) ** 2)
+    w = np.abs(g) / np.maximum(o**2, np.finfo(float).tiny)
     return w / w.sum()
 
 

@@ -11,7 +11,9 @@
   skipped by it, as PyTorch's optimisers skip a ``None`` gradient (their ``del p.grad`` between batches and
   PyTorch 2's ``zero_grad``; the 1.8 they pin zeroes instead, which also decays and moves with momentum the audio
   encoder during the visual step: not reproduced). The optimiser's counters (its schedule's step, the plateau's
-  accumulation) advance once a batch, so the learning rate is the epoch's in every step, as their ``StepLR``.
+  accumulation, on the mean of the batch's unimodal losses) advance once a batch, so the learning rate is the
+  epoch's in every step, as their ``StepLR``: exact for SGD; Adam's bias correction also counts batches, where
+  PyTorch's counts each parameter's own steps (the head's ``M`` a batch).
 * **Gradient modification** (``projection``). Their ``GSPlugin.before_update`` projects the head's weight gradient
   with a matrix ``P`` (one for all modalities, from the identity), updated from the stepping modality's batch-mean
   feature ``r`` before each step but the run's first: ``k = P r``, ``P <- P - (k k^T) / (a + k r^T)`` (the
@@ -87,6 +89,8 @@ class MLA(Method):
         super().__init__(cfg, info, options)
         self.mods = tuple(cfg.model.modalities)
         self.logged = ("loss",) + tuple(f"mla_loss/{m}" for m in self.mods)
+        precision = getattr(cfg, "precision", None)  # the validated config's (a bare config: float32)
+        self.compute_dtype = jnp.dtype(precision.compute_dtype if precision is not None else "float32")
 
     @classmethod
     def check(cls, cfg, options) -> None:
@@ -125,9 +129,10 @@ class MLA(Method):
             head = state.params["fusion"]["head"]
             z = out[m]
 
-            def unimodal(h, z):
-                logits = z.astype(h["kernel"].dtype) @ h["kernel"] + h["bias"]
-                return losses.cross_entropy(logits, labels)
+            def unimodal(h, z):  # the head at the compute precision, as the model's Dense (evaluation's head)
+                dtype = self.compute_dtype
+                logits = z.astype(dtype) @ h["kernel"].astype(dtype) + h["bias"].astype(dtype)
+                return losses.cross_entropy(logits.astype(jnp.promote_types(dtype, jnp.float32)), labels)
 
             loss, (g_head, g_z) = jax.value_and_grad(unimodal, argnums=(0, 1))(head, z)
             cot = {n: (g_z if n == m else jnp.zeros_like(v)) for n, v in out.items()}
@@ -142,9 +147,9 @@ class MLA(Method):
             grads = jax.tree_util.tree_map(jnp.zeros_like, state.params)
             grads = {**grads, **{k: g_enc[k] for k in keys[m]},
                      "fusion": {**grads["fusion"], "head": g_head}}
-            state = self._substep(ctx, state, grads, [*keys[m], "fusion"], last=i == len(mods) - 1,
-                                  loss=loss)
             metrics[f"mla_loss/{m}"] = loss
+            mean = sum(metrics.values()) / len(metrics)  # at the last step: the batch's mean (the plateau's value)
+            state = self._substep(ctx, state, grads, [*keys[m], "fusion"], last=i == len(mods) - 1, loss=mean)
             grad_sq = grad_sq + optax.tree.norm(grads) ** 2
         metrics["loss"] = sum(metrics[f"mla_loss/{m}"] for m in mods) / len(mods)
         new = state.replace(step=ctx.state.step + 1, model_state=model_state, method_state=method_state)

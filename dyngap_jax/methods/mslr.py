@@ -23,6 +23,10 @@ normalisation are not). The update is scaled rather than ``optax.multi_transform
 between epochs with the validation accuracy: it lives in the train state (checkpointed), where a learning rate
 of ``multi_transform`` is fixed when the optimiser is built.
 
+The accuracies are each modality's own (its head's, or its block of a concat head): their CREMA-D script's
+``test`` counts a correct *visual* prediction as a correct audio one (``acc_a`` is incremented on ``v``), so that
+there both ratios move together; their AV-MNIST and UR-Funny scripts count each modality's own, as here.
+
 Their model for it is the additive late fusion (``AVClassifier_Sum``: a linear head a modality, logits summed):
 ``configs/*.py:mslr`` sets the ``sum`` head with ``reduce="sum"``. Any number of modalities.
 """
@@ -120,7 +124,8 @@ class MSLR(Method):
                              f"run's last epoch ({cfg.train.num_epochs - 1}, from 0)")
 
     def init_state(self, params):
-        return {"coeff": jnp.ones((len(self.mods),), jnp.float32)}
+        dtype = jax.tree_util.tree_leaves(params)[0].dtype  # the parameters' precision (float64 in a float64 run)
+        return {"coeff": jnp.ones((len(self.mods),), dtype)}
 
     def line(self, record: dict) -> str:
         if f"mslr_coeff/{self.mods[0]}" not in record:

@@ -4,7 +4,8 @@ authors' code computes it (fanyunfeng-bit/Modal-Imbalance-PMR, ``main_Prototype_
 
 * **Prototypes.** Before each epoch, each modality's per-class mean feature (the encoder's output the fusion head
   takes: their pooled ResNet features), from the first ``steps_per_epoch // proto_divisor`` batches (at least one)
-  of a shuffled pass over the training split with its augmentation (their 10 % of the training loader), the
+  of a shuffled pass over the training split with its augmentation (their 10 % of the training loader for
+  CREMA-D, Kinetics-Sounds and VGGSound; for AVE and CG-MNIST they take the whole validation split), the
   model in evaluation mode, no gradient. From the third epoch on they are averaged with the last ones,
   ``P = (1 - proto_momentum) P_new + proto_momentum P_old`` (their ``calculate_prototype(epoch > 0)``, which
   the call after the first epoch skips: the second epoch's prototypes are fresh). A class with no example in

@@ -43,7 +43,8 @@ METRIC_NAMES = {"acc": "ACC", "map": "mAP", "f1": "macro-F1"}
 
 # methods a report may add to the paper's grid (--methods): the authors' alpha step in our recipe, their whole
 # released recipe (learned, and their fitted polynomial), one alpha per pair, and the field's balancing methods
-EXTRA = ("lfm_code", "authors_learned", "authors_fitted", "ours_lb_vector", "ogm_ge", "mmpareto")
+EXTRA = ("lfm_code", "authors_learned", "authors_fitted", "ours_lb_vector", "ogm_ge", "mmpareto", "agm", "pmr",
+         "gblending", "mla", "mslr")
 
 
 def grid(modalities: Sequence[str]) -> list[str]:
@@ -64,7 +65,9 @@ def label(method: str) -> str:
             "authors_learned": "the authors' released recipe, learned alpha",
             "authors_fitted": "the authors' released recipe, fitted polynomial alpha",
             "ours_lb_vector": "Ours-LB, one alpha per pair", "ogm_ge": "OGM-GE (Peng et al., 2022)",
-            "mmpareto": "MMPareto (Wei & Hu, 2024)"}.get(name, method)
+            "mmpareto": "MMPareto (Wei & Hu, 2024)", "agm": "AGM (Li et al., 2023)", "pmr": "PMR (Fan et al., 2023)",
+            "gblending": "G-Blending (Wang et al., 2020)", "mla": "MLA (Zhang et al., 2024)",
+            "mslr": "MSLR (Yao & Mihalcea, 2022)"}.get(name, method)
 
 
 def _safe(method: str) -> str:
