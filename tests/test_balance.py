@@ -390,7 +390,7 @@ def test_mslr_moves_each_rate_with_its_modalitys_validation_accuracy(tiny_record
     ({"initial": "a=0.9,c=1.1"}, r"config\.balance\.options\.initial: \['c'\] not among config\.model\.modalities"),
     ({"initial": "a=-1"}, r"config\.balance\.options: mslr: `initial` takes 'modality=multiplier' items"),
     ({"scale": "momentum"}, r"config\.balance\.options: mslr: `scale` must be"),
-    ({"modulation_starts": 2}, r"config\.balance\.options\.modulation_starts: 2 is past the run's last epoch"),
+    ({"modulation_starts": 2}, r"config\.balance\.options\.modulation_starts: 2 is past the run's last epoch \(1, "),
     ({"memory": 0}, r"config\.balance\.options: mslr: `memory` must be >= 1"),
 ])
 def test_mslr_refuses_bad_options_naming_the_field(tiny_records, options, match):
@@ -404,6 +404,28 @@ def test_mslr_refuses_bad_options_naming_the_field(tiny_records, options, match)
         cfg.model.fusion = {"name": "gated"}
     with pytest.raises(ConfigError, match=r"config\.model\.fusion\.name: 'mslr' reads each modality's validation"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("method,options,match", [
+    ("ogm_ge", {"alpha": -0.5}, r"config\.balance\.options: ogm_ge: `alpha` must be >= 0"),
+    ("ogm_ge", {"modulation_starts": 5, "modulation_ends": 9}, r"options\.modulation_starts: 5 is past the run's last"),
+    ("agm", {"alpha": -1.0}, r"config\.balance\.options: agm: `alpha` must be >= 0"),
+    ("agm", {"modulation_starts": 2}, r"config\.balance\.options\.modulation_starts: 2 is past"),
+    ("pmr", {"modulation_starts": 3, "modulation_ends": 4}, r"config\.balance\.options\.modulation_starts: 3 is past"),
+    ("pmr", {"alpha": -2.0}, r"config\.balance\.options: pmr: `alpha` must be >= 0"),
+    ("gblending", {"super_epoch": 1}, r"config\.balance\.options: gblending: `super_epoch` must be >= 2"),
+    ("mla", {"projection": "owm"}, r"config\.balance\.options: mla: `projection` must be 'none' or 'first_commit'"),
+    ("mmpareto", {"gamma": 0.0}, r"config\.balance\.options: mmpareto: `gamma` must be > 0"),
+])
+def test_a_balancing_methods_bad_options_fail_before_anything_runs(tiny_records, tmp_path, method, options, match):
+    from dyngap_jax.train import train
+
+    cfg = tiny_config(tiny_records, method)
+    with cfg.unlocked():
+        cfg.balance.options.update(options)
+    with pytest.raises(ConfigError, match=match):
+        train(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 # ---- every balancing method in a run: killed, resumed, restored
@@ -438,6 +460,15 @@ def test_a_balancing_run_killed_inside_an_epoch_resumes_to_the_uninterrupted_one
     step, res = evaluate_checkpoint(None, str(tmp_path / "resumed"), "test", "best")
     assert step == 3 * full["best"]["epoch"]
     assert res["acc"] == pytest.approx(full["best"]["test"]["acc"], abs=1e-6)
+    if method == "mla":  # the script, as a user runs it, with the method's own fusion (entropy weights)
+        import subprocess
+        import sys
+
+        proc = subprocess.run([sys.executable, "-m", "scripts.evaluate", "--workdir", str(tmp_path / "resumed"),
+                               "--split", "test"], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        row = next(line for line in proc.stdout.splitlines() if line.startswith("test ") and " acc " in line)
+        assert float(row.split()[2]) == pytest.approx(full["best"]["test"]["acc"], abs=1e-4)
 
 
 # ---- AGM (lihong2303/AGM_ICCV2023: model/CREMAD_net.py GradMod, run/CREMAD_main.py train)

@@ -107,13 +107,6 @@ class AGM(Method):
         self.mods = tuple(cfg.model.modalities)
         self.logged = ("loss",) + tuple(f"agm_{k}/{m}" for k in ("coeff", "score") for m in self.mods)
 
-    @classmethod
-    def check(cls, cfg, options) -> None:
-        super().check(cfg, options)
-        if options.modulation_starts >= cfg.train.num_epochs:
-            raise ValueError(f"config.balance.options.modulation_starts: {options.modulation_starts} is past the "
-                             f"run's last epoch ({cfg.train.num_epochs - 1}, from 0)")
-
     def init_state(self, params):
         zeros = jnp.zeros((len(self.mods),), jax.tree_util.tree_leaves(params)[0].dtype)  # the parameters' precision
         return {"scale": zeros + 1.0, "score": zeros}

@@ -196,6 +196,10 @@ class Method:
             many = f"{least}" if least == most else f"{least} to {most}" if most else f"at least {least}"
             raise ValueError(f"config.balance.method: {cls.name!r} takes {many} modalities; "
                              f"config.model.modalities is {mods}")
+        starts = getattr(options, "modulation_starts", None)  # a method's epoch window (from 0) must meet the run
+        if starts is not None and starts >= cfg.train.num_epochs:
+            raise ValueError(f"config.balance.options.modulation_starts: {starts} is past the run's last epoch "
+                             f"({cfg.train.num_epochs - 1}, from 0; config.train.num_epochs={cfg.train.num_epochs})")
 
     # ---- state
 

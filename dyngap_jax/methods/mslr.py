@@ -119,9 +119,6 @@ class MSLR(Method):
         if unknown:
             raise ValueError(f"config.balance.options.initial: {unknown} not among config.model.modalities "
                              f"{list(cfg.model.modalities)}")
-        if options.modulation_starts >= cfg.train.num_epochs:
-            raise ValueError(f"config.balance.options.modulation_starts: {options.modulation_starts} is past the "
-                             f"run's last epoch ({cfg.train.num_epochs - 1}, from 0)")
 
     def init_state(self, params):
         dtype = jax.tree_util.tree_leaves(params)[0].dtype  # the parameters' precision (float64 in a float64 run)

@@ -75,13 +75,6 @@ class PMR(Method):
         self.mods = tuple(cfg.model.modalities)
         self.logged = ("loss", "l_cls", "pmr_ratio") + tuple(f"pmr_weight/{m}" for m in self.mods)
 
-    @classmethod
-    def check(cls, cfg, options) -> None:
-        super().check(cfg, options)
-        if options.modulation_starts >= cfg.train.num_epochs:
-            raise ValueError(f"config.balance.options.modulation_starts: {options.modulation_starts} is past the "
-                             f"run's last epoch ({cfg.train.num_epochs - 1}, from 0)")
-
     def init_state(self, params):
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
         classes = self.cfg.model.num_classes
