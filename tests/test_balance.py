@@ -328,7 +328,9 @@ def test_mslr_trains_each_branch_at_its_own_rate(tiny_records, scale):
         cfg = balance_config(tiny_records, "mslr", scale=scale, initial="a=0.6,b=1.7")
         assert dict(cfg.model.fusion) == {"name": "sum", "reduce": "sum"}  # their AVClassifier_Sum
         run = setup(cfg)
-        own = Rates(run.method).epoch_start(run.create_train_state(), 0).method_state  # the part sets the rates
+        rates, state = Rates(run.method), run.create_train_state()
+        rates.open(run, state, None)
+        own = rates.epoch_start(state, 0).method_state  # the part sets the rates
         assert own["coeff"].dtype == jnp.float64  # in the run's precision: 0.6, not float32's 0.6000000238
         first, batches, state, metrics = run_steps(cfg, method_state=own)
     net = to_torch(first, additive=True)
@@ -370,6 +372,7 @@ def test_mslr_moves_each_rate_with_its_modalitys_validation_accuracy(tiny_record
     run = setup(cfg)
     rates = Rates(run.method)
     state = run.create_train_state()
+    rates.open(run, state, None)
     rng = np.random.default_rng(1)
     accuracies = [{"a": float(rng.uniform(0.3, 0.9)), "b": float(rng.uniform(0.2, 0.6))} for _ in range(12)]
     expected = their_mslr_schedule({"a": 0.9, "b": 1.1}, accuracies, memory=3, ends=9)

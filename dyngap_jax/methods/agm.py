@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from dyngap_jax import losses
-from dyngap_jax.methods.base import Method, StepContext, finish_metrics
+from dyngap_jax.methods.base import Method, StepContext, check_window, finish_metrics, param_dtype
 from dyngap_jax.methods.state import forward
 
 
@@ -62,9 +62,7 @@ class AGMOptions:
             raise ValueError(f"`cap` must be > 0, got {self.cap}")
         if not self.clip >= 0:
             raise ValueError(f"`clip` must be >= 0 (0: no clipping), got {self.clip}")
-        if self.modulation_starts < 0 or self.modulation_ends < self.modulation_starts:
-            raise ValueError(f"the window needs 0 <= `modulation_starts` <= `modulation_ends`, got "
-                             f"{self.modulation_starts} and {self.modulation_ends}")
+        check_window(self)
 
 
 def shapley_weights(count: int) -> list[tuple[tuple[int, ...], dict[int, float]]]:
@@ -108,7 +106,7 @@ class AGM(Method):
         self.logged = ("loss",) + tuple(f"agm_{k}/{m}" for k in ("coeff", "score") for m in self.mods)
 
     def init_state(self, params):
-        zeros = jnp.zeros((len(self.mods),), jax.tree_util.tree_leaves(params)[0].dtype)  # the parameters' precision
+        zeros = jnp.zeros((len(self.mods),), param_dtype(params))
         return {"scale": zeros + 1.0, "score": zeros}
 
     def line(self, record: dict) -> str:
@@ -119,8 +117,7 @@ class AGM(Method):
     def step(self, ctx: StepContext):
         o, mods, labels = self.options, self.mods, ctx.labels
         own = ctx.state.method_state
-        epoch = ctx.state.step // self.info.steps_per_epoch
-        inside = (epoch >= o.modulation_starts) & (epoch <= o.modulation_ends)
+        inside = self.in_window(ctx.state.step)
         plan = shapley_weights(len(mods))
 
         def outputs(params):

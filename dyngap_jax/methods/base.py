@@ -146,6 +146,19 @@ class Part:
         return {}
 
 
+def check_window(options) -> None:
+    """Refuse an epoch window (``options.modulation_starts`` / ``modulation_ends``: epochs from 0, both included) that
+    is empty or starts before 0; for the ``__post_init__`` of a method's options (the run's length: ``Method.check``)."""
+    if options.modulation_starts < 0 or options.modulation_ends < options.modulation_starts:
+        raise ValueError(f"the window needs 0 <= `modulation_starts` <= `modulation_ends`, got "
+                         f"{options.modulation_starts} and {options.modulation_ends}")
+
+
+def param_dtype(params) -> jnp.dtype:
+    """The parameters' precision (float64 in a float64 run): what a method's own state is kept in."""
+    return jax.tree_util.tree_leaves(params)[0].dtype
+
+
 def modality_keys(params: Mapping, modalities) -> dict[str, list[str]]:
     """``{modality: top-level parameter keys}`` (its encoder and projection), and ``"shared"``: the rest (the
     fusion head). Methods that scale a modality's gradients scale these subtrees."""
@@ -200,6 +213,11 @@ class Method:
         if starts is not None and starts >= cfg.train.num_epochs:
             raise ValueError(f"config.balance.options.modulation_starts: {starts} is past the run's last epoch "
                              f"({cfg.train.num_epochs - 1}, from 0; config.train.num_epochs={cfg.train.num_epochs})")
+
+    def in_window(self, step) -> jax.Array:
+        """Whether train step ``step`` (traced; from 0) falls in the options' epoch window (:func:`check_window`)."""
+        epoch = step // self.info.steps_per_epoch
+        return (epoch >= self.options.modulation_starts) & (epoch <= self.options.modulation_ends)
 
     # ---- state
 
@@ -295,5 +313,5 @@ def finish_metrics(metrics: dict, grads: PyTree, new: TrainState) -> dict:
             "params_finite": hypergrad.tree_finite((new.params, new.model_state))}
 
 
-__all__ = ["Method", "NoOptions", "Part", "RunInfo", "StepContext", "StepInfo", "finish_metrics", "modality_keys",
-           "scale_modalities"]
+__all__ = ["Method", "NoOptions", "Part", "RunInfo", "StepContext", "StepInfo", "check_window", "finish_metrics",
+           "modality_keys", "param_dtype", "scale_modalities"]

@@ -24,7 +24,6 @@ signal is honoured when it ends (the loop checks after each train step), and a k
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 
 import jax
@@ -34,7 +33,7 @@ import optax
 
 from dyngap_jax import losses, parallel
 from dyngap_jax.methods.alpha_step import with_precision
-from dyngap_jax.methods.base import Method, Part, StepContext
+from dyngap_jax.methods.base import Method, Part, StepContext, param_dtype
 from dyngap_jax.methods.state import forward
 
 
@@ -87,7 +86,7 @@ class GBlending(Method):
                              f"a {fusion!r} head has none (concat with unimodal_heads, sum or weighted have)")
 
     def init_state(self, params):
-        dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        dtype = param_dtype(params)
         return {"weights": jnp.full((len(self.heads),), 1.0 / len(self.heads), dtype)}
 
     def line(self, record: dict) -> str:
@@ -111,7 +110,6 @@ class Blend(Part):
     """The weights' estimates (the module docstring), before every ``super_epoch``-th epoch."""
 
     name = "gblending"
-    history_keys = ()
 
     def __init__(self, method: GBlending):
         self.method, self.mods, self.heads = method, method.mods, method.heads
@@ -172,7 +170,6 @@ class Blend(Part):
             print(f"  G-Blending weights for epochs {epoch + 1}-{epoch + n}: "
                   + ", ".join(f"{h} {w:.3f}" for h, w in zip(self.heads, weights))
                   + f" ({time.time() - t0:.1f} s)", flush=True)
-            sys.stdout.flush()
         return weights
 
     def epoch_start(self, state, epoch):
@@ -181,10 +178,8 @@ class Blend(Part):
         old = state.method_state["weights"]
         weights = jnp.asarray(self.estimate(state, epoch), old.dtype)
         self.made_for = epoch
-        return state.replace(method_state={"weights": jax.device_put(weights, getattr(old, "sharding", None))})
-
-    def epoch_record(self, state):
-        return {}
+        state = state.replace(method_state={"weights": weights})
+        return jax.device_put(state, self.run.shardings(state)[0])  # on the run's mesh, as the loop placed it
 
     def to_json(self):
         return {"made_for": self.made_for, "estimates": self.estimates}

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dyngap_jax.methods.base import Method, Part, StepContext, modality_keys
+from dyngap_jax.methods.base import Method, Part, StepContext, check_window, modality_keys, param_dtype
 
 PER_MODALITY_HEADS = ("sum", "weighted")  # fusions with a linear head a modality (``fusion/head_<m>``)
 SCORED = ("concat",) + PER_MODALITY_HEADS  # fusions with a validation accuracy a modality
@@ -76,9 +76,7 @@ class MSLROptions:
             raise ValueError(f"`memory` must be >= 1, got {self.memory}")
         if self.scale not in ("learning_rate", "gradient"):
             raise ValueError(f"`scale` must be 'learning_rate' or 'gradient', got {self.scale!r}")
-        if self.modulation_starts < 0 or self.modulation_ends < self.modulation_starts:
-            raise ValueError(f"the window needs 0 <= `modulation_starts` <= `modulation_ends`, got "
-                             f"{self.modulation_starts} and {self.modulation_ends}")
+        check_window(self)
 
 
 def scale_branches(tree, factors, modalities, heads: bool) -> dict:
@@ -121,8 +119,7 @@ class MSLR(Method):
                              f"{list(cfg.model.modalities)}")
 
     def init_state(self, params):
-        dtype = jax.tree_util.tree_leaves(params)[0].dtype  # the parameters' precision (float64 in a float64 run)
-        return {"coeff": jnp.ones((len(self.mods),), dtype)}
+        return {"coeff": jnp.ones((len(self.mods),), param_dtype(params))}
 
     def line(self, record: dict) -> str:
         if f"mslr_coeff/{self.mods[0]}" not in record:
@@ -148,7 +145,6 @@ class Rates(Part):
     from each new one, ``c_m`` set in the train state before each epoch (its host state is in every checkpoint)."""
 
     name = "mslr"
-    history_keys = ()
 
     def __init__(self, method: MSLR):
         self.method, self.mods = method, method.mods
@@ -156,8 +152,10 @@ class Rates(Part):
         self.initial = np.asarray([initial.get(m, 1.0) for m in self.mods])
         self.memory: list[list[float]] = []  # a row an epoch: each modality's validation accuracy
         self.ratio = np.ones(len(self.mods))
+        self.run = None
 
     def open(self, run, state, saved, *, donate=True):
+        self.run = run
         if saved:
             self.memory = [list(map(float, row)) for row in saved["memory"]]
             self.ratio = np.asarray(saved["ratio"], float)
@@ -168,10 +166,9 @@ class Rates(Part):
         return self.initial * self.ratio if inside else np.ones(len(self.mods))
 
     def epoch_start(self, state, epoch):
-        old = state.method_state["coeff"]
-        new = jnp.asarray(self.coefficients(epoch), old.dtype)
-        return state.replace(method_state={**state.method_state,
-                                           "coeff": jax.device_put(new, getattr(old, "sharding", None))})
+        new = jnp.asarray(self.coefficients(epoch), state.method_state["coeff"].dtype)
+        state = state.replace(method_state={**state.method_state, "coeff": new})
+        return jax.device_put(state, self.run.shardings(state)[0])  # on the run's mesh, as the loop placed it
 
     def evaluated(self, evals):
         acc = np.asarray([evals["validation"][f"acc/{m}"] for m in self.mods], float)

@@ -33,7 +33,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dyngap_jax.methods.base import Method, StepContext, modality_keys
+from dyngap_jax.methods.base import Method, StepContext, check_window, modality_keys
 
 NOISE_SALT = 0x06E6  # the step key is folded with this for GE's noise (apart from the dropout it also keys)
 
@@ -51,9 +51,7 @@ class OGMGEOptions:
     def __post_init__(self):
         if not self.alpha >= 0:
             raise ValueError(f"`alpha` must be >= 0, got {self.alpha}")
-        if self.modulation_starts < 0 or self.modulation_ends < self.modulation_starts:
-            raise ValueError(f"the window needs 0 <= `modulation_starts` <= `modulation_ends`, got "
-                             f"{self.modulation_starts} and {self.modulation_ends}")
+        check_window(self)
 
 
 def coefficients(s_a, s_b, alpha):
@@ -129,8 +127,7 @@ class OGMGE(Method):
         a, b = ctx.modalities
         s = aux["ogm_scores"]
         coeff = dict(zip((a, b), coefficients(s[0], s[1], o.alpha)))
-        epoch = ctx.state.step // self.info.steps_per_epoch
-        on = (epoch >= o.modulation_starts) & (epoch <= o.modulation_ends)
+        on = self.in_window(ctx.state.step)
 
         def modulate(grads):  # only inside the window: outside it no noise is drawn
             chosen = modulated(grads, ctx.modalities)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from dyngap_jax import losses, parallel
-from dyngap_jax.methods.base import Method, Part, StepContext
+from dyngap_jax.methods.base import Method, Part, StepContext, check_window, param_dtype
 
 PROTO_LOADER_EPOCH = 500_009  # the prototype pass of epoch e shuffles as the loader's epoch PROTO_LOADER_EPOCH + e
 
@@ -51,9 +51,7 @@ class PMROptions:
             raise ValueError(f"`alpha` must be >= 0, got {self.alpha}")
         if not 0 <= self.proto_momentum < 1:
             raise ValueError(f"`proto_momentum` must be in [0, 1), got {self.proto_momentum}")
-        if self.modulation_starts < 0 or self.modulation_ends < self.modulation_starts:
-            raise ValueError(f"the window needs 0 <= `modulation_starts` <= `modulation_ends`, got "
-                             f"{self.modulation_starts} and {self.modulation_ends}")
+        check_window(self)
         if self.proto_divisor < 1:
             raise ValueError(f"`proto_divisor` must be >= 1, got {self.proto_divisor}")
 
@@ -76,7 +74,7 @@ class PMR(Method):
         self.logged = ("loss", "l_cls", "pmr_ratio") + tuple(f"pmr_weight/{m}" for m in self.mods)
 
     def init_state(self, params):
-        dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        dtype = param_dtype(params)
         classes = self.cfg.model.num_classes
         return {"prototypes": {m: jnp.zeros((classes, self.info.feature_dims[m]), dtype) for m in self.mods}}
 
@@ -96,8 +94,7 @@ class PMR(Method):
         rows = jnp.arange(labels.shape[0])
         score = {m: jax.lax.stop_gradient(jnp.sum(jax.nn.softmax(sims[m], -1)[rows, labels])) for m in self.mods}
         ratio = score[a] / score[b]
-        epoch = ctx.state.step // self.info.steps_per_epoch
-        inside = (epoch >= o.modulation_starts) & (epoch <= o.modulation_ends)
+        inside = self.in_window(ctx.state.step)
         weight = {a: jnp.where(inside & (ratio < 1), o.alpha, 0.0), b: jnp.where(inside & (ratio > 1), o.alpha, 0.0)}
         aux["metrics"].update({"l_cls": value, "pmr_ratio": ratio, **{f"pmr_weight/{m}": weight[m] for m in self.mods}})
         value = value + weight[a].astype(value.dtype) * pce[a] + weight[b].astype(value.dtype) * pce[b]
@@ -158,9 +155,9 @@ class Prototypes(Part):
         m = self.method.options.proto_momentum if epoch >= 2 else 0.0
         protos = {k: jnp.where(jnp.isnan(new[k]), old[k], (1 - m) * new[k] + m * old[k]).astype(old[k].dtype)
                   for k in self.mods}
-        protos = {k: jax.device_put(v, getattr(old[k], "sharding", None)) for k, v in protos.items()}
         self.made_for = epoch
-        return state.replace(method_state={**state.method_state, "prototypes": protos})
+        state = state.replace(method_state={**state.method_state, "prototypes": protos})
+        return jax.device_put(state, self.run.shardings(state)[0])  # on the run's mesh, as the loop placed it
 
     def to_json(self):
         return {"made_for": self.made_for}
