@@ -118,3 +118,38 @@ def test_overrides_reach_every_run_of_the_grid():
     for method in ("concat", "ours_h", "ours_lb"):
         cfg = make(method)
         assert cfg.method == method and cfg.train.num_epochs == 3 and cfg.alpha.hypergrad.options.maxiter == 50
+
+
+def _summary(alphas, acc):
+    """A finished run's summary as the loop writes it: a history of per-epoch alpha, the best epoch's metrics."""
+    split = {"acc": acc, "map": acc, "f1": acc, "acc/a": acc / 2, "acc/b": acc / 3, "gap_acc": acc / 6,
+             "modality_gap": 0.1}
+    return {"history": [{"epoch": e + 1, "alpha": a} for e, a in enumerate(alphas)], "final_alpha": alphas[-1],
+            "best": {"epoch": len(alphas), "validation": dict(split), "test": dict(split)}}
+
+
+def test_a_report_of_runs_of_different_lengths_states_each_and_draws_the_authors_alpha(tmp_path):
+    """The header states the epochs each run trained (not the config of concat's); Tables 3 and 4 appear only
+    with their methods; Figure 3 draws the authors' and the learned methods' alpha, the mean over seeds."""
+    make = lambda method: tiny_config(str(tmp_path / "unused"), method, epochs=10)
+    rng = np.random.default_rng(0)
+    fitted = {s: _summary(list(0.8 - 0.004 * np.arange(200) + 0.01 * rng.standard_normal(200)), 0.8) for s in (0, 1)}
+    results = {"concat": {0: _summary([0.0] * 10, 0.85)},
+               "authors_fitted": fitted,
+               "authors_learned": {0: _summary([0.95] * 200, 0.7)},
+               "mla": {0: _summary([0.0] * 12, 0.9)}}
+    out = str(tmp_path / "out")
+    text = report.write_report(results, make, str(tmp_path / "runs"), out, title="lengths")
+    assert "Seeds [0, 1], 200 epochs (10: concat; 12: mla), modalities" in text
+    assert "## Table 3" in text and "## Table 4" not in text  # concat is Table 3's first row; nothing of Table 4's
+    assert os.path.getsize(os.path.join(out, "alpha.png")) > 1000
+    drawn = report.plot_alpha(results, str(tmp_path / "alpha.png"))
+    assert list(drawn) == ["authors_learned", "authors_fitted"]  # ALPHA_FIGURE's order; concat and MLA have none
+    np.testing.assert_allclose(drawn["authors_fitted"], np.mean([[h["alpha"] for h in fitted[s]["history"]]
+                                                                 for s in (0, 1)], 0))
+    np.testing.assert_array_equal(drawn["authors_learned"], np.full(200, 0.95))
+    # the balancing methods alone: Table 1, no Table 3 or 4, no Figure 3
+    only = {"mla": results["mla"]}
+    text = report.write_report(only, make, str(tmp_path / "runs"), str(tmp_path / "out2"), title="mla")
+    assert "12 epochs, modalities" in text and "## Table 3" not in text and "## Table 4" not in text
+    assert "Figure 3" not in text and not os.path.exists(str(tmp_path / "out2" / "alpha.png"))

@@ -4,7 +4,8 @@
 the summaries into Markdown tables in the paper's forms — Table 1 (every method: test ACC, mAP,
 macro-F1 as mean ± std over seeds), Table 3 (ablation of contrastive learning and dynamic
 integration: fused and per-modality mAP and the gap), Table 4 (integration strategies: fused and
-per-modality accuracy) — and PNGs: alpha trajectories of ``ours_lb`` beside 1 - exp(-1/t)
+per-modality accuracy), each where the report holds one of its methods — and PNGs: the alpha
+trajectories of the learned and the authors' methods (:data:`ALPHA_FIGURE`) beside 1 - exp(-1/t)
 (Figure 3) and the modality gap (Figure 2: each modality's L2-normalised test features projected
 to 2-D along the centroids' direction and the leading principal component, with the distance
 between the centroids), for ``concat`` and ``ours_lb``.
@@ -185,29 +186,39 @@ def table4(results, modalities, metric: str = "acc") -> str:
 # --------------------------------------------------------------------------- figures
 
 
-def plot_alpha(results, path: str) -> None:
-    """Figure 3: ours_lb's alpha per epoch (each seed, and their mean) beside 1 - exp(-1/t)."""
-    fig, ax = new_figure(figsize=(5, 3.5))
-    curves = []
-    for seed, r in results.get("ours_lb", {}).items():
-        hist = r["history"]
-        n = len(hist)
-        frac = np.asarray([h["epoch"] for h in hist], float) / n
-        a = np.asarray([np.mean(h["alpha"]) for h in hist])
-        curves.append(a)
-        ax.plot(frac, a, "-", color="tab:blue", alpha=0.35, lw=1)
-    if curves:
+# the methods whose alpha is learned or follows the authors' schedule: Figure 3 draws each one the report holds
+ALPHA_FIGURE = ("ours_lb", "ours_lb_vector", "lfm_code", "authors_learned", "authors_fitted")
+
+
+def plot_alpha(results, path: str) -> dict[str, np.ndarray]:
+    """Figure 3: the alpha per epoch of each :data:`ALPHA_FIGURE` method in ``results`` (each seed faint, their
+    mean bold; a vector alpha's mean over pairs) beside 1 - exp(-1/t). The x axis is the epoch where every run
+    has the same length, else the fraction of its run. Returns ``{method: mean curve}`` as drawn."""
+    fig, ax = new_figure(figsize=(5.5, 3.8))
+    drawn = {}
+    lengths = {len(r["history"]) for m in ALPHA_FIGURE for r in results.get(m, {}).values()}
+    by_epoch = len(lengths) == 1
+    x_of = (lambda n: np.arange(1, n + 1)) if by_epoch else (lambda n: np.arange(1, n + 1) / n)
+    for i, method in enumerate(m for m in ALPHA_FIGURE if m in results):
+        color = f"C{i}"
+        curves = [np.asarray([np.mean(h["alpha"]) for h in r["history"]]) for r in results[method].values()]
+        for c in curves:
+            ax.plot(x_of(len(c)), c, "-", color=color, alpha=0.35, lw=1)
         n = min(len(c) for c in curves)
-        ax.plot(np.arange(1, n + 1) / n, np.mean([c[:n] for c in curves], 0), "o-", color="tab:blue",
-                label=f"Ours-LB (mean of {len(curves)} seeds)")
+        drawn[method] = np.mean([c[:n] for c in curves], 0)
+        ax.plot(x_of(n), drawn[method], "o-" if n <= 40 else "-", ms=4, lw=2, color=color,
+                label=f"{label(method)} (mean of {len(curves)} seed{'s' * (len(curves) > 1)})")
+    if drawn:
+        n = max(lengths)
         t = np.arange(1, n + 1)
-        ax.plot(t / n, 1 - np.exp(-1.0 / t), "s--", color="tab:orange", label="1 - exp(-1/t) (Ours-H)")
-    ax.set_xlabel("epoch / total epochs")
+        ax.plot(x_of(n), 1 - np.exp(-1.0 / t), "--", color="gray", label="1 - exp(-1/t) (Ours-H)")
+    ax.set_xlabel("epoch" if by_epoch else "epoch / total epochs")
     ax.set_ylabel("alpha")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend()
+    ax.set_ylim(-0.05, 1.02)
+    ax.legend(fontsize=7)
     ax.set_title("alpha during training (Figure 3)")
     save_figure(fig, path)
+    return drawn
 
 
 def gap_projection(features: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -267,23 +278,39 @@ def plot_modality_gap(make_config, workdir: str, seed: int, path: str, methods=(
 # --------------------------------------------------------------------------- the report
 
 
+def epochs_text(results) -> str:
+    """How long the runs trained, read from their histories: "10 epochs", or the most common length and the
+    methods that trained another ("10 epochs (200: authors_fitted, authors_learned)")."""
+    lengths: dict[int, list[str]] = {}
+    for method, runs in results.items():
+        for n in sorted({len(r["history"]) for r in runs.values()}):
+            lengths.setdefault(n, []).append(method)
+    if not lengths:
+        return "no runs"
+    common = max(lengths, key=lambda n: (len(lengths[n]), n))
+    others = "; ".join(f"{n}: {', '.join(ms)}" for n, ms in sorted(lengths.items()) if n != common)
+    return f"{common} epochs" + (f" ({others})" if others else "")
+
+
 def write_report(results, make_config, workdir: str, out_dir: str, *, title: str, command: str = "",
                  gap_seed: int | None = None, figure_prefix: str = "") -> str:
     """Tables and figures into ``out_dir/<prefix>report.md`` (+ PNGs); returns the Markdown."""
     os.makedirs(out_dir, exist_ok=True)
     modalities = list(make_config("concat").model.modalities)
     seeds = sorted({s for runs in results.values() for s in runs})
-    epochs = make_config("concat").train.num_epochs
     md = [f"# {title}", "",
-          f"Seeds {seeds}, {epochs} epochs, modalities {modalities}. Test split at the epoch chosen on validation "
-          "accuracy; mean ± std (sample std) over seeds, in %."]
+          f"Seeds {seeds}, {epochs_text(results)}, modalities {modalities}. Test split at the epoch chosen on "
+          "validation accuracy; mean ± std (sample std) over seeds, in %."]
     if command:
         md += ["", "Regenerate:", "", "```", command, "```"]
-    md += ["", "## Table 1: every method", "", table1(results, modalities=modalities), "",
-           "## Table 3: ablation (CL: contrastive learning, DI: dynamic integration)", "", table3(results, modalities), "",
-           "## Table 4: integration strategies (accuracy)", "", table4(results, modalities), ""]
+    md += ["", "## Table 1: every method", "", table1(results, modalities=modalities), ""]
+    if any(m in results for m, _, _ in TABLE3):
+        md += ["## Table 3: ablation (CL: contrastive learning, DI: dynamic integration)", "",
+               table3(results, modalities), ""]
+    if any(m in results for m, _ in TABLE4):
+        md += ["## Table 4: integration strategies (accuracy)", "", table4(results, modalities), ""]
     alpha_png = f"{figure_prefix}alpha.png"
-    if "ours_lb" in results:
+    if any(m in results for m in ALPHA_FIGURE):
         plot_alpha(results, os.path.join(out_dir, alpha_png))
         md += ["## Figure 3: alpha during training", "", f"![alpha]({alpha_png})", ""]
     if gap_seed is not None and {"concat", "ours_lb"} <= set(results) and len(modalities) > 1:
